@@ -1,0 +1,187 @@
+"""GPTConfig: one dataclass for GPT-1 (post-LN) and GPT-2 (pre-LN) shapes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_ACTIVATIONS = ("gelu_tanh", "gelu")  # tanh approximation (GPT-2) / exact erf (GPT-1, nanoGPT)
+
+# Hugging Face config keys that do not change the forward pass; accepted and ignored.
+_HF_IGNORED = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "task_specific_params",
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+    "initializer_range", "predict_special_tokens", "id2label", "label2id", "_name_or_path",
+    "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings",
+    "is_decoder", "add_cross_attention", "scale_attn_weights", "n_ctx", "problem_type",
+    "tokenizer_class", "prefix", "decoder_start_token_id", "chunk_size_feed_forward",
+    "_attn_implementation_autoset", "_attn_implementation", "sep_token_id", "cls_token_id",
+    "unk_token_id", "finetuning_task", "max_length", "num_labels", "do_sample",
+    "temperature", "top_k", "top_p", "n_special", "afn_kwargs",
+}
+# HF keys whose non-default values change the model in ways gptfast does not implement.
+_HF_UNSUPPORTED = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+@dataclass
+class GPTConfig:
+    """Shape and flavour of a GPT decoder.
+
+    pre_ln=True is GPT-2 (x + sublayer(ln(x)), final LayerNorm); pre_ln=False is
+    GPT-1 (ln(x + sublayer(x)), no final LayerNorm).
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # MLP width; default 4 * n_embd
+    activation: str = "gelu_tanh"
+    pre_ln: bool = True
+    final_ln: bool = True
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0  # accepted for HF parity; fused attention applies no dropout
+    eos_token_id: Optional[int] = 50256
+    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata (provenance...)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def gelu_approximate(self) -> str:
+        """The `approximate` argument of ops.bias_gelu for this config."""
+        return "tanh" if self.activation == "gelu_tanh" else "none"
+
+    # ---- presets -------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ---- dict / JSON -----------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- Hugging Face config.json ---------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "GPTConfig":
+        model_type = d.get("model_type", "gpt2")
+        if model_type not in ("gpt2", "openai-gpt"):
+            raise ValueError(f"{source}: model_type must be 'gpt2' or 'openai-gpt', got {model_type!r}")
+        for key, ok in _HF_UNSUPPORTED.items():
+            if d.get(key, ok) != ok:
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported by gptfast (expected {ok!r})")
+        if d.get("tie_word_embeddings", True) is False:
+            raise ValueError(f"{source}: tie_word_embeddings=False is not supported (GPT ties the LM head)")
+        known = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                 "activation_function", "afn", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop",
+                 "attn_pdrop", "gptfast"} | _HF_IGNORED
+        unknown = sorted(k for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"{source}: unknown config field(s) {unknown}")
+        act = d.get("activation_function", d.get("afn", "gelu_new" if model_type == "gpt2" else "gelu"))
+        act_map = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "gelu": "gelu"}
+        if act not in act_map:
+            raise ValueError(f"{source}: activation {act!r} is not supported; expected one of {sorted(act_map)}")
+        eos = d.get("eos_token_id", 50256 if model_type == "gpt2" else None)
+        return cls(
+            vocab_size=d.get("vocab_size", 50257 if model_type == "gpt2" else 40478),
+            n_positions=d.get("n_positions", 1024 if model_type == "gpt2" else 512),
+            n_embd=d.get("n_embd", 768),
+            n_layer=d.get("n_layer", 12),
+            n_head=d.get("n_head", 12),
+            n_inner=d.get("n_inner"),
+            activation=act_map[act],
+            pre_ln=model_type == "gpt2",
+            final_ln=model_type == "gpt2",
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            embd_pdrop=d.get("embd_pdrop", 0.0),
+            resid_pdrop=d.get("resid_pdrop", 0.0),
+            attn_pdrop=d.get("attn_pdrop", 0.0),
+            eos_token_id=eos if isinstance(eos, int) else None,
+            extra=dict(d.get("gptfast", {})),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        if not self.bias:
+            raise ValueError("a config with bias=False (nanoGPT style) has no Hugging Face GPT-2 equivalent")
+        if self.pre_ln != self.final_ln:
+            raise ValueError("Hugging Face GPT-2/GPT-1 need pre_ln == final_ln")
+        act = "gelu_new" if self.activation == "gelu_tanh" else "gelu"
+        common = {
+            "vocab_size": self.vocab_size, "n_positions": self.n_positions, "n_embd": self.n_embd,
+            "n_layer": self.n_layer, "n_head": self.n_head, "layer_norm_epsilon": self.layer_norm_epsilon,
+            "resid_pdrop": self.resid_pdrop, "embd_pdrop": self.embd_pdrop, "attn_pdrop": self.attn_pdrop,
+            "tie_word_embeddings": True,
+        }
+        if self.extra:
+            common["gptfast"] = self.extra
+        if self.pre_ln:
+            return {**common, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                    "n_inner": self.n_inner, "activation_function": act,
+                    "bos_token_id": self.eos_token_id, "eos_token_id": self.eos_token_id}
+        if self.n_inner != 4 * self.n_embd:
+            raise ValueError("Hugging Face OpenAIGPT has no n_inner: it must be 4 * n_embd")
+        return {**common, "model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "afn": act}
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "GPTConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+        return cls.from_hf_dict(d, source=os.path.basename(path))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "openai-gpt": dict(n_layer=12, n_head=12, n_embd=768, n_positions=512, vocab_size=40478,
+                       pre_ln=False, final_ln=False, activation="gelu", eos_token_id=None),
+}

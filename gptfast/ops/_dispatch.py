@@ -1,0 +1,159 @@
+"""Backend selection for gptfast.ops: the one door from the model to kernels.
+
+Order of precedence: the call's ``backend=`` argument, then ``use_backend(...)``
+(context manager or setter), then the ``GPTFAST_BACKEND`` environment variable,
+then "auto". "auto" runs the fast implementation when it can run on these
+inputs and the reference otherwise; "kernel" raises ``KernelUnavailable`` with
+the reason when it cannot run; "torch" always runs the reference.
+
+Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import logging
+import os
+from typing import Callable, Optional
+
+logger = logging.getLogger("gptfast")
+
+BACKENDS = ("auto", "kernel", "torch")
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("gptfast_backend", default=None)
+_fallback_logged: set[str] = set()
+
+# op name -> (implementation description, availability probe returning a reason or None)
+_REGISTRY: dict[str, tuple[str, Callable[[], Optional[str]]]] = {}
+
+
+class KernelUnavailable(RuntimeError):
+    """backend="kernel" was asked for where the fused implementation cannot run."""
+
+
+def _check(backend: str, source: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def current_backend(backend: Optional[str] = None) -> str:
+    """The backend a call with ``backend=backend`` resolves to."""
+    if backend is not None:
+        return _check(backend, "backend")
+    override = _override.get()
+    if override is not None:
+        return override
+    env = os.environ.get("GPTFAST_BACKEND")
+    if env:
+        return _check(env.strip().lower(), "GPTFAST_BACKEND")
+    return "auto"
+
+
+class use_backend(contextlib.ContextDecorator):
+    """Select the backend for every op, as a setter or a context manager.
+
+    ``gptfast.use_backend("torch")`` sets it until changed;
+    ``with gptfast.use_backend("kernel"): ...`` sets it inside the block only.
+    ``use_backend(None)`` returns to the environment / "auto".
+    """
+
+    def __init__(self, backend: Optional[str]):
+        if backend is not None:
+            _check(backend, "backend")
+        self._token = _override.set(backend)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _override.reset(self._token)
+        return False
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_missing_reason() -> Optional[str]:
+    """None when Triton is importable, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken install is still a reason
+        return f"Triton failed to import: {exc}"
+    return None
+
+
+def triton_device_reason(*tensors) -> Optional[str]:
+    """Why a Triton kernel cannot run on these tensors, or None.
+
+    Kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1
+    (how CI tests them). "auto" never picks the interpreter: see ``use_kernel``.
+    """
+    reason = triton_missing_reason()
+    if reason:
+        return reason
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and triton_interpret():
+            continue
+        return f"tensor on {t.device.type} (Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 for CPU)"
+    return None
+
+
+def register(op: str, implementation: str, probe: Callable[[], Optional[str]]) -> None:
+    """Declare an op's fast implementation and a probe of whether it exists here."""
+    _REGISTRY[op] = (implementation, probe)
+
+
+def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interpreted: bool = False) -> bool:
+    """Decide whether this call runs the fast implementation.
+
+    reason: why the kernel cannot run on these inputs (None if it can).
+    interpreted: the kernel would run under the Triton CPU interpreter; "auto"
+    prefers the reference then (the interpreter is a test tool, not a fast path).
+    """
+    mode = current_backend(backend)
+    if mode == "torch":
+        return False
+    if reason is None and mode == "auto" and interpreted:
+        reason = "Triton interpreter on CPU tensors (ask for backend='kernel' to run it)"
+    if reason is None:
+        return True
+    if mode == "kernel":
+        raise KernelUnavailable(f"ops.{op}: backend='kernel' cannot run here: {reason}")
+    if op not in _fallback_logged:
+        _fallback_logged.add(op)
+        logger.warning("gptfast: ops.%s falls back to the PyTorch reference: %s", op, reason)
+    return False
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """Per op: the fast implementation, whether it is available here, and why not."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    report = {}
+    for op, (impl, probe) in sorted(_REGISTRY.items()):
+        reason = probe()
+        report[op] = {
+            "implementation": impl,
+            "available": reason is None,
+            "reason": reason or ("ready" if cuda or impl.startswith("C++") else "ready (TRITON_INTERPRET)"),
+            "fallback": "PyTorch reference",
+        }
+    report["_device"] = {
+        "cuda": cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "backend": current_backend(),
+        "torch": torch.__version__,
+    }
+    return report
