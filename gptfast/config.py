@@ -113,7 +113,7 @@ class GPTConfig:
             raise ValueError(f"{source}: tie_word_embeddings=False is not supported (GPT ties the LM head)")
         known = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                  "activation_function", "afn", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop",
-                 "attn_pdrop", "gptfast"} | _HF_IGNORED
+                 "attn_pdrop", "gptfast"} | _HF_IGNORED | set(_HF_UNSUPPORTED)
         unknown = sorted(k for k in d if k not in known)
         if unknown:
             raise ValueError(f"{source}: unknown config field(s) {unknown}")

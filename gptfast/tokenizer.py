@@ -1,0 +1,108 @@
+"""GPT-2 byte-level BPE through Hugging Face `tokenizers`: the same ids as GPT2TokenizerFast.
+
+Reads tokenizer.json, or vocab.json + merges.txt, from a checkpoint directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Optional, Sequence, Union
+
+
+class Tokenizer:
+    def __init__(self, backend, eos_token: Optional[str] = "<|endoftext|>"):
+        self._tok = backend
+        self.eos_token = eos_token if eos_token is not None and backend.token_to_id(eos_token) is not None else None
+        self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token else None
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from .checkpoint import resolve_path
+
+        path = resolve_path(path)
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        tok_json = os.path.join(directory, "tokenizer.json")
+        vocab = os.path.join(directory, "vocab.json")
+        merges = os.path.join(directory, "merges.txt")
+        try:
+            if os.path.isfile(tok_json):
+                return cls(HFTokenizer.from_file(tok_json))
+            if os.path.isfile(vocab) and os.path.isfile(merges):
+                return cls(_byte_level_bpe(vocab, merges))
+        except Exception as exc:  # noqa: BLE001 - a parse error is a corrupt file to the user
+            raise ValueError(f"cannot read the tokenizer in {directory} (corrupt file?): {exc}") from exc
+        raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json + merges.txt")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str) -> None:
+        from .checkpoint import atomic_write_text
+
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(os.path.join(directory, "tokenizer.json"), self._tok.to_str())
+        special = {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token,
+                   "model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"}
+        atomic_write_text(os.path.join(directory, "tokenizer_config.json"), json.dumps(special, indent=2) + "\n")
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already returned
+
+    def push(self, ids: Union[int, Sequence[int]]) -> str:
+        self.ids.extend([ids] if isinstance(ids, int) else ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character not complete yet
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def _byte_level_bpe(vocab_path: str, merges_path: str):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tok = HFTokenizer(BPE.from_file(vocab_path, merges_path))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id("<|endoftext|>") is not None:
+        tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def train_byte_level_bpe(files: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Train a GPT-2-style byte-level BPE on text files (used for the shipped default model)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tok = HFTokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train(list(files), trainer)
+    return Tokenizer(tok)
