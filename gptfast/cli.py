@@ -1,0 +1,246 @@
+"""The `gptfast` command: generate, backends, info, train, perplexity, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def _default_model() -> str:
+    from .checkpoint import default_model_path
+    path = default_model_path()
+    if path is None:
+        raise FileNotFoundError("the shipped default model is missing from this install (gptfast/assets/default); "
+                                "pass --model PATH")
+    return path
+
+
+def _dtype(name: str):
+    import torch
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in names:
+        raise ValueError(f"--dtype must be one of {sorted(names)}, got {name!r}")
+    return names[name]
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_generate(args) -> int:
+    import gptfast
+    from gptfast.checkpoint import resolve_path
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("no prompt: pass it as an argument or on standard input")
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    path = resolve_path(args.model) if args.model else _default_model()
+    device = _device(args.device)
+    if args.backend:
+        gptfast.use_backend(args.backend)
+    t0 = time.perf_counter()
+    model = gptfast.GPT.from_pretrained(path, device=device, dtype=_dtype(args.dtype))
+    tok = gptfast.Tokenizer.from_pretrained(path)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    if args.verbose:
+        print(f"[gptfast] loaded {path} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} "
+              f"in {time.perf_counter() - t0:.2f}s; prompt {len(ids)} tokens", file=sys.stderr)
+    budget = model.config.n_positions - len(ids)
+    if budget <= 0:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.config.n_positions}")
+    max_new = min(args.max_new_tokens, budget)
+    if max_new < args.max_new_tokens:
+        print(f"[gptfast] generating {max_new} tokens: the context ({model.config.n_positions}) is full after that",
+              file=sys.stderr)
+    out = sys.stdout
+    for n in range(args.num_samples):
+        if args.num_samples > 1:
+            out.write(f"\n===== sample {n + 1} =====\n")
+        out.write(prompt)
+        out.flush()
+        stream = tok.stream_decoder()
+        text, t1, count = "", time.perf_counter(), 0
+        seed = None if args.seed is None else args.seed + n
+        for toks in model.generate_stream(ids, max_new_tokens=max_new, temperature=args.temperature,
+                                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seed,
+                                          stop_strings=args.stop or None, tokenizer=tok,
+                                          ignore_eos=args.ignore_eos):
+            if toks[0] is None:
+                break
+            count += 1
+            piece = stream.push(toks[0])
+            text += piece
+            cut = _stop_cut(text, args.stop)
+            if cut is not None:  # print up to the stop string, not beyond
+                out.write(piece[: len(piece) - (len(text) - cut)])
+                break
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        if args.verbose:
+            dt = time.perf_counter() - t1
+            print(f"[gptfast] {count} tokens in {dt:.2f}s ({count / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _stop_cut(text: str, stops) -> int | None:
+    hits = [text.find(s) for s in stops or [] if s in text]
+    return min(hits) if hits else None
+
+
+def cmd_backends(args) -> int:
+    import gptfast
+    report = gptfast.backends()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    dev = report.pop("_device")
+    print(f"device: {dev['device']}   torch {dev['torch']}   backend setting: {dev['backend']}")
+    width = max(len(k) for k in report)
+    for op, r in report.items():
+        state = "kernel" if r["available"] else "fallback"
+        print(f"  {op:<{width}}  {state:<8}  {r['implementation']}: {r['reason']}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from gptfast.checkpoint import describe
+    info = describe(args.model or _default_model())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cfg = info["config"]
+    kind = "GPT-2 (pre-LN)" if cfg["pre_ln"] else "GPT-1 (post-LN)"
+    print(f"{info['path']}\n  {kind}, {info['parameters'] / 1e6:.2f}M parameters")
+    print(f"  layers {cfg['n_layer']}, heads {cfg['n_head']}, width {cfg['n_embd']}, MLP {cfg['n_inner']}, "
+          f"context {cfg['n_positions']}, vocab {cfg['vocab_size']}, activation {cfg['activation']}")
+    if cfg.get("extra"):
+        for k, v in cfg["extra"].items():
+            print(f"  {k}: {v}")
+    print(f"  files: {', '.join(info['files'])}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from gptfast.train import TrainArgs, train
+    fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__ and v is not None}
+    summary = train(TrainArgs(**fields), progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    import gptfast
+    from gptfast.train import perplexity
+    path = args.model or _default_model()
+    model = gptfast.GPT.from_pretrained(path, device=_device(args.device), dtype=_dtype(args.dtype))
+    tok = gptfast.Tokenizer.from_pretrained(path)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"text file not found: {args.file}") from None
+    result = perplexity(model, tok.encode(text), stride=args.stride)
+    print(json.dumps(result, indent=2) if args.json else
+          f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (nll {result['nll']:.4f} nats/token)")
+    return 0
+
+
+def cmd_bench(argv) -> int:
+    try:
+        from gptfast.bench.cli import main as bench_main
+    except ImportError as exc:
+        raise RuntimeError(f"the benchmark suite is not installed ({exc})") from None
+    return bench_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptfast", description="Fast, correct GPT-1/GPT-2 runtime.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (streams to stdout)")
+    g.add_argument("prompt", nargs="?", help="prompt text (default: read standard input)")
+    g.add_argument("--model", help="HF GPT-2 directory, nanoGPT checkpoint or hub name (default: shipped model)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=100)
+    g.add_argument("--temperature", "-t", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--backend", choices=["auto", "kernel", "torch"])
+    g.add_argument("--verbose", "-v", action="store_true", help="timings and load info on stderr")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("backends", help="which kernels can run here, and why not")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_backends)
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("model", nargs="?", help="checkpoint (default: shipped model)")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="pretrain or fine-tune on a text file (resumes an interrupted run)")
+    t.add_argument("--data", required=True, help="UTF-8 text file")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on --data)")
+    t.add_argument("--init", help="preset name or checkpoint to start from")
+    for name, typ in (("vocab-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
+                      ("block-size", int), ("batch-size", int), ("steps", int), ("lr", float), ("min-lr", float),
+                      ("warmup", int), ("weight-decay", float), ("eval-every", int), ("eval-batches", int),
+                      ("seed", int)):
+        t.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+    t.add_argument("--device")
+    t.add_argument("--dtype")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("perplexity", help="perplexity of a model on a text file")
+    e.add_argument("file")
+    e.add_argument("--model")
+    e.add_argument("--stride", type=int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_perplexity)
+
+    sub.add_parser("bench", help="benchmark suite (gptfast bench --help)", add_help=False)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\n[gptfast] interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"gptfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

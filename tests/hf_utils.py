@@ -1,0 +1,74 @@
+"""Helpers that build real Hugging Face checkpoints from a random init (no downloads)."""
+import torch
+
+
+def make_hf_gpt2(path, vocab_size=1001, n_positions=77, n_embd=64, n_layer=2, n_head=8, seed=0,
+                 safe_serialization=True, **kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bos_token_id=None, eos_token_id=None, **kw)
+    model = GPT2LMHeadModel(cfg).eval()
+    _perturb(model)
+    save_hf(model, path, safe_serialization)
+    return model
+
+
+def make_hf_gpt1(path, vocab_size=1003, n_positions=50, n_embd=48, n_layer=2, n_head=4, seed=0,
+                 safe_serialization=True):
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = OpenAIGPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                          n_head=n_head)
+    model = OpenAIGPTLMHeadModel(cfg).eval()
+    _perturb(model)
+    save_hf(model, path, safe_serialization)
+    return model
+
+
+def save_hf(model, path, safe_serialization=True, max_shard_size=None):
+    """save_pretrained, plus the legacy pytorch_model.bin layout (transformers >= 5 only
+    writes safetensors; older versions and many hub checkpoints use .bin, sharded or not)."""
+    import json
+    import os
+
+    if safe_serialization:
+        kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(path, **kw)
+        return
+    model.config.save_pretrained(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if max_shard_size is None:
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+        return
+    keys = sorted(state)
+    shards = [keys[i::3] for i in range(3)]
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-00003.bin"
+        torch.save({k: state[k] for k in names}, os.path.join(path, fname))
+        weight_map.update({k: fname for k in names})
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def _perturb(model):
+    """HF inits LayerNorm to (1, 0) and biases to 0: randomize them so a transposed or
+    swapped tensor cannot go unnoticed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.mul_(3.0)
+
+
+def make_gpt2_tokenizer_files(directory, text, vocab_size=300):
+    """A real GPT-2-format tokenizer (vocab.json + merges.txt), trained on `text`."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(add_prefix_space=False)
+    tok.train_from_iterator([text], vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.save_model(str(directory))

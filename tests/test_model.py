@@ -1,0 +1,157 @@
+"""The model against transformers itself: logits, loss, gradients, config presets."""
+import pytest
+import torch
+
+import gptfast
+from gptfast import GPT, GPTConfig
+
+from hf_utils import make_hf_gpt1, make_hf_gpt2
+
+GPT2_SHAPES = [
+    # (vocab, n_positions, n_embd, n_layer, n_head): head dims 8, 64 and 16; odd vocabs
+    dict(vocab_size=1001, n_positions=77, n_embd=64, n_layer=2, n_head=8),
+    dict(vocab_size=517, n_positions=128, n_embd=128, n_layer=1, n_head=2),
+    dict(vocab_size=2053, n_positions=1024, n_embd=48, n_layer=3, n_head=3),
+]
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("shape", GPT2_SHAPES, ids=lambda s: f"V{s['vocab_size']}-D{s['n_embd'] // s['n_head']}")
+def test_gpt2_logits_match_transformers(tmp_path, shape, safe):
+    hf = make_hf_gpt2(tmp_path, safe_serialization=safe, **shape)
+    model = GPT.from_pretrained(str(tmp_path))
+    x = torch.randint(0, shape["vocab_size"], (3, min(shape["n_positions"], 61)))
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = model(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_gpt1_logits_match_transformers(tmp_path, safe):
+    hf = make_hf_gpt1(tmp_path, safe_serialization=safe)
+    model = GPT.from_pretrained(str(tmp_path))
+    assert not model.config.pre_ln and not model.config.final_ln and model.config.activation == "gelu"
+    x = torch.randint(0, 1003, (2, 50))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_loss_and_gradients_match_transformers(tmp_path):
+    hf = make_hf_gpt2(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path))
+    x = torch.randint(0, 1001, (2, 40))
+    labels = x.clone()
+    labels[0, :5] = -100
+    hf_loss = hf(x, labels=labels).loss
+    _, loss = model(x, labels=labels)
+    assert abs(loss.item() - hf_loss.item()) < 1e-5
+    hf_loss.backward()
+    loss.backward()
+    g_hf = hf.transformer.h[1].mlp.c_fc.weight.grad.t()  # Conv1D [in, out] -> Linear [out, in]
+    g = model.transformer.h[1].mlp.c_fc.weight.grad
+    assert torch.allclose(g, g_hf, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(model.transformer.wte.weight.grad, hf.transformer.wte.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_save_pretrained_roundtrip_loads_in_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(1)
+    for cfg, cls in ((GPTConfig(vocab_size=333, n_positions=40, n_embd=32, n_layer=2, n_head=4), GPT2LMHeadModel),
+                     (GPTConfig.from_preset("openai-gpt", vocab_size=333, n_positions=40, n_embd=32, n_layer=2,
+                                            n_head=4), OpenAIGPTLMHeadModel)):
+        model = GPT(cfg).eval()
+        out = tmp_path / cls.__name__
+        model.save_pretrained(str(out))
+        hf = cls.from_pretrained(str(out)).eval()
+        x = torch.randint(0, 333, (2, 17))
+        with torch.no_grad():
+            assert (model(x) - hf(x).logits).abs().max().item() <= 1e-5
+        again = GPT.from_pretrained(str(out))
+        with torch.no_grad():
+            assert torch.equal(again(x), model(x))
+
+
+def test_lm_head_is_tied():
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("name,layers,width", [("gpt2", 12, 768), ("gpt2-medium", 24, 1024),
+                                                ("gpt2-large", 36, 1280), ("gpt2-xl", 48, 1600),
+                                                ("openai-gpt", 12, 768)])
+def test_presets(name, layers, width):
+    cfg = GPTConfig.from_preset(name)
+    assert (cfg.n_layer, cfg.n_embd) == (layers, width)
+    if name == "openai-gpt":
+        assert (cfg.n_positions, cfg.vocab_size, cfg.pre_ln, cfg.final_ln, cfg.activation) == \
+            (512, 40478, False, False, "gelu")
+    else:
+        assert (cfg.n_positions, cfg.vocab_size, cfg.activation) == (1024, 50257, "gelu_tanh")
+
+
+def test_gpt2_124m_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_parameters() == 124_439_808  # the published GPT-2 small count (tied head)
+
+
+# ---- bad input --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=4)).eval()
+
+
+def test_input_ids_wrong_dtype(tiny):
+    with pytest.raises(TypeError, match="input_ids must be int64.*float32"):
+        tiny(torch.zeros(1, 4))
+
+
+def test_input_ids_wrong_shape(tiny):
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[B, T\].*\(4,\)"):
+        tiny(torch.zeros(4, dtype=torch.long))
+
+
+def test_token_id_out_of_vocab(tiny):
+    with pytest.raises(ValueError, match=r"token id 97, outside the vocabulary \[0, 97\)"):
+        tiny(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        tiny(torch.tensor([[-1, 2]]))
+
+
+def test_sequence_longer_than_context(tiny):
+    with pytest.raises(ValueError, match="33 tokens exceeds the context of 32"):
+        tiny(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_unknown_config_field():
+    with pytest.raises(TypeError, match="n_layers"):
+        GPTConfig(n_layers=3)
+    with pytest.raises(ValueError, match=r"unknown GPTConfig field\(s\) \['depth'\]"):
+        GPTConfig.from_dict({"depth": 3})
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['n_experts'\]"):
+        GPTConfig.from_hf_dict({"model_type": "gpt2", "n_experts": 8})
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match=r"n_embd \(100\) must be divisible by n_head \(3\)"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        GPTConfig(activation="relu")
+    with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
+        GPTConfig.from_preset("gpt3")
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
+        GPTConfig.from_hf_dict({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+    with pytest.raises(ValueError, match="model_type must be 'gpt2' or 'openai-gpt', got 'llama'"):
+        GPTConfig.from_hf_dict({"model_type": "llama"})
+
+
+def test_bin_fixture_really_writes_bin(tmp_path):
+    """Guard: the 'bin' parametrization above must load pytorch_model.bin, not safetensors."""
+    import os
+    make_hf_gpt2(tmp_path, safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
