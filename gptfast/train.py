@@ -126,6 +126,8 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     from .model import GPT
     from .tokenizer import Tokenizer
 
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data file not found: {args.data}")
     device = _resolve_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)

@@ -1,0 +1,60 @@
+"""Tokenizer: identical ids to transformers' GPT2TokenizerFast on real GPT-2-format files."""
+import pytest
+
+from gptfast import Tokenizer
+
+from hf_utils import make_gpt2_tokenizer_files
+
+CORPUS = ("The quick brown fox jumps over the lazy dog. Ünïcödé, emoji 🚀 and  double  spaces.\n"
+          "def f(x):\n    return x ** 2  # code\t tabs\n") * 30
+SAMPLES = ["Hello world", " leading space", "trailing space ", "Ünïcödé 🚀🚀", "a\n\nb\t c",
+           "<|endoftext|>Once upon a time<|endoftext|>", "", "12345 67.89", "'s 't 're 've 'm 'll 'd"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    make_gpt2_tokenizer_files(d, CORPUS, vocab_size=400)
+    return d
+
+
+def test_ids_match_gpt2_tokenizer_fast(files):
+    from transformers import GPT2TokenizerFast
+
+    hf = GPT2TokenizerFast.from_pretrained(str(files))  # reads vocab.json + merges.txt
+    assert len(hf) == Tokenizer.from_pretrained(str(files)).vocab_size
+    tok = Tokenizer.from_pretrained(str(files))
+    for text in SAMPLES:
+        assert tok.encode(text) == hf.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_json_roundtrip(files, tmp_path):
+    tok = Tokenizer.from_pretrained(str(files))
+    tok.save(str(tmp_path))
+    again = Tokenizer.from_pretrained(str(tmp_path))
+    assert [again.encode(t) for t in SAMPLES] == [tok.encode(t) for t in SAMPLES]
+    assert again.eos_token_id == tok.eos_token_id == tok.encode("<|endoftext|>")[0]
+
+
+def test_stream_decoder_holds_partial_characters(files):
+    tok = Tokenizer.from_pretrained(str(files))
+    ids = tok.encode("Ünïcödé 🚀 ok")
+    stream = tok.stream_decoder()
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == "Ünïcödé 🚀 ok"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_missing_and_corrupt_tokenizer(tmp_path, files):
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*expected tokenizer.json, or vocab.json"):
+        Tokenizer.from_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="cannot read the tokenizer .*corrupt"):
+        Tokenizer.from_pretrained(str(tmp_path))
+
+
+def test_encode_rejects_non_text(files):
+    tok = Tokenizer.from_pretrained(str(files))
+    with pytest.raises(TypeError, match="text must be a str, got list"):
+        tok.encode(["a"])
