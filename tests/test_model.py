@@ -155,3 +155,13 @@ def test_bin_fixture_really_writes_bin(tmp_path):
     import os
     make_hf_gpt2(tmp_path, safe_serialization=False)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
+
+
+def test_model_compiles_fullgraph():
+    """The dispatch layer must not break a torch.compile graph (reference ops on CPU)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=4)).eval()
+    x = torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(lambda ids: model(ids, validate=False), fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)

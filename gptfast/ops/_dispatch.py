@@ -11,17 +11,19 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import importlib.util
 import logging
 import os
 from typing import Callable, Optional
 
+import torch
+
 logger = logging.getLogger("gptfast")
 
 BACKENDS = ("auto", "kernel", "torch")
-_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("gptfast_backend", default=None)
+# A plain global (not a ContextVar): torch.compile traces reads of it and guards on its value.
+# The setting is process-wide, shared by threads.
+_override: list[Optional[str]] = [None]
 _fallback_logged: set[str] = set()
 
 # op name -> (implementation description, availability probe returning a reason or None)
@@ -42,7 +44,7 @@ def current_backend(backend: Optional[str] = None) -> str:
     """The backend a call with ``backend=backend`` resolves to."""
     if backend is not None:
         return _check(backend, "backend")
-    override = _override.get()
+    override = _override[0]
     if override is not None:
         return override
     env = os.environ.get("GPTFAST_BACKEND")
@@ -62,13 +64,14 @@ class use_backend(contextlib.ContextDecorator):
     def __init__(self, backend: Optional[str]):
         if backend is not None:
             _check(backend, "backend")
-        self._token = _override.set(backend)
+        self._previous = _override[0]
+        _override[0] = backend
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _override.reset(self._token)
+        _override[0] = self._previous
         return False
 
 
@@ -76,9 +79,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False")
 
 
-@functools.lru_cache(maxsize=None)
+_triton_probe: list[Optional[str]] = []  # memo; a plain global so torch.compile reads it as a constant
+
+
 def triton_missing_reason() -> Optional[str]:
     """None when Triton is importable, else why not."""
+    if not _triton_probe:
+        _triton_probe.append(_probe_triton())
+    return _triton_probe[0]
+
+
+def _probe_triton() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton)"
     try:
@@ -87,6 +98,33 @@ def triton_missing_reason() -> Optional[str]:
     except Exception as exc:  # noqa: BLE001 - a broken install is still a reason
         return f"Triton failed to import: {exc}"
     return None
+
+
+_module_probe: dict[str, Optional[str]] = {}
+
+
+def module_missing_reason(module: str) -> Optional[str]:
+    """None when gptfast.ops.<module> (a kernel wiring module) imports, else why not.
+
+    Memoised, and probed outside any torch.compile trace (an ImportError cannot be traced).
+    """
+    if module not in _module_probe:
+        _module_probe[module] = _probe_module(module)
+    return _module_probe[module]
+
+
+@torch.compiler.assume_constant_result
+def _probe_module(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(f"gptfast.ops.{module}")
+    except Exception as exc:  # noqa: BLE001 - a broken kernel module means: use the reference
+        return f"{module} failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def kernel_module(module: str):
+    """The imported wiring module (call after module_missing_reason returned None)."""
+    return importlib.import_module(f"gptfast.ops.{module}")
 
 
 def triton_device_reason(*tensors) -> Optional[str]:
@@ -130,16 +168,20 @@ def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interp
         return True
     if mode == "kernel":
         raise KernelUnavailable(f"ops.{op}: backend='kernel' cannot run here: {reason}")
-    if op not in _fallback_logged:
+    if op not in _fallback_logged and not _compiling():
         _fallback_logged.add(op)
         logger.warning("gptfast: ops.%s falls back to the PyTorch reference: %s", op, reason)
     return False
 
 
+def _compiling() -> bool:
+    # Logging inside a torch.compile trace would break the graph; the eager call before
+    # compiling (or `gptfast backends`) reports the fallback instead.
+    return torch.compiler.is_compiling()
+
+
 def backends() -> dict[str, dict[str, object]]:
     """Per op: the fast implementation, whether it is available here, and why not."""
-    import torch
-
     cuda = torch.cuda.is_available()
     report = {}
     for op, (impl, probe) in sorted(_REGISTRY.items()):

@@ -71,26 +71,21 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens):
 
 # ---- fast paths (filled in by the Triton attention work; see kernels/) ----
 
+_KERNELS = "_attention_triton"  # gptfast/ops/_attention_triton.py: launchers, autograd, custom ops
+
+
 def _attention_kernel_reason(q, k, v, causal, scale) -> Optional[str]:
-    reason = _dispatch.triton_device_reason(q, k, v)
+    reason = _dispatch.triton_device_reason(q, k, v) or _dispatch.module_missing_reason(_KERNELS)
     if reason:
         return reason
-    try:
-        from . import _attention_triton  # noqa: F401
-    except ImportError as exc:
-        return f"Triton attention kernel unavailable: {exc}"
-    return _attention_triton.attention_unsupported_reason(q, k, v, causal, scale)
+    return _dispatch.kernel_module(_KERNELS).attention_unsupported_reason(q, k, v, causal, scale)
 
 
 def _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens) -> Optional[str]:
-    reason = _dispatch.triton_device_reason(q, k_cache, v_cache)
+    reason = _dispatch.triton_device_reason(q, k_cache, v_cache) or _dispatch.module_missing_reason(_KERNELS)
     if reason:
         return reason
-    try:
-        from . import _attention_triton  # noqa: F401
-    except ImportError as exc:
-        return f"Triton decode-attention kernel unavailable: {exc}"
-    return _attention_triton.decode_unsupported_reason(q, k_cache, v_cache, cache_seqlens)
+    return _dispatch.kernel_module(_KERNELS).decode_unsupported_reason(q, k_cache, v_cache, cache_seqlens)
 
 
 def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -100,8 +95,7 @@ def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backe
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
     reason = _attention_kernel_reason(q, k, v, causal, scale)
     if _dispatch.use_kernel("attention", backend, reason, interpreted=q.device.type == "cpu"):
-        from . import _attention_triton
-        return _attention_triton.attention(q, k, v, causal, scale)
+        return _dispatch.kernel_module(_KERNELS).attention(q, k, v, causal, scale)
     return attention_reference(q, k, v, causal, scale)
 
 
@@ -116,21 +110,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
         raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     reason = _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens)
     if _dispatch.use_kernel("decode_attention", backend, reason, interpreted=q.device.type == "cpu"):
-        from . import _attention_triton
-        return _attention_triton.decode_attention(q, k_cache, v_cache, cache_seqlens)
+        return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens)
 
 
 def _probe() -> Optional[str]:
-    reason = _dispatch.triton_missing_reason()
+    reason = _dispatch.triton_missing_reason() or _dispatch.module_missing_reason(_KERNELS)
     if reason:
         return reason
-    try:
-        from . import _attention_triton  # noqa: F401
-    except ImportError as exc:
-        return f"kernel module failed to import: {exc}"
-    import torch as _t
-    if not _t.cuda.is_available() and not _dispatch.triton_interpret():
+    if not torch.cuda.is_available() and not _dispatch.triton_interpret():
         return "no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them on CPU for tests)"
     return None
 

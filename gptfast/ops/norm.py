@@ -61,15 +61,14 @@ def _check_vector(name, t, n, x):
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+_KERNELS = "_norm_triton"  # gptfast/ops/_norm_triton.py: launchers, autograd, custom ops
+
+
 def _kernel_reason(kind: str, *tensors) -> Optional[str]:
-    reason = _dispatch.triton_device_reason(*tensors)
+    reason = _dispatch.triton_device_reason(*tensors) or _dispatch.module_missing_reason(_KERNELS)
     if reason:
         return reason
-    try:
-        from . import _norm_triton  # noqa: F401
-    except ImportError as exc:
-        return f"Triton {kind} kernel unavailable: {exc}"
-    return _norm_triton.unsupported_reason(kind, *tensors)
+    return _dispatch.kernel_module(_KERNELS).unsupported_reason(kind, *tensors)
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, backend: Optional[str] = None):
@@ -87,8 +86,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, backend: Optio
         raise ValueError(f"eps must be > 0, got {eps}")
     reason = _kernel_reason("layer_norm", x, weight, bias, residual)
     if _dispatch.use_kernel("layer_norm", backend, reason, interpreted=x.device.type == "cpu"):
-        from . import _norm_triton
-        return _norm_triton.layer_norm(x, weight, bias, eps, residual)
+        return _dispatch.kernel_module(_KERNELS).layer_norm(x, weight, bias, eps, residual)
     return layer_norm_reference(x, weight, bias, eps, residual)
 
 
@@ -100,8 +98,7 @@ def bias_gelu(x, bias, approximate: str = "tanh", backend: Optional[str] = None)
         raise ValueError(f"approximate must be one of {_GELU_MODES}, got {approximate!r}")
     reason = _kernel_reason("bias_gelu", x, bias)
     if _dispatch.use_kernel("bias_gelu", backend, reason, interpreted=x.device.type == "cpu"):
-        from . import _norm_triton
-        return _norm_triton.bias_gelu(x, bias, approximate)
+        return _dispatch.kernel_module(_KERNELS).bias_gelu(x, bias, approximate)
     return bias_gelu_reference(x, bias, approximate)
 
 
@@ -121,19 +118,14 @@ def linear_bias_gelu(x, weight, bias, approximate: str = "tanh", backend: Option
         raise ValueError(f"approximate must be one of {_GELU_MODES}, got {approximate!r}")
     reason = _kernel_reason("linear_bias_gelu", x, weight, bias)
     if _dispatch.use_kernel("linear_bias_gelu", backend, reason, interpreted=x.device.type == "cpu"):
-        from . import _norm_triton
-        return _norm_triton.linear_bias_gelu(x, weight, bias, approximate)
+        return _dispatch.kernel_module(_KERNELS).linear_bias_gelu(x, weight, bias, approximate)
     return bias_gelu(F.linear(x, weight), bias, approximate, backend="torch")
 
 
 def _probe() -> Optional[str]:
-    reason = _dispatch.triton_missing_reason()
+    reason = _dispatch.triton_missing_reason() or _dispatch.module_missing_reason(_KERNELS)
     if reason:
         return reason
-    try:
-        from . import _norm_triton  # noqa: F401
-    except ImportError as exc:
-        return f"kernel module failed to import: {exc}"
     if not torch.cuda.is_available() and not _dispatch.triton_interpret():
         return "no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them on CPU for tests)"
     return None

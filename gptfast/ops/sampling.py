@@ -188,12 +188,11 @@ def sample_reference(logits, temperature: Param = 1.0, top_k: Param = 0, top_p: 
     return tokens
 
 
+_EXT = "_sampling_ext"  # gptfast/ops/_sampling_ext.py: wiring of the gptfast._C extension
+
+
 def _kernel_reason(logits) -> Optional[str]:
-    try:
-        from . import _sampling_ext
-    except ImportError as exc:
-        return f"sampling extension wiring unavailable: {exc}"
-    return _sampling_ext.unsupported_reason(logits)
+    return _dispatch.module_missing_reason(_EXT) or _dispatch.kernel_module(_EXT).unsupported_reason(logits)
 
 
 def sample(logits, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0,
@@ -206,17 +205,12 @@ def sample(logits, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.
     """
     reason = _kernel_reason(logits) if isinstance(logits, torch.Tensor) else "logits is not a tensor"
     if _dispatch.use_kernel("sample", backend, reason):
-        from . import _sampling_ext
-        return _sampling_ext.sample(logits, temperature, top_k, top_p, min_p, generator, return_probs)
+        return _dispatch.kernel_module(_EXT).sample(logits, temperature, top_k, top_p, min_p, generator, return_probs)
     return sample_reference(logits, temperature, top_k, top_p, min_p, generator, return_probs)
 
 
 def _probe() -> Optional[str]:
-    try:
-        from . import _sampling_ext
-    except ImportError as exc:
-        return f"sampling extension wiring unavailable: {exc}"
-    return _sampling_ext.extension_missing_reason()
+    return _dispatch.module_missing_reason(_EXT) or _dispatch.kernel_module(_EXT).extension_missing_reason()
 
 
 _dispatch.register("sample", "C++/CUDA extension gptfast._C", _probe)
