@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -138,7 +139,8 @@ def cmd_train(args) -> int:
     from gptfast.train import TrainArgs, train
     fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__ and v is not None}
     summary = train(TrainArgs(**fields), progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(json.dumps(summary, indent=2))
     return 0
 
 

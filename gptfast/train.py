@@ -4,10 +4,11 @@
 
 The run directory ends up holding the model as a Hugging Face directory (config.json,
 model.safetensors, tokenizer.json), log.jsonl and loss.png. During the run, checkpoints/step-N/
-holds the model, tokenizer and train_state.pt (optimizer, step, RNG); each is written to a
+holds the model, tokenizer and train_state.pt (optimizer, step, log); each is written to a
 temporary directory and renamed into place, then checkpoints/latest is rewritten atomically,
 so an interrupted run resumes from the last complete checkpoint when the same command is
-run again.
+run again. Batches are a function of (seed, step, rank), so a resumed run sees the same data
+the uninterrupted one would have. Several GPUs: `torchrun --nproc_per_node N -m gptfast.cli train ...`.
 """
 from __future__ import annotations
 
@@ -119,8 +120,30 @@ def _build(args: TrainArgs, device):
     return model.to(device), tokenizer
 
 
+def _distributed():
+    """(rank, world_size, local_rank) under torchrun, else (0, 1, 0); initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _batch_generator(args: TrainArgs, step: int, rank: int, world: int) -> torch.Generator:
+    # Data order is a function of (seed, step, rank) only: a resumed run draws exactly the
+    # batches the uninterrupted run would have drawn, with no RNG state to save.
+    return torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
+
+
 def train(args: TrainArgs, progress: bool = True) -> dict:
-    """Train (or resume) and return a summary dict; see the module docstring."""
+    """Train (or resume) and return a summary dict; see the module docstring.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its own batches with DDP (global batch
+    = batch_size x world size); rank 0 alone evaluates, logs and writes checkpoints.
+    """
     from tqdm import tqdm
 
     from .model import GPT
@@ -128,66 +151,102 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
 
     if not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data file not found: {args.data}")
+    rank, world, local_rank = _distributed()
     device = _resolve_device(args.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)
     resume = ckpt is not None
     if resume:
         model, tokenizer = GPT.from_pretrained(ckpt).to(device), Tokenizer.from_pretrained(ckpt)
+    elif world > 1 and args.tokenizer is None and not (args.init and os.path.exists(args.init)):
+        if rank == 0:  # one rank trains the tokenizer; the others read it
+            tokenizer = _build(args, device)[1]
+            tokenizer.save(os.path.join(args.out, "tokenizer-init"))
+        _barrier(world)
+        model, tokenizer = _build(TrainArgs(**{**vars(args), "tokenizer": os.path.join(args.out, "tokenizer-init")}),
+                                  device)
     else:
         model, tokenizer = _build(args, device)
     model.train()
+    raw_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     tokens = load_tokens(args, tokenizer)
     n_val = max(args.block_size + 2, int(len(tokens) * args.val_fraction))
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(args.seed)
     step, log = 0, []
     if resume:
         state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], json.loads(state["log"])
-        gen.set_state(state["rng"])
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress, unit="step")
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
     t0, loss_f = time.time(), float("nan")
     while step < args.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        x, y = get_batch(train_tokens, args.batch_size, args.block_size, gen, device)
+        x, y = get_batch(train_tokens, args.batch_size, args.block_size, _batch_generator(args, step, rank, world),
+                         device)
         with autocast:
             loss = _shifted_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        loss.backward()  # DDP averages the gradients over ranks here
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        loss_f = loss.item()
+        loss_f = _mean_over_ranks(loss.detach(), world)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_f:.3f}")
         entry = {"step": step, "loss": loss_f, "lr": lr_at(step - 1, args)}
         if step % args.eval_every == 0 or step == args.steps:
-            with autocast:
-                entry["val_loss"] = estimate_loss(model, val_tokens, args, device, gen)
-            entry["val_ppl"] = math.exp(entry["val_loss"])
-            bar.write(f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
-                      f"val ppl {entry['val_ppl']:.1f}")
-            log.append(entry)
-            _checkpoint(model, tokenizer, opt, step, log, gen, args)
+            if rank == 0:
+                with autocast:
+                    entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
+                                                      torch.Generator().manual_seed(args.seed))
+                entry["val_ppl"] = math.exp(entry["val_loss"])
+                bar.write(f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
+                          f"val ppl {entry['val_ppl']:.1f}")
+                log.append(entry)
+                _checkpoint(raw_model, tokenizer, opt, step, log, args)
+            _barrier(world)
         elif step % 10 == 0:
             log.append(entry)
     bar.close()
-    model.save_pretrained(args.out)
-    tokenizer.save(args.out)
-    atomic_write_text(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in log))
-    plot_losses(log, os.path.join(args.out, "loss.png"))
+    if rank == 0:
+        raw_model.save_pretrained(args.out)
+        tokenizer.save(args.out)
+        atomic_write_text(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in log))
+        plot_losses(log, os.path.join(args.out, "loss.png"))
+    _barrier(world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     vals = [e for e in log if "val_loss" in e]
     return {"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
-            "seconds": time.time() - t0, "parameters": model.num_parameters(), "out": args.out}
+            "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
+            "world_size": world}
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value.item()
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
@@ -202,7 +261,7 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return path
 
 
-def _checkpoint(model, tokenizer, opt, step, log, gen, args):
+def _checkpoint(model, tokenizer, opt, step, log, args):
     root = os.path.join(args.out, "checkpoints")
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -210,7 +269,7 @@ def _checkpoint(model, tokenizer, opt, step, log, gen, args):
     model.save_pretrained(tmp)
     tokenizer.save(tmp)
     atomic_torch_save({"optimizer": opt.state_dict(), "step": step, "log": json.dumps(log),
-                       "rng": gen.get_state(), "args": json.dumps(vars(args))},
+                       "args": json.dumps(vars(args))},
                       os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

@@ -135,3 +135,51 @@ def test_cli_perplexity(run_dir, capsys, tmp_path):
     assert main(["perplexity", str(f), "--model", args.out, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"] > 1 and result["tokens"] > 100
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Kill a run mid-way, run the same command again: the result equals the uninterrupted run."""
+    import gptfast.train as train_mod
+
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT)
+    base = dict(data=str(data), vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4,
+                steps=6, eval_every=3, eval_batches=2, warmup=2, device="cpu")
+    train(TrainArgs(out=str(tmp_path / "whole"), **base), progress=False)
+
+    real, calls = train_mod._shifted_loss, []
+
+    def dies_at_step_4(*a):
+        calls.append(1)
+        if len(calls) == 6:  # steps 1-3, two eval batches at step 3, then step 4
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "_shifted_loss", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainArgs(out=str(tmp_path / "cut"), **base), progress=False)
+    monkeypatch.setattr(train_mod, "_shifted_loss", real)
+    assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000003")
+    train(TrainArgs(out=str(tmp_path / "cut"), **base), progress=False)
+    a = GPT.from_pretrained(str(tmp_path / "whole")).state_dict()
+    b = GPT.from_pretrained(str(tmp_path / "cut")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes(tmp_path):
+    """DDP on CPU (gloo) under torchrun: two ranks train one model, rank 0 writes it."""
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gptfast.cli", "train", "--data", str(data), "--out", str(out), "--vocab-size", "300",
+           "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+           "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # rank 0 alone prints it
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    model = GPT.from_pretrained(str(out))
+    assert model.config.n_layer == 1
+    assert latest_checkpoint(str(out)).endswith("step-0000004")
