@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -214,8 +215,9 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
                     entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
                                                       torch.Generator().manual_seed(args.seed))
                 entry["val_ppl"] = math.exp(entry["val_loss"])
-                bar.write(f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
-                          f"val ppl {entry['val_ppl']:.1f}")
+                if progress:
+                    bar.write(f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
+                              f"val ppl {entry['val_ppl']:.1f}", file=sys.stderr)
                 log.append(entry)
                 _checkpoint(raw_model, tokenizer, opt, step, log, args)
             _barrier(world)
