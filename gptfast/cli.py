@@ -45,6 +45,9 @@ def cmd_generate(args) -> int:
         prompt = sys.stdin.read()
     if not prompt:
         raise ValueError("the prompt is empty")
+    from gptfast.ops.sampling import check_sample_args
+    import torch
+    check_sample_args(torch.zeros(1, 1), args.temperature, args.top_k, args.top_p, args.min_p)
     path = resolve_path(args.model) if args.model else _default_model()
     device = _device(args.device)
     if args.backend:
@@ -163,6 +166,8 @@ def cmd_perplexity(args) -> int:
 
 def cmd_bench(argv) -> int:
     try:
+        from gptfast.ops._dispatch import import_source_package
+        import_source_package("bench", "bench")  # installed, or bench/ of a source checkout
         from gptfast.bench.cli import main as bench_main
     except ImportError as exc:
         raise RuntimeError(f"the benchmark suite is not installed ({exc})") from None

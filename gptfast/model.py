@@ -98,6 +98,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
 
     def forward(self, x, residual=None):
+        if residual is not None and x.dtype != residual.dtype:
+            x = x.to(residual.dtype)  # under autocast a sublayer returns bf16; the residual stream stays fp32
         return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import gptfast
+
 from gptfast import GPT, GPTConfig
 
 from hf_utils import make_hf_gpt1, make_hf_gpt2
@@ -165,3 +165,13 @@ def test_model_compiles_fullgraph():
     compiled = torch.compile(lambda ids: model(ids, validate=False), fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_training_step_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    x = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, labels=x)
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None

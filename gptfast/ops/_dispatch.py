@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -94,7 +95,7 @@ def _probe_triton() -> Optional[str]:
         return "Triton is not installed (pip install triton)"
     try:
         import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401,F811
     except Exception as exc:  # noqa: BLE001 - a broken install is still a reason
         return f"Triton failed to import: {exc}"
     return None
@@ -122,9 +123,37 @@ def _probe_module(module: str) -> Optional[str]:
     return None
 
 
+def import_source_package(name: str, folder: str):
+    """gptfast.<name>, installed (setup.py maps the top-level <folder>/ to it), or from the
+    source tree when gptfast runs from a checkout that is not installed: the folder beside
+    gptfast/ is registered under its installed name, so relative imports and Triton's source
+    lookup both work."""
+    full = f"gptfast.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, folder, "__init__.py")
+    if not os.path.exists(path):
+        raise ModuleNotFoundError(f"{full} is not installed and {path} does not exist")
+    spec = importlib.util.spec_from_file_location(full, path, submodule_search_locations=[os.path.dirname(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_PACKAGE = sys.modules[__package__]  # gptfast.ops, in sys.modules while it imports this file
+
+
 def kernel_module(module: str):
-    """The imported wiring module (call after module_missing_reason returned None)."""
-    return importlib.import_module(f"gptfast.ops.{module}")
+    """The imported wiring module (call after module_missing_reason returned None).
+
+    An attribute read of the package traces under torch.compile(fullgraph=True);
+    importlib.import_module would break the graph.
+    """
+    return getattr(_PACKAGE, module)
 
 
 def triton_device_reason(*tensors) -> Optional[str]:
@@ -144,6 +173,16 @@ def triton_device_reason(*tensors) -> Optional[str]:
         if t.device.type == "cpu" and triton_interpret():
             continue
         return f"tensor on {t.device.type} (Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 for CPU)"
+    return None
+
+
+def triton_probe(module: str) -> Optional[str]:
+    """Availability of a Triton op family here (for backends()): Triton, its wiring module, a device."""
+    reason = triton_missing_reason() or module_missing_reason(module)
+    if reason:
+        return reason
+    if not torch.cuda.is_available() and not triton_interpret():
+        return "no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them on CPU for tests)"
     return None
 
 

@@ -115,12 +115,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
 
 
 def _probe() -> Optional[str]:
-    reason = _dispatch.triton_missing_reason() or _dispatch.module_missing_reason(_KERNELS)
-    if reason:
-        return reason
-    if not torch.cuda.is_available() and not _dispatch.triton_interpret():
-        return "no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them on CPU for tests)"
-    return None
+    return _dispatch.triton_probe(_KERNELS)
 
 
 _dispatch.register("attention", "Triton flash-attention fwd+bwd", _probe)

@@ -123,12 +123,7 @@ def linear_bias_gelu(x, weight, bias, approximate: str = "tanh", backend: Option
 
 
 def _probe() -> Optional[str]:
-    reason = _dispatch.triton_missing_reason() or _dispatch.module_missing_reason(_KERNELS)
-    if reason:
-        return reason
-    if not torch.cuda.is_available() and not _dispatch.triton_interpret():
-        return "no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them on CPU for tests)"
-    return None
+    return _dispatch.triton_probe(_KERNELS)
 
 
 _dispatch.register("layer_norm", "Triton fused add+LayerNorm fwd+bwd", _probe)

@@ -90,20 +90,28 @@ def _as_row_param(name: str, value: Param, batch: int, device, dtype) -> torch.T
     return torch.full((batch,), value, device=device, dtype=dtype)
 
 
-def _check_range(name: str, t: torch.Tensor, ok: torch.Tensor, expected: str, scalar: Param):
-    # Scalars are checked without touching the device; tensors need one sync (eager only).
+def _check_range(name: str, t: torch.Tensor, ok_fn, expected: str, scalar: Param, check_values: bool):
+    # Python scalars are checked on the host, without touching the device. Tensors
+    # need one host sync, so only in eager mode (check_values=False while tracing
+    # with torch.compile or capturing a CUDA graph).
     if not isinstance(scalar, torch.Tensor):
-        if not bool(ok.all()):
+        if not bool(ok_fn(torch.tensor(scalar, dtype=t.dtype))):
             raise ValueError(f"{name} must be {expected}, got {scalar}")
         return
-    bad = (~ok).nonzero()
+    if not check_values:
+        return
+    bad = (~ok_fn(t)).nonzero()
     if bad.numel():
         row = int(bad[0, 0])
         raise ValueError(f"{name} must be {expected}, got {t[row].item()} in row {row}")
 
 
-def check_sample_args(logits, temperature, top_k, top_p, min_p):
-    """Validate and broadcast the arguments; returns per-row tensors (t, k, p, m)."""
+def check_sample_args(logits, temperature, top_k, top_p, min_p, check_values: bool = True):
+    """Validate and broadcast the arguments; returns per-row tensors (t, k, p, m).
+
+    check_values=False skips the value checks of tensor arguments (they sync with
+    the host): for torch.compile tracing and CUDA-graph capture.
+    """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -120,10 +128,11 @@ def check_sample_args(logits, temperature, top_k, top_p, min_p):
     m = _as_row_param("min_p", min_p, batch, dev, torch.float32)
     if isinstance(top_k, float) or (isinstance(top_k, torch.Tensor) and top_k.is_floating_point()):
         raise TypeError(f"top_k must be an integer, got {top_k!r}")
-    _check_range("temperature", t, (t >= 0) & torch.isfinite(t), ">= 0 and finite", temperature)
-    _check_range("top_k", k, k >= 0, ">= 0 (0 disables)", top_k)
-    _check_range("top_p", p, (p > 0) & (p <= 1), "in (0, 1] (1.0 disables)", top_p)
-    _check_range("min_p", m, (m >= 0) & (m <= 1), "in [0, 1] (0 disables)", min_p)
+    _check_range("temperature", t, lambda a: (a >= 0) & torch.isfinite(a), ">= 0 and finite", temperature,
+                 check_values)
+    _check_range("top_k", k, lambda a: a >= 0, ">= 0 (0 disables)", top_k, check_values)
+    _check_range("top_p", p, lambda a: (a > 0) & (a <= 1), "in (0, 1] (1.0 disables)", top_p, check_values)
+    _check_range("min_p", m, lambda a: (a >= 0) & (a <= 1), "in [0, 1] (0 disables)", min_p, check_values)
     return t, k, p, m
 
 
@@ -153,11 +162,18 @@ def filter_logits(logits, t, k, p, m) -> torch.Tensor:
         sorted_desc = x.sort(dim=-1, descending=True).values
         kth = sorted_desc.gather(-1, (k_eff - 1).unsqueeze(-1))
         x = torch.where(x < kth, neg_inf, x)
-    # top-p on the renormalised distribution: keep when the mass ranked above is < p
+    # top-p on the renormalised distribution: keep when the mass of strictly more
+    # probable tokens is < p. Ties share the mass above the first of their group, so
+    # the result does not depend on how the sort orders equal probabilities.
     if bool((p < 1).any()):
         probs = torch.softmax(x, dim=-1)
-        sp, sidx = probs.sort(dim=-1, descending=True, stable=True)
-        above = sp.cumsum(dim=-1) - sp
+        sp, sidx = probs.sort(dim=-1, descending=True)
+        above = torch.cat([torch.zeros_like(sp[:, :1]), sp.cumsum(dim=-1)[:, :-1]], dim=-1)
+        pos = torch.arange(vocab, device=x.device).expand_as(sp)
+        group_start = torch.ones_like(sp, dtype=torch.bool)
+        group_start[:, 1:] = sp[:, 1:] != sp[:, :-1]
+        first = torch.where(group_start, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+        above = above.gather(-1, first)
         remove_sorted = (above >= p.to(acc).unsqueeze(-1)) & (p < 1).unsqueeze(-1)
         remove_sorted[:, 0] = False
         remove = torch.zeros_like(remove_sorted).scatter(-1, sidx, remove_sorted)

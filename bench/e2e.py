@@ -1,0 +1,228 @@
+"""End-to-end cases: greedy generation and a training step, random-init weights (no downloads).
+
+Generation (tokens/s, ms per token, decode ms per token, prefill ms): gptfast.GPT.generate
+vs transformers' GPT2LMHeadModel.generate vs a static-cache PyTorch loop (reference_model.py),
+eager and compiled. Training step (fwd + bwd + AdamW; tokens/s, MFU, peak memory): gptfast.GPT
+vs the nanoGPT-style reference, eager and compiled. Both sides use bf16 parameters on CUDA
+(fp32 on CPU). MFU divides by the bf16 matmul rate measured at the start of the same run, not
+by a datasheet figure. First-call time (compilation, CUDA-graph capture, autotuning) is
+reported apart from the timed runs.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import accounting
+from .harness import Case, Provider, RunContext, Skip, optional_import
+
+# The CPU cases check the plumbing on a model small enough for a shared CPU; not GPT-2 124M.
+CPU_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 128}
+GEN_PROVIDERS = ("gptfast", "hf-transformers", "static-cache", "static-cache+compile")
+TRAIN_PROVIDERS = ("gptfast", "gptfast+compile", "nanogpt", "nanogpt+compile")
+
+
+def _gptfast_config(preset: str, overrides=None):
+    gptfast, reason = optional_import("gptfast")
+    if gptfast is None:
+        raise Skip(reason)
+    try:
+        return gptfast, gptfast.GPTConfig.from_preset(preset, **(overrides or {}))
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"gptfast.GPTConfig.from_preset({preset!r}) failed: {exc}") from None
+
+
+def _label(preset: str, overrides) -> str:
+    if not overrides:
+        return preset
+    return f"{preset} with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def _build(kind: str, spec: dict, device, dtype):
+    """A random-init model of the spec's shape, built directly on the device."""
+    gptfast, config = _gptfast_config(spec["preset"], spec.get("overrides"))
+    torch.manual_seed(0)
+    with torch.device(device):
+        if kind == "gptfast":
+            try:
+                model = gptfast.GPT(config)
+            except Exception as exc:  # noqa: BLE001 - the model is written in parallel; say why
+                raise Skip(f"gptfast.GPT could not be built: {type(exc).__name__}: {exc}") from None
+        elif kind == "hf":
+            transformers, reason = optional_import("transformers")
+            if transformers is None:
+                raise Skip(reason)
+            hf_config = transformers.GPT2Config(
+                vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+                n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new")
+            model = transformers.GPT2LMHeadModel(hf_config)
+        else:
+            from .reference_model import NanoGPT
+
+            model = NanoGPT.from_gptfast_config(config)
+    return model.to(dtype)
+
+
+def _timed(fn, ctx: RunContext) -> float:
+    ctx.sync()
+    t0 = time.perf_counter()
+    fn()
+    ctx.sync()
+    return time.perf_counter() - t0
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def _generator(name: str, spec: dict, ctx: RunContext, dtype):
+    """-> generate(ids, n) returning [B, T + n] ids, greedy, never stopping early."""
+    if name == "gptfast":
+        model = _build("gptfast", spec, ctx.device, dtype).eval()
+
+        def gptfast_generate(ids, n):
+            try:  # never stop early at a random model's eos, or tokens/s would count tokens not made
+                return model.generate(ids, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+            except TypeError:  # an API without ignore_eos: the length check below catches early stops
+                return model.generate(ids, max_new_tokens=n, temperature=0.0)
+        return gptfast_generate
+    if name == "hf-transformers":
+        model = _build("hf", spec, ctx.device, dtype).eval()
+
+        def hf_generate(ids, n):
+            with torch.inference_mode():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return hf_generate
+    from .reference_model import decode_one, generate_static
+
+    model = _build("nanogpt", spec, ctx.device, dtype).eval()
+    step = decode_one
+    if name == "static-cache+compile":
+        mode = "reduce-overhead" if ctx.is_cuda else None  # CUDA graphs for the decode step
+        step = torch.compile(decode_one, mode=mode, fullgraph=True)
+    cache_len = spec["prompt"] + spec["new_tokens"]  # one cache for the N-token and the 1-token runs
+    return lambda ids, n: generate_static(model, ids, n, step, max_seq_len=cache_len)
+
+
+def _measure_generation(spec: dict):
+    def measure(provider: Provider, ctx: RunContext) -> dict:
+        dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
+        generate = provider.setup({"spec": spec, "ctx": ctx, "dtype": dtype})
+        B, P, N = spec["batch"], spec["prompt"], spec["new_tokens"]
+        ids = torch.randint(0, 50000, (B, P), device=ctx.device)
+        out = []
+        first = _timed(lambda: out.append(generate(ids, N)), ctx)
+        if tuple(out[0].shape) != (B, P + N):
+            raise RuntimeError(f"expected {B}x{P + N} ids back, got {tuple(out[0].shape)}")
+        full = [_timed(lambda: generate(ids, N), ctx) for _ in range(spec["reps"])]
+        one = [_timed(lambda: generate(ids, 1), ctx) for _ in range(spec["reps"])]
+        t_full, t_one = statistics.median(full), statistics.median(one)
+        metrics = {
+            "tokens_per_s": B * N / t_full,
+            "ms_per_token": t_full / N * 1e3,
+            "decode_ms_per_token": (t_full - t_one) / (N - 1) * 1e3 if N > 1 else None,
+            "prefill_plus_one_ms": t_one * 1e3,
+            "warmup_s": first,
+        }
+        return {"times_s": full, "metrics": metrics, "first_call_s": first}
+    return measure
+
+
+def _gen_setup(name):
+    return lambda a: _generator(name, a["spec"], a["ctx"], a["dtype"])
+
+
+def generation_cases(device_kind: str, quick: bool) -> list[Case]:
+    if device_kind == "cuda":
+        presets = [("gpt2", None)] if quick else [("gpt2", None), ("gpt2-xl", None)]
+        prompt, new, reps = (128, 32, 2) if quick else (128, 256, 3)
+        batches = (1, 16)
+    else:  # CPU: a tiny GPT-2 (the real vocabulary), a short prompt and few tokens
+        presets, prompt, new, reps, batches = [("gpt2", CPU_TINY)], 16, 8, 2, (1,)
+    cases = []
+    for preset, overrides in presets:
+        for B in batches:
+            spec = {"preset": preset, "overrides": overrides, "batch": B, "prompt": prompt,
+                    "new_tokens": new, "reps": reps}
+            label = _label(preset, overrides)
+            providers = [Provider(n, "gptfast" if n == "gptfast" else "peer", _gen_setup(n),
+                                  compiled=n.endswith("+compile")) for n in GEN_PROVIDERS]
+            cases.append(Case(op="e2e", name=f"generate {label} B={B} prompt={prompt} new={new}",
+                              shape=dict(spec, task="generate"), dtype="bf16" if device_kind == "cuda" else "fp32",
+                              make_inputs=lambda d: {}, providers=providers,
+                              measure=_measure_generation(spec)))
+    return cases
+
+
+# ---- training step -------------------------------------------------------------------------
+
+
+def _train_step(name: str, spec: dict, ctx: RunContext, dtype):
+    kind = "gptfast" if name.startswith("gptfast") else "nanogpt"
+    model = _build(kind, spec, ctx.device, dtype).train()
+    fwd = torch.compile(model) if name.endswith("+compile") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.is_cuda)
+    B, T = spec["batch"], spec["seq"]
+    x = torch.randint(0, 50000, (B, T), device=ctx.device)
+
+    def step():
+        _, loss = fwd(x, labels=x) if kind == "gptfast" else fwd(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_params -= model.config.n_positions * model.config.n_embd if kind == "gptfast" else model.wpe.weight.numel()
+    return step, n_params
+
+
+def _measure_train(spec: dict):
+    def measure(provider: Provider, ctx: RunContext) -> dict:
+        dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
+        step, n_params = provider.setup({"spec": spec, "ctx": ctx, "dtype": dtype})
+        first = _timed(step, ctx)
+        _timed(step, ctx)  # the optimizer's state and the second compiled graph settle here
+        if ctx.is_cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        times = [_timed(step, ctx) for _ in range(spec["reps"])]
+        B, T = spec["batch"], spec["seq"]
+        tps = B * T / statistics.median(times)
+        _, config = _gptfast_config(spec["preset"], spec.get("overrides"))
+        fpt = accounting.train_flops_per_token(n_params, config.n_layer, config.n_head, config.head_dim, T)
+        peak = ctx.roofline.get("matmul_tflops")
+        metrics = {
+            "tokens_per_s": tps, "flops_per_token": fpt, "n_params": n_params,
+            "achieved_tflops": tps * fpt / 1e12,
+            "mfu_vs_measured_matmul": tps * fpt / (peak * 1e12) if peak else None,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(ctx.device) / 1e9 if ctx.is_cuda else None,
+            "warmup_s": first,
+        }
+        return {"times_s": times, "metrics": metrics, "first_call_s": first}
+    return measure
+
+
+def _train_setup(name):
+    return lambda a: _train_step(name, a["spec"], a["ctx"], a["dtype"])
+
+
+def training_cases(device_kind: str, quick: bool) -> list[Case]:
+    if device_kind == "cuda":
+        runs = [("gpt2", None, 8, 1024)] if quick else [("gpt2", None, 16, 1024), ("gpt2-xl", None, 4, 1024)]
+        reps = 5 if quick else 10
+    else:
+        runs, reps = [("gpt2", CPU_TINY, 1, 32)], 2
+    cases = []
+    for preset, overrides, B, T in runs:
+        spec = {"preset": preset, "overrides": overrides, "batch": B, "seq": T, "reps": reps}
+        label = _label(preset, overrides)
+        providers = [Provider(n, "gptfast" if n.startswith("gptfast") else "peer", _train_setup(n),
+                              compiled=n.endswith("+compile")) for n in TRAIN_PROVIDERS]
+        cases.append(Case(op="e2e", name=f"train step {label} B={B} T={T} AdamW",
+                          shape=dict(spec, task="train"), dtype="bf16" if device_kind == "cuda" else "fp32",
+                          make_inputs=lambda d: {}, providers=providers, measure=_measure_train(spec)))
+    return cases
+
+
+def e2e_cases(device_kind: str, quick: bool) -> list[Case]:
+    return generation_cases(device_kind, quick) + training_cases(device_kind, quick)

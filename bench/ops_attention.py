@@ -1,0 +1,181 @@
+"""Cases: causal attention (fwd, fwd+bwd) and decode attention over a KV cache.
+
+Peers: PyTorch SDPA with each backend forced through torch.nn.attention.sdpa_kernel
+(flash, efficient, cudnn, math) and FlashAttention (flash_attn) when importable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gptfast import ops
+
+from . import accounting
+from .harness import Case, Provider, Skip, compiled, no_interpreter, optional_import
+
+D = 64
+H = 12
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def _dtype(device) -> torch.dtype:
+    # bf16 is the GPU case; on CPU fp32 is what a CPU user would run (bf16 CPU matmuls are emulated).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ---- prefill / training attention ------------------------------------------------------
+
+
+def _attention_inputs(B, T, pass_):
+    def make(device):
+        dt, grad = _dtype(device), pass_ != "fwd"
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dt, requires_grad=grad) for _ in range(3))
+        inputs = {"q": q, "k": k, "v": v}
+        if grad:
+            inputs["dout"] = torch.randn(B, H, T, D, device=device, dtype=dt)
+        return inputs
+    return make
+
+
+def _thunk(fn, q, k, v, dout=None):
+    """fwd: fn(q, k, v); fwd+bwd: forward then torch.autograd.grad (no .grad accumulation)."""
+    if dout is None:
+        return lambda: fn(q, k, v)
+    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+
+def _kernel(q, k, v):
+    return ops.attention(q, k, v, causal=True, backend="kernel")
+
+
+def _reference(q, k, v):
+    return ops.attention_reference(q, k, v, causal=True)
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _sdpa_context(backend_name):
+    """The harness enters this around the timed loop: SDPA restricted to one backend."""
+    def context():
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(_sdpa_backends()[backend_name])
+    return context
+
+
+def _flash_attn_setup(inputs):
+    fa, reason = optional_import("flash_attn")
+    if fa is None:
+        raise Skip(reason)
+    # flash_attn takes [B, T, H, D]: transpose once here, outside the timed call.
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad)
+               for t in (inputs["q"], inputs["k"], inputs["v"]))
+    dout = inputs.get("dout")
+    dout = None if dout is None else dout.transpose(1, 2).contiguous()
+    return _thunk(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=True), q, k, v, dout)
+
+
+def _setup(fn, check_kernel=False):
+    def setup(inputs):
+        if check_kernel:
+            no_interpreter(inputs["q"])
+        return _thunk(fn, inputs["q"], inputs["k"], inputs["v"], inputs.get("dout"))
+    return setup
+
+
+def attention_providers(compiled_ref=True):
+    providers = [
+        Provider("gptfast", "gptfast", _setup(_kernel, check_kernel=True)),
+        Provider("reference", "reference", _setup(_reference)),
+        Provider("reference+compile", "peer", lambda i: _setup(compiled(_reference))(i), compiled=True),
+    ]
+    providers += [Provider(f"sdpa-{name}", "peer", _setup(_sdpa), context=_sdpa_context(name))
+                  for name in ("flash", "efficient", "cudnn", "math")]
+    providers.append(Provider("flash_attn", "peer", _flash_attn_setup))
+    return providers
+
+
+def attention_cases(device_kind: str, quick: bool) -> list[Case]:
+    if device_kind == "cuda":
+        shapes = [(16, 1024)] if quick else [(16, 1024), (4, 4096), (1, 16384)]
+    else:
+        shapes = [(1, 128)] if quick else [(1, 256), (2, 512)]
+    cases = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        for B, T in shapes:
+            cases.append(Case(
+                op="attention", name=f"{pass_} B={B} H={H} T={T} D={D} causal",
+                shape={"B": B, "H": H, "T": T, "D": D, "causal": True, "pass": pass_},
+                dtype="bf16" if device_kind == "cuda" else "fp32",
+                make_inputs=_attention_inputs(B, T, pass_), providers=attention_providers(),
+                flops=accounting.attention_flops(B, H, T, D, causal=True, pass_=pass_)))
+    return cases
+
+
+# ---- decode attention ------------------------------------------------------------------
+
+
+def _decode_inputs(B, L):
+    def make(device):
+        dt = _dtype(device)
+        return {"q": torch.randn(B, H, 1, D, device=device, dtype=dt),
+                "k_cache": torch.randn(B, H, L, D, device=device, dtype=dt),
+                "v_cache": torch.randn(B, H, L, D, device=device, dtype=dt),
+                "seqlens": torch.full((B,), L, device=device, dtype=torch.int32)}
+    return make
+
+
+def _decode_kernel(q, k, v, lens):
+    return ops.decode_attention(q, k, v, lens, backend="kernel")
+
+
+def _decode_setup(fn, check_kernel=False):
+    def setup(i):
+        if check_kernel:
+            no_interpreter(i["q"])
+        return lambda: fn(i["q"], i["k_cache"], i["v_cache"], i["seqlens"])
+    return setup
+
+
+def _decode_sdpa(q, k, v, lens):
+    # Every cache entry is valid (seqlens == L), so no mask is needed: the plain SDPA call.
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _decode_flash_attn_setup(i):
+    fa, reason = optional_import("flash_attn")
+    if fa is None:
+        raise Skip(reason)
+    q, k, v = (i[n].transpose(1, 2).contiguous() for n in ("q", "k_cache", "v_cache"))  # [B, T, H, D]
+    return lambda: fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=i["seqlens"])
+
+
+def decode_cases(device_kind: str, quick: bool) -> list[Case]:
+    L = 1024 if device_kind == "cuda" else (128 if quick else 256)
+    batches = (1, 32) if device_kind == "cuda" else ((1,) if quick else (1, 8))
+    cases = []
+    for B in batches:
+        providers = [
+            Provider("gptfast", "gptfast", _decode_setup(_decode_kernel, check_kernel=True)),
+            Provider("reference", "reference", _decode_setup(ops.decode_attention_reference)),
+            Provider("reference+compile", "peer",
+                     lambda i: _decode_setup(compiled(ops.decode_attention_reference))(i), compiled=True),
+        ]
+        providers += [Provider(f"sdpa-{n}", "peer", _decode_setup(_decode_sdpa), context=_sdpa_context(n))
+                      for n in ("flash", "efficient", "cudnn", "math")]
+        providers.append(Provider("flash_attn", "peer", _decode_flash_attn_setup))
+        elem = 2 if device_kind == "cuda" else 4
+        cases.append(Case(
+            op="decode_attention", name=f"B={B} H={H} L={L} D={D}",
+            shape={"B": B, "H": H, "L": L, "D": D, "Tq": 1}, dtype="bf16" if device_kind == "cuda" else "fp32",
+            make_inputs=_decode_inputs(B, L), providers=providers,
+            bytes=accounting.decode_attention_bytes(B, H, L, D, elem)))
+    return cases

@@ -1,0 +1,209 @@
+"""Reporting: the terminal table, results.json, summary.md and PNG charts.
+
+Everything here reads the run's document (the dict written as results.json); nothing is
+measured or invented here. ``latest_summary()`` returns the newest summary.md so the
+README can include it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+SCHEMA = "gptfast-bench/1"
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+_REQUIRED_ENV = ("device_kind", "device_name", "sm_count", "torch", "triton", "cuda", "git_commit", "date")
+_REQUIRED_CASE = ("op", "name", "shape", "dtype", "bound", "results", "best_peer")
+_REQUIRED_OK = ("median_ms", "iqr_ms", "q25_ms", "q75_ms", "n", "vs_best_peer")
+
+
+def validate(doc: dict) -> None:
+    """Raise ValueError naming the first field that breaks the results schema."""
+    def need(obj, key, where):
+        if not isinstance(obj, dict) or key not in obj:
+            raise ValueError(f"results: {where} is missing {key!r}")
+    for key in ("schema", "env", "roofline", "notes", "cases"):
+        need(doc, key, "document")
+    if doc["schema"] != SCHEMA:
+        raise ValueError(f"results: schema must be {SCHEMA!r}, got {doc['schema']!r}")
+    for key in _REQUIRED_ENV:
+        need(doc["env"], key, "env")
+    for i, case in enumerate(doc["cases"]):
+        for key in _REQUIRED_CASE:
+            need(case, key, f"cases[{i}]")
+        for j, r in enumerate(case["results"]):
+            where = f"cases[{i}].results[{j}]"
+            for key in ("provider", "kind", "status", "reason"):
+                need(r, key, where)
+            if r["status"] == "ok":
+                for key in _REQUIRED_OK:
+                    need(r, key, where)
+                if not r["median_ms"] > 0:
+                    raise ValueError(f"results: {where}.median_ms must be > 0, got {r['median_ms']}")
+            elif not r["reason"]:
+                raise ValueError(f"results: {where} did not run and gives no reason")
+
+
+def _fmt(x, spec=".3g", none="-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _throughput(r: dict) -> str:
+    m = r.get("metrics") or {}
+    if m.get("tokens_per_s") is not None:
+        return f"{m['tokens_per_s']:.4g} tok/s"
+    if r.get("tflops") is not None:
+        return f"{r['tflops']:.3g} TFLOP/s"
+    if r.get("gbps") is not None:
+        return f"{r['gbps']:.3g} GB/s"
+    return "-"
+
+
+def _extra(r: dict) -> str:
+    m = r.get("metrics") or {}
+    parts = []
+    if m.get("ms_per_token") is not None:
+        parts.append(f"{m['ms_per_token']:.3g} ms/tok")
+    if m.get("decode_ms_per_token") is not None:
+        parts.append(f"decode {m['decode_ms_per_token']:.3g} ms/tok")
+    if m.get("mfu_vs_measured_matmul") is not None:
+        parts.append(f"MFU {100 * m['mfu_vs_measured_matmul']:.1f}%")
+    if m.get("peak_memory_gb") is not None:
+        parts.append(f"peak {m['peak_memory_gb']:.2f} GB")
+    if r.get("first_call_s") is not None and (m or r["provider"].endswith("compile")):
+        parts.append(f"first call {r['first_call_s']:.2g} s")
+    return ", ".join(parts)
+
+
+def _rows(case: dict):
+    for r in case["results"]:
+        if r["status"] != "ok":
+            continue
+        frac = r.get("roofline_fraction")
+        yield [r["provider"], _fmt(r["median_ms"], ".4g"), _fmt(r["iqr_ms"], ".2g"), _throughput(r),
+               "-" if frac is None else f"{100 * frac:.1f}%",
+               "-" if r["vs_best_peer"] is None else f"{r['vs_best_peer']:.2f}x", _extra(r)]
+
+
+HEADER = ["provider", "median ms", "IQR ms", "throughput", "% roofline", "vs best peer", "notes"]
+
+
+def format_table(doc: dict) -> str:
+    """Plain-text tables for the terminal, one block per case, skips listed under it."""
+    lines = []
+    for case in doc["cases"]:
+        best = case["best_peer"] or "none ran"
+        lines.append(f"\n== {case['op']}: {case['name']} ({case['dtype']}, best peer: {best})")
+        rows = [HEADER] + list(_rows(case))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
+        for row in rows:
+            lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        for r in case["results"]:
+            if r["status"] != "ok":
+                lines.append(f"  skipped {r['provider']}: {r['reason']}")
+    return "\n".join(lines)
+
+
+def _env_lines(doc: dict) -> list[str]:
+    e, rf = doc["env"], doc["roofline"]
+    lines = [f"- device: **{e['device_name']}** ({e['device_kind']}"
+             + (f", {e['sm_count']} SMs" if e.get("sm_count") else "") + ")",
+             f"- torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, python {e.get('python')}",
+             f"- git commit {e['git_commit']}{' (uncommitted changes)' if e.get('git_dirty') else ''}, "
+             f"date {e['date']}{', --quick' if doc.get('quick') else ''}"]
+    if rf.get("copy_gbps"):
+        lines.append(f"- roofline measured in this run: copy {rf['copy_gbps']:.4g} GB/s, "
+                     f"{rf['matmul_dtype']} matmul {rf['matmul_tflops']:.4g} TFLOP/s "
+                     f"({'x'.join(map(str, rf['matmul_shape']))})")
+    return lines
+
+
+def format_markdown(doc: dict) -> str:
+    out = ["# gptfast benchmark results", ""] + _env_lines(doc) + [""]
+    for note in doc["notes"]:
+        out.append(f"> {note}")
+    if doc["notes"]:
+        out.append("")
+    out.append("Times are medians of many runs (IQR = interquartile range). *vs best peer* = the "
+               "fastest peer's time / this provider's time (> 1 is faster than every peer). "
+               "*% roofline* = achieved FLOP/s over the matmul rate, or GB/s over the copy "
+               "bandwidth, both measured at the start of this run.")
+    current_op = None
+    for case in doc["cases"]:
+        if case["op"] != current_op:
+            current_op = case["op"]
+            out += ["", f"## {current_op}"]
+        out += ["", f"**{case['name']}** ({case['dtype']})", "",
+                "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        out += ["| " + " | ".join(row) + " |" for row in _rows(case)]
+        skips = [r for r in case["results"] if r["status"] != "ok"]
+        if skips:
+            out.append("")
+            out += [f"- skipped `{r['provider']}`: {r['reason']}" for r in skips]
+    return "\n".join(out) + "\n"
+
+
+def write_charts(doc: dict, out_dir: str) -> list[str]:
+    """One PNG per op: each case's providers as bars of speed relative to the best peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    paths = []
+    ops = list(dict.fromkeys(c["op"] for c in doc["cases"]))
+    for op in ops:
+        cases = [c for c in doc["cases"] if c["op"] == op and any(r["status"] == "ok" for r in c["results"])]
+        if not cases:
+            continue
+        fig, axes = plt.subplots(len(cases), 1, figsize=(8, 1.2 + 1.6 * len(cases)), squeeze=False)
+        for ax, case in zip(axes[:, 0], cases):
+            ok = [r for r in case["results"] if r["status"] == "ok"]
+            # Relative to the best peer where one ran, else to the fastest provider.
+            base = min((r["median_ms"] for r in ok if r["kind"] == "peer"), default=min(r["median_ms"] for r in ok))
+            speed = [base / r["median_ms"] for r in ok]
+            colors = ["tab:red" if r["kind"] == "gptfast" else "tab:gray" if r["kind"] == "reference"
+                      else "tab:blue" for r in ok]
+            ax.barh([r["provider"] for r in ok], speed, color=colors)
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_title(case["name"], fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.invert_yaxis()
+        axes[-1, 0].set_xlabel("speed relative to the best peer (higher is faster)")
+        fig.suptitle(f"{op} on {doc['env']['device_name']}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_all(doc: dict, out_dir: str, charts: bool = True) -> dict:
+    """results.json, summary.md and the charts into out_dir; returns their paths."""
+    validate(doc)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "summary.md")}
+    with open(paths["json"], "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+    with open(paths["markdown"], "w") as f:
+        f.write(format_markdown(doc))
+    paths["charts"] = write_charts(doc, out_dir) if charts else []
+    return paths
+
+
+def latest_summary(results_dir: Optional[str] = None, device: Optional[str] = None) -> str:
+    """The newest results/<device>/summary.md (or that device's), for the README to include."""
+    root = results_dir or RESULTS_DIR
+    candidates = []
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name, "summary.md")
+            if os.path.isfile(path) and (device is None or name == device):
+                candidates.append(path)
+    if not candidates:
+        raise FileNotFoundError(f"no summary.md under {root}" + (f" for device {device!r}" if device else "")
+                                + "; run `gptfast bench` first")
+    with open(max(candidates, key=os.path.getmtime)) as f:
+        return f.read()

@@ -1,0 +1,291 @@
+"""Triton fast paths of ops.attention (flash-attention fwd + bwd) and ops.decode_attention.
+
+Layers, bottom up: kernels (kernels/attention.py, kernels/decode_attention.py) -> launchers
+here (layouts, grids, split counts) -> torch.library custom ops ``gptfast::flash_attn_fwd``,
+``gptfast::flash_attn_bwd`` and ``gptfast::decode_attention`` with fake (meta)
+implementations and registered autograd, so torch.compile(fullgraph=True) traces each as one
+node and CUDA graphs capture them -> the four entry points at the bottom, called by
+gptfast/ops/attention.py (inputs there are already validated: 4-D, one dtype, one device).
+
+Imported lazily; nothing touches CUDA at import. No host syncs: grids and split counts
+depend on shapes only, cache_seqlens is read by the kernels on the device.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ._dispatch import import_source_package, triton_interpret
+
+
+import_source_package("kernels", "kernels")
+from gptfast.kernels import attention as _attn_k  # noqa: E402
+from gptfast.kernels import decode_attention as _dec_k  # noqa: E402
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128)
+DECODE_MAX_TQ = 64  # all Tq queries of a row share one program's registers
+DECODE_PROGRAMS_PER_SM = 2  # split-K target: enough programs for every SM, few partials to reduce
+DECODE_MAX_SPLITS = 128
+INTERPRETER_DECODE_SPLITS = 3  # > 1 so the CPU tests exercise the log-sum-exp reduce
+_INT32_MAX = 2**31 - 1
+
+
+def _new_empty(shape, dtype, device):
+    """Every output and scratch buffer comes from here (the tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _bhtd_like_bthd(B, H, T, D, dtype, device):
+    """[B, H, T, D] whose memory is [B, T, H, D]: the model's y.transpose(1, 2).reshape(B, T, C)
+    after attention is then a free view instead of a copy."""
+    return _new_empty((B, T, H, D), dtype, device).transpose(1, 2)
+
+
+def _span(t: torch.Tensor) -> int:
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1
+
+
+def _common_reason(names, tensors) -> Optional[str]:
+    for name, t in zip(names, tensors):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} is not supported by the Triton kernel (float16, bfloat16, float32)"
+        if t.numel() == 0:
+            return f"{name} is empty (shape {tuple(t.shape)})"
+        if _span(t) > _INT32_MAX:
+            return f"{name} spans more than 2**31 elements (32-bit offsets in the kernel)"
+    d = tensors[0].shape[-1]
+    if d not in _HEAD_DIMS:
+        return f"head dim {d} is not supported by the Triton kernel (one of {_HEAD_DIMS})"
+    if tensors[2].shape[-1] != d:
+        return f"{names[2]} head dim {tensors[2].shape[-1]} differs from {names[0]}'s {d}"
+    return None
+
+
+def attention_unsupported_reason(q, k, v, causal, scale) -> Optional[str]:
+    """Why the flash-attention kernel cannot run on these inputs (device already checked), or None."""
+    reason = _common_reason(("q", "k", "v"), (q, k, v))
+    if reason:
+        return reason
+    if causal and q.shape[2] > k.shape[2]:
+        return (f"causal attention with more queries ({q.shape[2]}) than keys ({k.shape[2]}): "
+                "the first rows would see no key")
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"B * H = {q.shape[0] * q.shape[1]} exceeds the grid's 65535 limit"
+    return None
+
+
+def decode_unsupported_reason(q, k_cache, v_cache, cache_seqlens) -> Optional[str]:
+    """Why the flash-decoding kernel cannot run on these inputs (device already checked), or None."""
+    reason = _common_reason(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    if reason:
+        return reason
+    if q.shape[2] > DECODE_MAX_TQ:
+        return f"q has Tq = {q.shape[2]} new queries per row; the decode kernel takes at most {DECODE_MAX_TQ}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        return "the decode kernel has no backward (inputs require grad; the reference is differentiable)"
+    if cache_seqlens.device != q.device:
+        return f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}"
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"B * H = {q.shape[0] * q.shape[1]} exceeds the grid's 65535 limit"
+    return None
+
+
+def _dot_flags(dtype):
+    # fp32: exact fp32 products, as the reference (no silent TF32). The interpreter's tl.dot
+    # multiplies bf16 as raw bits, so there bf16 operands are upcast first.
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                UPCAST_DOT=triton_interpret() and dtype == torch.bfloat16)
+
+
+def _t_bucket(*ts: int) -> int:
+    return triton.next_power_of_2(max(ts))
+
+
+def _autotune() -> bool:
+    """GPU only. GPTFAST_ATTN_AUTOTUNE=0 launches kernels/attention.py's FIXED_CONFIGS instead:
+    no tuning runs (fast start-up, and quick test sweeps over many shapes)."""
+    return os.environ.get("GPTFAST_ATTN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype):
+    """Run one attention kernel: autotuned on a GPU, else with a fixed config.
+    grid(meta) -> the launch grid for meta-parameters BLOCK_M / BLOCK_N."""
+    if triton_interpret():
+        cfg = {"fwd": _attn_k.INTERPRETER_FWD, "dkdv": _attn_k.INTERPRETER_DKDV, "dq": _attn_k.INTERPRETER_DQ}[kind]
+        plain[grid(cfg)](*args, **flags, **cfg)
+    elif _autotune():
+        autotuned[grid](*args, **flags)
+    else:
+        cfg, launch = _attn_k.fixed_config(kind, head_dim, dtype == torch.float32)
+        plain[grid(cfg)](*args, **flags, **cfg, **launch)
+
+
+# ---- flash-attention launchers ------------------------------------------------------------
+
+def _flash_fwd_launch(q, k, v, causal: bool, scale: float):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    out = _bhtd_like_bthd(B, H, Tq, D, q.dtype, q.device)
+    lse = _new_empty((B, H, Tq), torch.float32, q.device)
+    args = (q, k, v, out, lse, scale * _attn_k.LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, Tq, Tk, _t_bucket(Tq, Tk))
+    flags = dict(CAUSAL=causal, HEAD_DIM=D, **_dot_flags(q.dtype))
+    _launch("fwd", _attn_k.attn_fwd_autotuned, _attn_k.attn_fwd_kernel,
+            lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), args, flags, D, q.dtype)
+    return out, lse
+
+
+def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dev = q.device
+    delta = _new_empty((B, H, Tq), torch.float32, dev)
+    bm = _attn_k.PREPROCESS_BLOCK_M
+    _attn_k.attn_bwd_preprocess_kernel[(triton.cdiv(Tq, bm), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=bm)
+
+    dq = _bhtd_like_bthd(B, H, Tq, D, q.dtype, dev)
+    dk = _bhtd_like_bthd(B, H, Tk, D, k.dtype, dev)
+    dv = _bhtd_like_bthd(B, H, Tk, D, v.dtype, dev)
+    common = (q, k, v, dout)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    scales = (scale * _attn_k.LOG2E, scale)
+    tail = (H, Tq, Tk, _t_bucket(Tq, Tk))
+    flags = dict(CAUSAL=causal, HEAD_DIM=D, **_dot_flags(q.dtype))
+    dkdv_args = (*common, dk, dv, lse, delta, *scales, *strides, *dk.stride(), *dv.stride(), *tail)
+    dq_args = (*common, dq, lse, delta, *scales, *strides, *dq.stride(), *tail)
+    _launch("dkdv", _attn_k.attn_bwd_dkdv_autotuned, _attn_k.attn_bwd_dkdv_kernel,
+            lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H), dkdv_args, flags, D, q.dtype)
+    _launch("dq", _attn_k.attn_bwd_dq_autotuned, _attn_k.attn_bwd_dq_kernel,
+            lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), dq_args, flags, D, q.dtype)
+    return dq, dk, dv
+
+
+# ---- flash-decoding launcher --------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _decode_num_splits(device: torch.device, batch_heads: int, tmax: int, block_n: int) -> int:
+    """Splits of the cache per (b, h), from shapes only (a CUDA graph replays it unchanged)."""
+    max_splits = min(triton.cdiv(tmax, block_n), DECODE_MAX_SPLITS)
+    if device.type != "cuda":
+        return min(INTERPRETER_DECODE_SPLITS, max_splits)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = triton.cdiv(_sm_count(index) * DECODE_PROGRAMS_PER_SM, batch_heads)
+    return max(1, min(want, max_splits))
+
+
+def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int] = None):
+    B, H, Tq, D = q.shape
+    Tmax = k_cache.shape[2]
+    dev = q.device
+    block_n = _dec_k.INTERPRETER_BLOCK_N if triton_interpret() else _dec_k.DECODE_BLOCK_N
+    if num_splits is None:
+        num_splits = _decode_num_splits(dev, B * H, Tmax, block_n)
+    # whole blocks per split, then drop splits that would start past the cache
+    split_len = triton.cdiv(triton.cdiv(Tmax, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(Tmax, split_len)
+    out = _bhtd_like_bthd(B, H, Tq, D, q.dtype, dev)
+    if num_splits == 1:
+        o_part, lse_part = out, _new_empty((0,), torch.float32, dev)
+    else:
+        o_part = _new_empty((B, H, num_splits, Tq, D), torch.float32, dev)
+        lse_part = _new_empty((B, H, num_splits, Tq), torch.float32, dev)
+    launch = {} if triton_interpret() else dict(num_warps=_dec_k.DECODE_NUM_WARPS,
+                                                   num_stages=_dec_k.DECODE_NUM_STAGES)
+    _dec_k.decode_split_kernel[(num_splits, B * H)](
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        H, Tq, Tmax, split_len,
+        NUM_SPLITS=num_splits, HEAD_DIM=D, **_dot_flags(q.dtype),
+        BLOCK_Q=max(16, triton.next_power_of_2(Tq)), BLOCK_N=block_n, **launch)
+    if num_splits > 1:
+        _dec_k.decode_reduce_kernel[(B * H * Tq,)](
+            o_part, lse_part, out, *out.stride(), H, Tq,
+            NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
+            **({} if triton_interpret() else dict(num_warps=_dec_k.REDUCE_NUM_WARPS)))
+    return out
+
+
+# ---- custom ops ---------------------------------------------------------------------------
+
+@torch.library.custom_op("gptfast::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] fp32 in log2 units, for the backward)."""
+    return _flash_fwd_launch(q, k, v, causal, scale)
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, Tq, D = q.shape
+    return q.new_empty((B, Tq, H, D)).transpose(1, 2), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptfast::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, causal: bool, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the inputs' dtype."""
+    return _flash_bwd_launch(dout, q, k, v, out, lse, causal, scale)
+
+
+@_flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, causal, scale):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    return (q.new_empty((B, Tq, H, D)).transpose(1, 2), k.new_empty((B, Tk, H, D)).transpose(1, 2),
+            v.new_empty((B, Tk, H, D)).transpose(1, 2))
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _flash_attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gptfast.flash_attn_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup)
+
+
+@torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """out [B, H, Tq, D] in q's dtype; see kernels/decode_attention.py for the semantics."""
+    return _decode_launch(q, k_cache, v_cache, cache_seqlens)
+
+
+@_decode_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens):
+    B, H, Tq, D = q.shape
+    return q.new_empty((B, Tq, H, D)).transpose(1, 2)
+
+
+# ---- entry points (called by gptfast/ops/attention.py) ------------------------------------
+
+def attention(q, k, v, causal, scale):
+    """softmax(q k^T * scale + causal mask) v; differentiable w.r.t. q, k, v."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale)
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens):
+    """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] cache entries of row b."""
+    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens)

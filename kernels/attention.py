@@ -1,0 +1,419 @@
+"""Causal / non-causal flash-attention, forward and backward (FA2 style), q/k/v [B, H, T, D].
+
+Kernels and their autotune configs only; launchers, autograd and torch.library wiring live
+in gptfast/ops/_attention_triton.py.
+
+Conventions shared by all kernels:
+- Every tensor is addressed through explicit strides (q/k/v are strided views of a
+  [B, T, 3, H, D] projection); Triton specializes a stride of 1, so the usual unit
+  head-dim stride still gives vectorized loads.
+- Softmax runs in base 2: scores are multiplied by qk_scale = scale * log2(e) and the saved
+  log-sum-exp LSE is in log2 units, so exp2 (one MUFU op) replaces exp.
+- Causal masking is bottom-right aligned (query i sees keys j <= i + Tk - Tq, as the
+  reference and flash-attention). Each loop is split into blocks that need no mask at all
+  (the bulk, cheap) and blocks that need one (the diagonal and the ragged tail of T).
+- Under TRITON_INTERPRET=1 nothing is autotuned: the launcher passes INTERPRETER_* configs.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ---- forward ------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
+               lo, hi, Tk, causal_shift, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # k_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T of key block 0; v_ptrs: [BLOCK_N, HEAD_DIM] to V
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_n[None, :] < Tk, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_n[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            qk = tl.where(keep, qk, float("-inf"))
+        # Every row has a valid key in the first block it sees (key 0, since Tq <= Tk when
+        # causal), so m_new is finite and no -inf - -inf NaN can appear.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST_DOT:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q,    # [B, H, Tq, D] any strides
+    K,    # [B, H, Tk, D] any strides
+    V,    # [B, H, Tk, D] any strides
+    O,    # [B, H, Tq, D] any strides (the launcher allocates [B, Tq, H, D] memory)
+    LSE,  # [B, H, Tq] fp32 contiguous: log2-sum-exp2 of the scaled scores, for the backward
+    qk_scale,  # scale * log2(e)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Tq, Tk,
+    T_BUCKET,  # next_pow2(max(Tq, Tk)): the autotune key (unused in the body)
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact, no silent TF32); ignored for 16-bit
+    UPCAST_DOT: tl.constexpr,     # interpreter only: its tl.dot multiplies bf16 as raw bits
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Query blocks on axis 0 (fastest varying) so the programs of one head run together
+    # and share its K/V in L2. Causal: the last query blocks see the most keys; launch them
+    # first so the short ones fill the tail of the wave.
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < Tq, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    causal_shift = Tk - Tq
+    if CAUSAL:
+        # keys < full_hi are visible to every row of the block; keys >= hi to none
+        hi = tl.minimum(start_m + BLOCK_M + causal_shift, Tk)
+        full_hi = (tl.minimum(start_m + 1 + causal_shift, Tk) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Tk
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
+                               0, full_hi, Tk, causal_shift, qk_scale,
+                               False, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
+                               full_hi, hi, Tk, causal_shift, qk_scale,
+                               True, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+
+    o = acc / l_i[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
+    tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+
+
+# ---- backward -----------------------------------------------------------------------------
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    O,      # [B, H, Tq, D] any strides
+    DO,     # [B, H, Tq, D] any strides
+    DELTA,  # [B, H, Tq] fp32 contiguous: rowsum(dO * O), the softmax-backward correction
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < Tq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                offs_n, offs_m0, lo, hi, Tq, causal_shift, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # q_ptrs: [HEAD_DIM, BLOCK_M] pointers to Q^T of query block 0; do_ptrs: [BLOCK_M, HEAD_DIM];
+    # lse_ptr / delta_ptr: this head's [Tq] rows. k, v: this program's [BLOCK_N, HEAD_DIM] block.
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        if MASKED:
+            qT = tl.load(q_ptrs + start_m * stride_qm, mask=offs_m[None, :] < Tq, other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_m[:, None] < Tq, other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+            delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+        else:
+            qT = tl.load(q_ptrs + start_m * stride_qm)
+            do = tl.load(do_ptrs + start_m * stride_dom)
+            lse = tl.load(lse_ptr + offs_m)
+            delta = tl.load(delta_ptr + offs_m)
+        if UPCAST_DOT:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        # Work in the transposed frame [BLOCK_N, BLOCK_M] so dK, dV come out [BLOCK_N, D].
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            keep = offs_m[None, :] < Tq
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
+            pT = tl.where(keep, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V,  # [B, H, Tq|Tk, D] any strides
+    DO,       # [B, H, Tq, D] any strides
+    DK, DV,   # [B, H, Tk, D] any strides, written (not accumulated)
+    LSE,      # [B, H, Tq] fp32 contiguous, log2 units (from the forward)
+    DELTA,    # [B, H, Tq] fp32 contiguous (from the preprocess)
+    qk_scale, scale,  # scale * log2(e), scale
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, Tq, Tk, T_BUCKET,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per key block: dK and dV accumulate in registers over the query blocks
+    # that see it, and are written once (no atomics, deterministic).
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_mask = offs_n[:, None] < Tk
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[None, :] * stride_qm + offs_d[:, None] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    lse_ptr = LSE + bh * Tq
+    delta_ptr = DELTA + bh * Tq
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    causal_shift = Tk - Tq
+    q_full_end = (Tq // BLOCK_M) * BLOCK_M  # query blocks below this need no row mask
+    if CAUSAL:
+        # first query block seeing any key of this block; first one seeing all of them
+        lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
+        diag_end = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
+        diag_end = tl.minimum(diag_end, tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
+    else:
+        lo = 0
+        diag_end = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                         offs_n, offs_m0, lo, diag_end, Tq, causal_shift, qk_scale,
+                         True, CAUSAL, BLOCK_M, DOT_PRECISION, UPCAST_DOT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                         offs_n, offs_m0, diag_end, q_full_end, Tq, causal_shift, qk_scale,
+                         False, CAUSAL, BLOCK_M, DOT_PRECISION, UPCAST_DOT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                         offs_n, offs_m0, tl.maximum(diag_end, q_full_end), Tq, Tq, causal_shift, qk_scale,
+                         True, CAUSAL, BLOCK_M, DOT_PRECISION, UPCAST_DOT)
+
+    dk = dk * scale  # dS was taken w.r.t. the unscaled scores
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
+              lo, hi, Tk, causal_shift, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # k_ptrs, v_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T and V^T of key block 0
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            kT = tl.load(k_ptrs + start_n * stride_kn, mask=offs_n[None, :] < Tk, other=0.0)
+            vT = tl.load(v_ptrs + start_n * stride_vn, mask=offs_n[None, :] < Tk, other=0.0)
+        else:
+            kT = tl.load(k_ptrs + start_n * stride_kn)
+            vT = tl.load(v_ptrs + start_n * stride_vn)
+        if UPCAST_DOT:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V,  # [B, H, Tq|Tk, D] any strides
+    DO,       # [B, H, Tq, D] any strides
+    DQ,       # [B, H, Tq, D] any strides, written (not accumulated)
+    LSE,      # [B, H, Tq] fp32 contiguous, log2 units
+    DELTA,    # [B, H, Tq] fp32 contiguous
+    qk_scale, scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Tq, Tk, T_BUCKET,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # A separate dQ pass (recomputing P) instead of fp32 atomics from the dK/dV kernel:
+    # deterministic, and no [B, H, Tq, D] fp32 scratch. Longest (last) query blocks first.
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m[:, None] < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    causal_shift = Tk - Tq
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M + causal_shift, Tk)
+        full_hi = (tl.minimum(start_m + 1 + causal_shift, Tk) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Tk
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
+                   0, full_hi, Tk, causal_shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
+                   full_hi, hi, Tk, causal_shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# ---- configs --------------------------------------------------------------------------------
+# Hopper-oriented candidates (to be measured on the H100, kernels/ATTENTION_NOTES.md). Key: the
+# head dim, causality, dot precision (so the dtype family) and T bucketed to a power of two, so
+# prompts of every length share one tuning per bucket (the autotuner adds the tensors' dtypes).
+# All kernels write (never accumulate into) their outputs, so repeated tuning runs are harmless.
+# Register limits below come from compiling every candidate for sm_90 with Triton 3.9 and
+# reading ptxas's register / spill counts.
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# 16-bit inputs (wgmma tensor cores)
+FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
+               _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 4)]
+# dK/dV: long key blocks held in registers, short query blocks streamed (FA2 / Triton tutorial).
+DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
+                _cfg(32, 128, 4, 4)]
+# dQ: long query blocks held, short key blocks streamed.
+DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3),
+              _cfg(128, 32, 4, 4)]
+# fp32 inputs (exact "ieee" dots run on FMA units): small tiles, 8 warps; larger ones spill
+# hundreds of bytes per thread. Index 0: HEAD_DIM <= 64, index 1: HEAD_DIM = 128.
+FWD_CONFIGS_FP32 = [_cfg(64, 32, 8, 2), _cfg(32, 16, 8, 2)]
+DKDV_CONFIGS_FP32 = [_cfg(16, 32, 8, 2), _cfg(16, 32, 8, 2)]
+DQ_CONFIGS_FP32 = [_cfg(64, 32, 8, 2), _cfg(32, 32, 8, 2)]
+# Without autotuning (GPTFAST_ATTN_AUTOTUNE=0): [16-bit config for D <= 64, for D = 128].
+FIXED_CONFIGS = {"fwd": [FWD_CONFIGS[0], FWD_CONFIGS[1]], "dkdv": [DKDV_CONFIGS[0], DKDV_CONFIGS[0]],
+                 "dq": [DQ_CONFIGS[0], DQ_CONFIGS[0]]}
+_FP32 = {"fwd": FWD_CONFIGS_FP32, "dkdv": DKDV_CONFIGS_FP32, "dq": DQ_CONFIGS_FP32}
+_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
+
+
+def fixed_config(kind, head_dim, fp32):
+    """(meta-parameters, launch options) of one untuned config for this head dim."""
+    c = (_FP32[kind] if fp32 else FIXED_CONFIGS[kind])[0 if head_dim <= 64 else 1]
+    return dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def _pruner(kind, fp32_elements, limit):
+    """early_config_prune: fp32 inputs get their config for the head dim; 16-bit inputs keep
+    the candidates whose live fp32 tiles (accumulators + score tiles, fp32_elements(BLOCK_M,
+    BLOCK_N, HEAD_DIM)) take at most `limit` registers per thread (beyond, ptxas spills)."""
+    def prune(configs, named_args, **kwargs):
+        def arg(name, default):
+            return kwargs.get(name, named_args.get(name, default))
+        d = arg("HEAD_DIM", 64)
+        fp32 = _FP32[kind]
+        if arg("DOT_PRECISION", "tf32") == "ieee":
+            return [fp32[0 if d <= 64 else 1]]
+        kept = [c for c in configs if all(c is not f for f in fp32)
+                and fp32_elements(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d) <= limit * 32 * c.num_warps]
+        return kept or [configs[0]]
+    return {"early_config_prune": prune}
+
+
+# fwd / dQ spill at 192 registers of live fp32 tiles per thread and not at 128; dK/dV at 192, not at 160.
+attn_fwd_autotuned = triton.autotune(  # acc [M, D] + scores [M, N]
+    FWD_CONFIGS + FWD_CONFIGS_FP32, key=_KEY,
+    prune_configs_by=_pruner("fwd", lambda m, n, d: m * d + m * n, 128))(attn_fwd_kernel)
+attn_bwd_dkdv_autotuned = triton.autotune(  # dK, dV [N, D] + sT, dpT [N, M]
+    DKDV_CONFIGS + DKDV_CONFIGS_FP32, key=_KEY,
+    prune_configs_by=_pruner("dkdv", lambda m, n, d: 2 * n * d + 2 * n * m, 160))(attn_bwd_dkdv_kernel)
+attn_bwd_dq_autotuned = triton.autotune(  # dQ [M, D] + p, dp [M, N]
+    DQ_CONFIGS + DQ_CONFIGS_FP32, key=_KEY,
+    prune_configs_by=_pruner("dq", lambda m, n, d: m * d + 2 * m * n, 128))(attn_bwd_dq_kernel)
+
+# Under the interpreter: one fixed config each, BLOCK_M != BLOCK_N so the tests exercise
+# full, diagonal and ragged-tail blocks with mismatched block sizes at small T.
+INTERPRETER_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
+INTERPRETER_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
+INTERPRETER_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+PREPROCESS_BLOCK_M = 64

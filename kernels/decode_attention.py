@@ -1,0 +1,132 @@
+"""Flash-decoding: a few new queries per row against a static KV cache, split over the cache.
+
+q [B, H, Tq, D] (Tq small: 1 for a decode step, a few for speculative / chunked steps),
+caches [B, H, Tmax, D], cache_seqlens [B] (valid entries per row, including the Tq new ones,
+read on the device only). Query i of row b sits at position L_b - Tq + i and attends to
+cache positions 0 .. L_b - Tq + i.
+
+Two kernels: decode_split_kernel gives each (split, b, h) program a contiguous chunk of the
+cache, so even a batch-1 step spreads over every SM; decode_reduce_kernel merges the splits'
+partial results by their log-sum-exp. Grids depend on shapes only (never on the lengths'
+values), so a CUDA graph can capture the pair. With one split the first kernel writes the
+final output itself and the reduce is skipped.
+
+Kernels only; the launcher (split count, block sizes) is in gptfast/ops/_attention_triton.py.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_split_kernel(
+    Q,        # [B, H, Tq, D] any strides
+    KC, VC,   # [B, H, Tmax, D] any strides
+    LENS,     # [B] int32 / int64: valid cache entries per row
+    O_PART,   # [B, H, NUM_SPLITS, Tq, D] fp32 contiguous: softmax-normalized partial outputs
+              #   (or, when NUM_SPLITS == 1, the final output [B, H, Tq, D] in q's dtype, any strides)
+    LSE_PART,  # [B, H, NUM_SPLITS, Tq] fp32 contiguous: log2-sum-exp2 of each split (unused with 1 split)
+    qk_scale,  # scale * log2(e)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,  # of the final output (NUM_SPLITS == 1 only)
+    H, Tq, Tmax, split_len,  # split_len: cache entries per split, a multiple of BLOCK_N
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # >= Tq and >= 16 (tl.dot's minimum); the padding rows are masked
+    BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.load(LENS + b).to(tl.int32)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_mask = offs_q[:, None] < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    # the last position each query may see (padding rows see what the last real one does)
+    q_last = length - Tq + tl.minimum(offs_q, Tq - 1)
+
+    lo = split * split_len
+    # Keys past the row's length are never read: a split beyond it does no loads at all,
+    # which is what makes short rows in a long static cache cheap.
+    hi = tl.minimum(tl.minimum(lo + split_len, Tmax), length)
+    k_ptrs = KC + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = VC + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        in_range = offs_n < hi
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=in_range[None, :], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=in_range[:, None], other=0.0)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_Q, BLOCK_N]
+        s = tl.where(in_range[None, :] & (offs_n[None, :] <= q_last[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A query may see no key of this block (or of the whole split) yet: keep the
+        # exponent finite so a fully masked row stays at l = 0, acc = 0 instead of NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # l_i == 0 only for a query placed before position 0 (L_b < Tq): 0/0 = NaN, as the reference.
+        o = acc / l_i[:, None]
+        tl.store(O_PART + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 o.to(O_PART.dtype.element_ty), mask=q_mask)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        row = (bh * NUM_SPLITS + split) * Tq + offs_q
+        tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=q_mask)
+        # an empty split has lse = -inf and weighs nothing in the reduce
+        tl.store(LSE_PART + row, tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)),
+                 mask=offs_q < Tq)
+
+
+@triton.jit
+def decode_reduce_kernel(
+    O_PART,    # [B, H, NUM_SPLITS, Tq, D] fp32 contiguous
+    LSE_PART,  # [B, H, NUM_SPLITS, Tq] fp32 contiguous
+    O,         # [B, H, Tq, D] in q's dtype, any strides
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Tq,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
+):
+    # one program per (b, h, query): weights exp2(lse_s - max) over the splits
+    pid = tl.program_id(0)
+    bh = pid // Tq
+    i = pid % Tq
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    rows = (bh * NUM_SPLITS + offs_s) * Tq + i
+    lse = tl.load(LSE_PART + rows, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)  # -inf only when no split saw a key (L_b < Tq): NaN, as the reference
+    w = tl.math.exp2(lse - m)
+    part = tl.load(O_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od, o.to(O.dtype.element_ty))
+
+
+# Block sizes (not autotuned: the decode step runs inside CUDA-graph capture, where the
+# autotuner must not benchmark). 64 keys x D=128 x 2 bytes = 16 KB of K per iteration.
+DECODE_BLOCK_N = 64
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+REDUCE_NUM_WARPS = 4
+INTERPRETER_BLOCK_N = 16  # small, so the CPU tests see several blocks and splits per row

@@ -1,0 +1,216 @@
+"""The benchmark suite: its accounting (FLOPs, bytes, statistics, ratios), its JSON schema,
+and one `--quick` run on this machine that must write valid JSON and markdown."""
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_bench():
+    """gptfast.bench, installed (setup.py maps bench/ to it) or from the source tree."""
+    try:
+        return importlib.import_module("gptfast.bench")
+    except ModuleNotFoundError:
+        pass
+    import gptfast  # noqa: F401 - the parent package must exist first
+
+    path = os.path.join(ROOT, "bench", "__init__.py")
+    spec = importlib.util.spec_from_file_location("gptfast.bench", path,
+                                                  submodule_search_locations=[os.path.dirname(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gptfast.bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_import_bench()
+from gptfast.bench import accounting, cli, harness, report  # noqa: E402
+
+# ---- accounting ---------------------------------------------------------------------
+
+
+def test_attention_flops_causal_counts_half_the_square():
+    B, H, T, D = 4, 12, 4096, 64
+    full = 4 * B * H * T * T * D
+    assert accounting.attention_flops(B, H, T, D, causal=False) == full
+    assert accounting.attention_flops(B, H, T, D, causal=True) == full / 2
+    assert accounting.attention_flops(B, H, T, D, causal=True, pass_="bwd") == 2.5 * full / 2
+    assert accounting.attention_flops(B, H, T, D, causal=True, pass_="fwd+bwd") == 3.5 * full / 2
+    assert accounting.attention_flops(B, H, T, D, causal=False, pass_="bwd") == 2.5 * full
+    with pytest.raises(ValueError, match="pass_"):
+        accounting.attention_flops(B, H, T, D, pass_="backward")
+
+
+def test_byte_counts():
+    # decode: K and V caches, bf16
+    assert accounting.decode_attention_bytes(32, 12, 1024, 64, 2) == 2 * 32 * 12 * 1024 * 64 * 2
+    M, N, e = 16384, 768, 2
+    act = M * N * e
+    # add+LN fwd: read x, residual; write y, h; plus weight and bias
+    assert accounting.layer_norm_bytes(M, N, e, residual=True) == 4 * act + 2 * N * e
+    assert accounting.layer_norm_bytes(M, N, e, residual=False) == 2 * act + 2 * N * e
+    # bwd: read dy and the input, write dx; dW/dB; fp32 mean and rstd
+    assert accounting.layer_norm_bytes(M, N, e, pass_="bwd") == 3 * act + 2 * N * e + 2 * M * 4
+    M, N = 16384, 3072
+    act = M * N * e
+    assert accounting.bias_gelu_bytes(M, N, e) == 2 * act + N * e
+    assert accounting.bias_gelu_bytes(M, N, e, pass_="bwd") == 3 * act + N * e
+    assert accounting.bias_gelu_bytes(M, N, e, pass_="fwd+bwd") == 5 * act + 2 * N * e
+    assert accounting.sampling_bytes(64, 50257, 4) == 64 * 50257 * 4
+    assert accounting.matmul_flops(16384, 3072, 768) == 2 * 16384 * 3072 * 768
+
+
+def test_train_flops_per_token():
+    n, L, H, D, T = 124_000_000, 12, 12, 64, 1024
+    assert accounting.train_flops_per_token(n, L, H, D, T) == 6 * n + L * 7 * H * T * D
+
+
+def test_summarize_median_and_iqr():
+    s = accounting.summarize([0.005, 0.001, 0.003, 0.002, 0.004])  # seconds, unsorted
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert s["q25_ms"] == pytest.approx(2.0) and s["q75_ms"] == pytest.approx(4.0)
+    assert s["iqr_ms"] == pytest.approx(2.0)
+    assert (s["min_ms"], s["max_ms"], s["n"]) == (pytest.approx(1.0), pytest.approx(5.0), 5)
+    one = accounting.summarize([0.002])
+    assert one["median_ms"] == pytest.approx(2.0) and one["iqr_ms"] == 0
+    with pytest.raises(ValueError):
+        accounting.summarize([])
+
+
+def test_ratio_to_best_peer():
+    results = [
+        {"provider": "gptfast", "kind": "gptfast", "status": "ok", "median_ms": 1.0},
+        {"provider": "reference", "kind": "reference", "status": "ok", "median_ms": 0.5},  # not a peer
+        {"provider": "sdpa-flash", "kind": "peer", "status": "ok", "median_ms": 2.0},
+        {"provider": "sdpa-math", "kind": "peer", "status": "ok", "median_ms": 8.0},
+        {"provider": "flash_attn", "kind": "peer", "status": "skipped", "reason": "not installed"},
+    ]
+    assert accounting.add_ratios(results) == "sdpa-flash"
+    ratios = {r["provider"]: r["vs_best_peer"] for r in results}
+    assert ratios == {"gptfast": 2.0, "reference": 4.0, "sdpa-flash": 1.0, "sdpa-math": 0.25, "flash_attn": None}
+    # no peer ran: no ratio is written
+    lone = [{"provider": "gptfast", "kind": "gptfast", "status": "ok", "median_ms": 1.0}]
+    assert accounting.add_ratios(lone) is None and lone[0]["vs_best_peer"] is None
+
+
+def test_throughput_and_roofline_fraction():
+    t = accounting.throughput(flops=2e12, bytes_=None, median_ms=1000.0)
+    assert t == {"tflops": 2.0, "gbps": None}
+    assert accounting.roofline_fraction("flops", t, {"matmul_tflops": 4.0, "copy_gbps": 1.0}) == 0.5
+    t = accounting.throughput(flops=None, bytes_=3e9, median_ms=1.0)
+    assert t["gbps"] == pytest.approx(3000.0)
+    assert accounting.roofline_fraction("bytes", t, {"copy_gbps": 3000.0}) == pytest.approx(1.0)
+    assert accounting.roofline_fraction("bytes", t, {}) is None
+
+
+# ---- harness ------------------------------------------------------------------------------
+
+
+def test_run_case_records_every_provider():
+    def cannot(_inputs):
+        raise harness.Skip("library X not installed")
+
+    def broken(_inputs):
+        raise RuntimeError("boom")
+
+    x = torch.randn(64)
+    case = harness.Case(
+        op="toy", name="copy 64", shape={"N": 64}, dtype="fp32", make_inputs=lambda d: {"x": x},
+        providers=[harness.Provider("mine", "gptfast", lambda i: (lambda: i["x"] * 2)),
+                   harness.Provider("peer", "peer", lambda i: (lambda: i["x"] + i["x"])),
+                   harness.Provider("absent", "peer", cannot),
+                   harness.Provider("crashes", "peer", broken),
+                   harness.Provider("compiled", "peer", lambda i: (lambda: i["x"]), compiled=True)],
+        bytes=2 * 64 * 4)
+    ctx = harness.RunContext(device=torch.device("cpu"), compile_budget_s=0.0, cpu_min_run_time_s=0.01)
+    rec = harness.run_case(case, ctx)
+    by = {r["provider"]: r for r in rec["results"]}
+    assert by["mine"]["status"] == by["peer"]["status"] == "ok"
+    assert by["mine"]["median_ms"] > 0 and by["mine"]["vs_best_peer"] > 0 and by["mine"]["gbps"] > 0
+    assert by["absent"]["status"] == "skipped" and by["absent"]["reason"] == "library X not installed"
+    assert "boom" in by["crashes"]["reason"]
+    assert "compile budget" in by["compiled"]["reason"]
+    assert rec["best_peer"] == "peer"
+
+
+def test_device_slug():
+    assert harness.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert harness.device_slug("  ") == "unknown-device"
+
+
+def test_unknown_op_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--ops", "attention,flux"])
+    assert "--ops must be" in capsys.readouterr().err
+
+
+def test_import_touches_no_cuda():
+    code = ("import sys; sys.path.insert(0, %r); import torch, bench.cli, bench.e2e; "
+            "assert not torch.cuda.is_initialized(); print('ok')" % ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# ---- schema and the quick run ---------------------------------------------------------------
+
+
+def _doc():
+    env = {k: None for k in ("device_kind", "device_name", "sm_count", "torch", "triton", "cuda",
+                             "git_commit", "date")}
+    env.update(device_kind="cpu", device_name="test cpu")
+    ok = {"provider": "a", "kind": "peer", "status": "ok", "reason": None, "median_ms": 1.0, "iqr_ms": 0.1,
+          "q25_ms": 0.95, "q75_ms": 1.05, "n": 10, "vs_best_peer": 1.0}
+    case = {"op": "toy", "name": "t", "shape": {}, "dtype": "fp32", "bound": "bytes", "best_peer": "a",
+            "results": [ok, {"provider": "b", "kind": "peer", "status": "skipped", "reason": "why"}]}
+    return {"schema": report.SCHEMA, "env": env, "roofline": {}, "notes": [], "cases": [case]}
+
+
+def test_schema_validation():
+    report.validate(_doc())
+    doc = _doc()
+    doc["cases"][0]["results"][1]["reason"] = None
+    with pytest.raises(ValueError, match="no reason"):
+        report.validate(doc)
+    doc = _doc()
+    del doc["env"]["git_commit"]
+    with pytest.raises(ValueError, match="git_commit"):
+        report.validate(doc)
+    doc = _doc()
+    del doc["cases"][0]["results"][0]["iqr_ms"]
+    with pytest.raises(ValueError, match="iqr_ms"):
+        report.validate(doc)
+
+
+def test_latest_summary(tmp_path):
+    paths = report.write_all(_doc(), str(tmp_path / "test-cpu"), charts=False)
+    text = report.latest_summary(str(tmp_path))
+    assert text == open(paths["markdown"]).read() and "| a |" in text and "skipped `b`: why" in text
+    with pytest.raises(FileNotFoundError):
+        report.latest_summary(str(tmp_path / "empty"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quick run; a GPU runs the GPU suite instead")
+def test_quick_run_writes_valid_json_and_markdown(tmp_path, capsys):
+    assert cli.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    with open(tmp_path / "results.json") as f:
+        doc = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    report.validate(doc)
+    assert doc["env"]["device_kind"] == "cpu" and any("GPU figures need a GPU" in n for n in doc["notes"])
+    assert set(doc["ops"]) == set(cli.OPS)
+    assert {c["op"] for c in doc["cases"]} == set(cli.OPS)
+    assert doc["roofline"]["copy_gbps"] > 0 and doc["roofline"]["matmul_tflops"] > 0
+    results = [r for c in doc["cases"] for r in c["results"]]
+    assert any(r["status"] == "ok" for r in results)
+    assert all(r["reason"] for r in results if r["status"] != "ok")
+    kernels = [r for c in doc["cases"] if c["op"] == "attention" for r in c["results"] if r["kind"] == "gptfast"]
+    assert kernels and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in kernels)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "GPU figures need a GPU" in summary and "## attention" in summary
+    assert "GPU figures need a GPU" in capsys.readouterr().out

@@ -1,0 +1,310 @@
+"""Fused add+LayerNorm, bias+GELU and matmul+bias+GELU kernels against their references.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 at small shapes; on a GPU the
+same tests run, plus the @pytest.mark.gpu ones at GPT-2 sizes.
+
+Accuracy rule (flash-attention's): the kernel's max error against the float64
+reference is at most 2x PyTorch's own max error in the same dtype (the reference op
+run in that dtype), plus a small atol. Every launcher buffer is poisoned with NaN, so
+a NaN in a result is an element the kernel never wrote.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from gptfast import ops  # noqa: E402
+from gptfast.ops import KernelUnavailable, _dispatch  # noqa: E402
+
+pytest.importorskip("triton")
+from gptfast.ops import _norm_triton as NT  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# atol, as a fraction of the reference's largest magnitude. bf16 is one ulp: the interpreter
+# rounds fp32 -> bf16 by truncation (the GPU rounds to nearest even), which alone can double
+# the error of a correctly rounded result.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2.0 ** -7}
+APPROX = ["tanh", "none"]
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(NT, "_new_empty", nan_empty)
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, grad=True):
+    t = (torch.randn(*shape, device=DEVICE, dtype=torch.float64) * scale + shift).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def check(name, out, ref64, torch_out):
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref64.shape)}"
+    assert out.dtype == torch_out.dtype, f"{name}: dtype {out.dtype}, expected {torch_out.dtype}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in the result (an element never written?)"
+    err = (out.double() - ref64).abs().max().item()
+    base = (torch_out.double() - ref64).abs().max().item()
+    atol = ATOL[torch_out.dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * base + atol, f"{name}: kernel error {err:.3g} > 2 x torch's {base:.3g} + {atol:.3g}"
+
+
+def _tuple(outs):
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+def run(fn, inputs, grad_outs=None):
+    """Outputs of fn(*inputs) and the gradients of every input that requires grad
+    (grad_outs: the upstream gradients; fresh random ones when None)."""
+    outs = _tuple(fn(*inputs))
+    if grad_outs is None:
+        grad_outs = [rand(*o.shape, dtype=o.dtype, grad=False) for o in outs]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return outs, torch.autograd.grad(outs, leaves, grad_outs), grad_outs
+
+
+def as64(inputs):
+    return [t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+            for t in inputs]
+
+
+def compare(kernel_fn, ref_fn, inputs, names):
+    """kernel_fn vs ref_fn (in the inputs' dtype, and in float64) on outputs and gradients."""
+    outs, grads, grad_outs = run(kernel_fn, inputs)
+    touts, tgrads, _ = run(ref_fn, inputs, grad_outs)
+    routs, rgrads, _ = run(ref_fn, as64(inputs), [g.double() for g in grad_outs])
+    assert len(names) == len(outs + grads), f"names {names} for {len(outs + grads)} results"
+    for name, o, t, r in zip(names, outs + grads, touts + tgrads, routs + rgrads):
+        check(name, o, r, t)
+    return outs
+
+
+# ---- LayerNorm --------------------------------------------------------------------------
+
+LN_SHAPES = [((1,), 77), ((7,), 128), ((2, 65), 1000)]
+
+
+@pytest.mark.parametrize("lead,n", LN_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
+def test_layer_norm(lead, n, dtype, residual, affine):
+    x = rand(*lead, n, dtype=dtype, scale=2.0, shift=0.5)
+    r = rand(*lead, n, dtype=dtype) if residual else None
+    w = rand(n, dtype=dtype, scale=0.5, shift=1.0) if affine != "none" else None
+    b = rand(n, dtype=dtype, scale=0.5) if affine == "weight+bias" else None
+    inputs = [x, w, b, 1e-5, r]
+    names = ["y"] + (["h"] if residual else []) + ["dx"] + (["dweight"] if w is not None else []) \
+        + (["dbias"] if b is not None else []) + (["dresidual"] if residual else [])
+    outs = compare(lambda *a: ops.layer_norm(*a, backend="kernel"), ops.layer_norm_reference, inputs, names)
+    if residual:
+        h_exact = x.detach() + r.detach()
+        if ON_GPU or dtype != torch.bfloat16:
+            assert torch.equal(outs[1], h_exact), "h must be x + residual rounded as torch rounds it"
+
+
+def test_layer_norm_layouts_and_eps():
+    """A non-contiguous x, a stride-0 upstream gradient (from .sum()), a large eps."""
+    base = rand(6, 2 * 96, grad=False)
+    x = base[:, ::2].detach().requires_grad_()
+    w, b = rand(96, scale=0.5, shift=1.0), rand(96, scale=0.5)
+    y = ops.layer_norm(x, w, b, 0.1, backend="kernel")
+    y.sum().backward()
+    x64, w64, b64 = as64([x, w, b])
+    y64 = ops.layer_norm_reference(x64, w64, b64, 0.1)
+    y64.sum().backward()
+    for name, got, want in [("y", y, y64), ("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad),
+                            ("db", b.grad, b64.grad)]:
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_layer_norm_fp32_params_bf16_activations():
+    """Master weights in fp32 with bf16 activations: dweight / dbias come back in fp32."""
+    x, r = rand(7, 128, dtype=torch.bfloat16), rand(7, 128, dtype=torch.bfloat16)
+    w, b = rand(128, scale=0.5, shift=1.0), rand(128, scale=0.5)
+    compare(lambda *a: ops.layer_norm(*a, backend="kernel"), ops.layer_norm_reference,
+            [x, w, b, 1e-5, r], ["y", "h", "dx", "dweight", "dbias", "dresidual"])
+
+
+# ---- bias + GELU ------------------------------------------------------------------------
+
+GELU_SHAPES = [((1,), 77), ((7,), 128), ((2, 65), 1000)]
+
+
+@pytest.mark.parametrize("lead,n", GELU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_bias_gelu(lead, n, dtype, approximate, has_bias):
+    x = rand(*lead, n, dtype=dtype, scale=3.0)  # covers both tails of GELU
+    b = rand(n, dtype=dtype, scale=0.5) if has_bias else None
+    names = ["y", "dx"] + (["dbias"] if has_bias else [])
+    compare(lambda *a: ops.bias_gelu(*a, backend="kernel"), ops.bias_gelu_reference,
+            [x, b, approximate], names)
+
+
+def test_gelu_saturates_without_nan():
+    x = torch.tensor([-1e4, -60.0, -10.0, 0.0, 10.0, 60.0, 1e4], device=DEVICE, requires_grad=True)
+    for approximate in APPROX:
+        y = ops.bias_gelu(x, None, approximate, backend="kernel")
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(y, ops.bias_gelu_reference(x.detach(), None, approximate), rtol=1e-6, atol=1e-6)
+        assert not torch.isnan(dx).any()
+        torch.testing.assert_close(dx, torch.tensor([0.0, 0, 0, 0.5, 1, 1, 1], device=DEVICE), rtol=0, atol=1e-5)
+
+
+# ---- the MLP front: gelu(x @ W^T + b) -----------------------------------------------------
+
+MM_SHAPES = [((1,), 40, 70), ((7,), 64, 96), ((2, 65), 77, 200)]
+
+
+@pytest.mark.parametrize("lead,k,n", MM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["epilogue", "split"])
+@pytest.mark.parametrize("approximate,has_bias", [("tanh", True), ("none", True), ("tanh", False)])
+def test_linear_bias_gelu(monkeypatch, lead, k, n, dtype, path, approximate, has_bias):
+    monkeypatch.setattr(NT, "EPILOGUE_MIN_ROWS", 0 if path == "epilogue" else 1 << 30)
+    x = rand(*lead, k, dtype=dtype)
+    w = rand(n, k, dtype=dtype, scale=k ** -0.5 * 1.5)
+    b = rand(n, dtype=dtype, scale=0.5) if has_bias else None
+    names = ["y", "dx", "dweight"] + (["dbias"] if has_bias else [])
+    compare(lambda *a: ops.linear_bias_gelu(*a, backend="kernel"), ops.linear_bias_gelu_reference,
+            [x, w, b, approximate], names)
+
+
+@pytest.mark.parametrize("path", ["epilogue", "split"])
+def test_linear_bias_gelu_without_saved_preactivation(monkeypatch, path):
+    """Inference writes no pre-activation; a backward then recomputes it."""
+    monkeypatch.setattr(NT, "EPILOGUE_MIN_ROWS", 0 if path == "epilogue" else 1 << 30)
+    x, w, b = rand(9, 48), rand(80, 48, scale=0.2), rand(80, scale=0.5)
+    with torch.no_grad():
+        y = ops.linear_bias_gelu(x, w, b, backend="kernel")
+    y2, t = torch.ops.gptfast.linear_bias_gelu_fwd(x, w, b, "tanh", False)
+    assert t.numel() == 0
+    torch.testing.assert_close(y, ops.linear_bias_gelu_reference(x, w, b).detach(), rtol=1e-5, atol=1e-5)
+    g = rand(9, 80, grad=False)
+    got = torch.autograd.grad(y2, (x, w, b), g)
+    want = torch.autograd.grad(ops.linear_bias_gelu_reference(x, w, b), (x, w, b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+# ---- custom-op registration, torch.compile, backend selection -------------------------------
+
+def _opcheck_samples():
+    x, r = rand(5, 48), rand(5, 48)
+    w, b = rand(48, scale=0.5, shift=1.0), rand(48, scale=0.5)
+    dy, h = rand(5, 48, grad=False), (x + r).detach()
+    mean, var = h.mean(-1), h.var(-1, unbiased=False)
+    rstd = (var + 1e-5).rsqrt()
+    W = rand(40, 48, scale=0.2)
+    return [
+        ("layer_norm_fwd", (x, w, b, r, 1e-5)),
+        ("layer_norm_fwd", (x, None, None, None, 1e-5)),
+        ("layer_norm_bwd", (dy, rand(5, 48, grad=False), h, w.detach(), b.detach(), mean, rstd)),
+        ("bias_gelu_fwd", (x, b, "tanh")),
+        ("bias_gelu_fwd", (x, None, "none")),
+        ("bias_gelu_bwd", (dy, x.detach(), b.detach(), "tanh", True)),
+        ("linear_bias_gelu_fwd", (x, W, rand(40), "tanh", True)),
+        ("linear_bias_gelu_fwd", (x, W, None, "none", False)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_opcheck(i):
+    name, args = _opcheck_samples()[i]
+    torch.library.opcheck(getattr(torch.ops.gptfast, name).default, args)
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace as single nodes: no graph break, same values and gradients as eager."""
+    def mlp_block(x, r, w, b, fw, fb):
+        h, res = ops.layer_norm(x, w, b, 1e-5, residual=r, backend="kernel")
+        u = ops.linear_bias_gelu(h, fw, fb, "tanh", backend="kernel")
+        return ops.bias_gelu(u, fb, "none", backend="kernel"), res
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp_block, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    inputs = [rand(2, 5, 32), rand(2, 5, 32), rand(32, shift=1.0), rand(32), rand(64, 32, scale=0.2), rand(64)]
+    out_c = compiled(*inputs)
+    grads_c = torch.autograd.grad(out_c[0].sum() + out_c[1].sum(), inputs)
+    out_e = mlp_block(*inputs)
+    grads_e = torch.autograd.grad(out_e[0].sum() + out_e[1].sum(), inputs)
+    for a, e in zip(list(out_c) + list(grads_c), list(out_e) + list(grads_e)):
+        torch.testing.assert_close(a, e)
+
+
+def test_backend_selection(monkeypatch):
+    calls = []
+    launch = NT._layer_norm_fwd_launch
+    monkeypatch.setattr(NT, "_layer_norm_fwd_launch", lambda *a: calls.append(1) or launch(*a))
+    x, w, b = rand(3, 40, grad=False), rand(40, grad=False), rand(40, grad=False)
+    ref = ops.layer_norm_reference(x, w, b)
+    assert torch.equal(ops.layer_norm(x, w, b, backend="torch"), ref) and not calls
+    ops.layer_norm(x, w, b, backend="kernel")
+    assert len(calls) == 1, "backend='kernel' must run the Triton kernel (interpreted on CPU)"
+    ops.layer_norm(x, w, b, backend="auto")
+    assert len(calls) == (2 if ON_GPU else 1), "auto runs the kernel on CUDA, never the interpreter"
+    with ops.use_backend("kernel"):
+        ops.layer_norm(x, w, b)
+    assert len(calls) == (3 if ON_GPU else 2)
+
+
+def test_unsupported_inputs_fall_back_or_raise():
+    x64 = torch.randn(3, 16, dtype=torch.float64, device=DEVICE)
+    assert "float64" in NT.unsupported_reason("layer_norm", x64, None, None, None)
+    with pytest.raises(KernelUnavailable, match="float64"):
+        ops.bias_gelu(x64, None, backend="kernel")
+    torch.testing.assert_close(ops.bias_gelu(x64, None, backend="auto"), ops.bias_gelu_reference(x64, None))
+    w32 = torch.randn(8, 16, device=DEVICE)
+    assert "weight dtype" in NT.unsupported_reason("linear_bias_gelu", x64.float().half(), w32, None)
+    assert "exceeds" in NT.unsupported_reason("layer_norm", torch.empty(1, NT.LN_MAX_N + 1), None, None, None)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        NT.unsupported_reason("softmax", x64)
+    assert _dispatch.triton_missing_reason() is None
+
+
+def test_empty_rows():
+    x = torch.randn(0, 32, device=DEVICE, requires_grad=True)
+    w, b = rand(32), rand(32)
+    y = ops.layer_norm(x, w, b, backend="kernel")
+    assert y.shape == (0, 32)
+    dw, db = torch.autograd.grad(y.sum(), (w, b))
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+    assert ops.bias_gelu(x, b, backend="kernel").shape == (0, 32)
+
+
+# ---- GPU, GPT-2 sizes -------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n", [(16384, 768), (4096, 1024), (2048, 1280), (2048, 1600), (999, 1000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_full_size(m, n, dtype):
+    x, r = rand(m, n, dtype=dtype), rand(m, n, dtype=dtype)
+    w, b = rand(n, dtype=dtype, scale=0.5, shift=1.0), rand(n, dtype=dtype, scale=0.5)
+    compare(lambda *a: ops.layer_norm(*a, backend="kernel"), ops.layer_norm_reference,
+            [x, w, b, 1e-5, r], ["y", "h", "dx", "dweight", "dbias", "dresidual"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", APPROX)
+def test_bias_gelu_full_size(approximate):
+    x, b = rand(16384, 3072, dtype=torch.bfloat16, scale=3.0), rand(3072, dtype=torch.bfloat16)
+    compare(lambda *a: ops.bias_gelu(*a, backend="kernel"), ops.bias_gelu_reference,
+            [x, b, approximate], ["y", "dx", "dbias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["epilogue", "split"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_bias_gelu_full_size(monkeypatch, path, dtype):
+    monkeypatch.setattr(NT, "MLP_FRONT", path)
+    x = rand(16384, 768, dtype=dtype)
+    w, b = rand(3072, 768, dtype=dtype, scale=0.05), rand(3072, dtype=dtype, scale=0.5)
+    compare(lambda *a: ops.linear_bias_gelu(*a, backend="kernel"), ops.linear_bias_gelu_reference,
+            [x, w, b, "tanh"], ["y", "dx", "dweight", "dbias"])
