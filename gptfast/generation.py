@@ -138,8 +138,8 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
         ids[b, :len(r)] = torch.tensor(r)
     ids, lens_t = ids.to(device), torch.tensor(lens, device=device)
     seeds = _row_seeds(seed, B).to(device)
-    eos_t = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    eos_set = set(eos)
+    finished = [False] * B  # host state: the loop reads every token on the host anyway (streaming)
     texts = [[] for _ in range(B)] if stop_strings else None
 
     cache = model.setup_cache(B, total)
@@ -147,19 +147,16 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
     last = torch.zeros(B, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         tok = ops.sample(logits, temperature, top_k, top_p, min_p, generator=seeds + (step << 32))  # (B,)
-        was_finished = finished.clone()
-        if eos_t is not None:
-            finished |= torch.isin(tok, eos_t)
-        host_tok, host_prev = tok.tolist(), was_finished.tolist()
-        out = [None if host_prev[b] else host_tok[b] for b in range(B)]
-        if texts is not None:
-            for b in range(B):
-                if out[b] is not None:
-                    texts[b].append(out[b])
-                    if any(s in tokenizer.decode(texts[b]) for s in stop_strings):
-                        finished[b] = True
+        out = [None if done else t for done, t in zip(finished, tok.tolist())]  # the step's one sync
+        for b, t in enumerate(out):
+            if t is None:
+                continue
+            finished[b] = t in eos_set
+            if texts is not None:
+                texts[b].append(t)
+                finished[b] = finished[b] or any(s in tokenizer.decode(texts[b]) for s in stop_strings)
         yield out
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if all(finished) or step == max_new_tokens - 1:
             return
         logits = model(tok.view(B, 1), cache=cache, logits_index=last, validate=False)
 

@@ -1,7 +1,5 @@
 """The benchmark suite: its accounting (FLOPs, bytes, statistics, ratios), its JSON schema,
 and one `--quick` run on this machine that must write valid JSON and markdown."""
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,27 +8,12 @@ import sys
 import pytest
 import torch
 
+from gptfast.ops._dispatch import import_source_package
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _import_bench():
-    """gptfast.bench, installed (setup.py maps bench/ to it) or from the source tree."""
-    try:
-        return importlib.import_module("gptfast.bench")
-    except ModuleNotFoundError:
-        pass
-    import gptfast  # noqa: F401 - the parent package must exist first
-
-    path = os.path.join(ROOT, "bench", "__init__.py")
-    spec = importlib.util.spec_from_file_location("gptfast.bench", path,
-                                                  submodule_search_locations=[os.path.dirname(path)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gptfast.bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_import_bench()
+import_source_package("bench", "bench")  # installed, or bench/ of this checkout
 from gptfast.bench import accounting, cli, harness, report  # noqa: E402
 
 # ---- accounting ---------------------------------------------------------------------
