@@ -20,7 +20,8 @@ from .harness import Case, Provider, RunContext, Skip, optional_import
 
 # The CPU cases check the plumbing on a model small enough for a shared CPU; not GPT-2 124M.
 CPU_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 128}
-GEN_PROVIDERS = ("gptfast", "hf-transformers", "static-cache", "static-cache+compile")
+# gptfast-no-graph: the same loop with cuda_graph=False (one launch per op), to show the graph's share
+GEN_PROVIDERS = ("gptfast", "gptfast-no-graph", "hf-transformers", "static-cache", "static-cache+compile")
 TRAIN_PROVIDERS = ("gptfast", "gptfast+compile", "nanogpt", "nanogpt+compile")
 
 
@@ -78,15 +79,13 @@ def _timed(fn, ctx: RunContext) -> float:
 
 def _generator(name: str, spec: dict, ctx: RunContext, dtype):
     """-> generate(ids, n) returning [B, T + n] ids, greedy, never stopping early."""
-    if name == "gptfast":
+    if name.startswith("gptfast"):
         model = _build("gptfast", spec, ctx.device, dtype).eval()
-
-        def gptfast_generate(ids, n):
-            try:  # never stop early at a random model's eos, or tokens/s would count tokens not made
-                return model.generate(ids, max_new_tokens=n, temperature=0.0, ignore_eos=True)
-            except TypeError:  # an API without ignore_eos: the length check below catches early stops
-                return model.generate(ids, max_new_tokens=n, temperature=0.0)
-        return gptfast_generate
+        # never stop early at a random model's eos, or tokens/s would count tokens not made
+        kw = dict(temperature=0.0, ignore_eos=True)
+        if name == "gptfast-no-graph":
+            kw["cuda_graph"] = False
+        return lambda ids, n: model.generate(ids, max_new_tokens=n, **kw)
     if name == "hf-transformers":
         model = _build("hf", spec, ctx.device, dtype).eval()
 
@@ -147,7 +146,8 @@ def generation_cases(device_kind: str, quick: bool) -> list[Case]:
             spec = {"preset": preset, "overrides": overrides, "batch": B, "prompt": prompt,
                     "new_tokens": new, "reps": reps}
             label = _label(preset, overrides)
-            providers = [Provider(n, "gptfast" if n == "gptfast" else "peer", _gen_setup(n),
+            providers = [Provider(n, "gptfast" if n == "gptfast" else "reference" if n.startswith("gptfast") else "peer",
+                                  _gen_setup(n),
                                   compiled=n.endswith("+compile")) for n in GEN_PROVIDERS]
             cases.append(Case(op="e2e", name=f"generate {label} B={B} prompt={prompt} new={new}",
                               shape=dict(spec, task="generate"), dtype="bf16" if device_kind == "cuda" else "fp32",

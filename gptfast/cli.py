@@ -80,7 +80,8 @@ def cmd_generate(args) -> int:
         for toks in model.generate_stream(ids, max_new_tokens=max_new, temperature=args.temperature,
                                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seed,
                                           stop_strings=args.stop or None, tokenizer=tok,
-                                          ignore_eos=args.ignore_eos):
+                                          ignore_eos=args.ignore_eos,
+                                          cuda_graph=False if args.no_cuda_graph else None):
             if toks[0] is None:
                 break
             count += 1
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--backend", choices=["auto", "kernel", "torch"])
+    g.add_argument("--no-cuda-graph", action="store_true",
+                   help="run each decode step eagerly instead of replaying a captured CUDA graph")
     g.add_argument("--verbose", "-v", action="store_true", help="timings and load info on stderr")
     g.set_defaults(func=cmd_generate)
 

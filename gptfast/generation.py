@@ -11,6 +11,7 @@ batch-mates or batch position.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -101,19 +102,21 @@ def _eos_ids(model, eos_token_id, ignore_eos: bool) -> list[int]:
 def generate_stream(model, input_ids: Prompt, max_new_tokens: int = 32, *, temperature=1.0, top_k=0,
                     top_p=1.0, min_p=0.0, eos_token_id=None, ignore_eos: bool = False,
                     stop_strings: Optional[Sequence[str]] = None, tokenizer=None, seed=None,
-                    attention_mask=None) -> Iterator[list[Optional[int]]]:
+                    attention_mask=None, cuda_graph: Optional[bool] = None) -> Iterator[list[Optional[int]]]:
     """Yield, per step, one new token per row (None for rows that already stopped).
 
     A row stops after emitting an eos token (the eos token is yielded) or once the text of
     its new tokens contains one of stop_strings (needs tokenizer).
+    cuda_graph: replay the decode step as a CUDA graph (None: on CUDA when max_new_tokens >=
+    GRAPH_MIN_NEW_TOKENS); the tokens are the same either way.
     """
     prompts = _unpack(input_ids, attention_mask)
     yield from _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                       _eos_ids(model, eos_token_id, ignore_eos), stop_strings, tokenizer, seed)
+                       _eos_ids(model, eos_token_id, ignore_eos), stop_strings, tokenizer, seed, cuda_graph)
 
 
 def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos, stop_strings,
-            tokenizer, seed):
+            tokenizer, seed, cuda_graph=None):
     cfg, device = model.config, model.device
     rows = prompts.rows
     B, lens = len(rows), [len(r) for r in rows]
@@ -127,6 +130,7 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
         bad = [i for i in r if not 0 <= i < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {b} holds token id {bad[0]}, outside the vocabulary [0, {cfg.vocab_size})")
+    use_graph = _use_cuda_graph(cuda_graph, device, max_new_tokens)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer= to decode the generated text")
     # validate sampling parameters once, on a dummy row set (scalars: no device work)
@@ -142,23 +146,148 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
     finished = [False] * B  # host state: the loop reads every token on the host anyway (streaming)
     texts = [[] for _ in range(B)] if stop_strings else None
 
-    cache = model.setup_cache(B, total)
-    logits = model(ids, cache=cache, input_lengths=lens_t, logits_index=lens_t - 1, validate=False)  # (B, V)
-    last = torch.zeros(B, dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
-        tok = ops.sample(logits, temperature, top_k, top_p, min_p, generator=seeds + (step << 32))  # (B,)
-        out = [None if done else t for done, t in zip(finished, tok.tolist())]  # the step's one sync
-        for b, t in enumerate(out):
-            if t is None:
-                continue
-            finished[b] = t in eos_set
-            if texts is not None:
-                texts[b].append(t)
-                finished[b] = finished[b] or any(s in tokenizer.decode(texts[b]) for s in stop_strings)
-        yield out
-        if all(finished) or step == max_new_tokens - 1:
+    decode = _decode_step(model, B, total, use_graph)
+    decode.cache.reset()
+    logits = model(ids, cache=decode.cache, input_lengths=lens_t, logits_index=lens_t - 1, validate=False)
+    tok = ops.sample(logits, temperature, top_k, top_p, min_p, generator=seeds)  # step 0: the prefill's logits
+    decode.start(tok, seeds, (temperature, top_k, top_p, min_p))
+    try:
+        for step in range(max_new_tokens):
+            if step:
+                decode(model)
+            out = [None if done else t for done, t in zip(finished, decode.tokens.tolist())]  # the step's one sync
+            for b, t in enumerate(out):
+                if t is None:
+                    continue
+                finished[b] = t in eos_set
+                if texts is not None:
+                    texts[b].append(t)
+                    finished[b] = finished[b] or any(s in tokenizer.decode(texts[b]) for s in stop_strings)
+            yield out
+            if all(finished):
+                return
+    finally:
+        decode.busy = False
+
+
+GRAPH_MIN_NEW_TOKENS = 4  # below this, capturing costs more than it saves
+
+
+def _use_cuda_graph(cuda_graph: Optional[bool], device: torch.device, max_new_tokens: int) -> bool:
+    if cuda_graph is None:
+        return device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be None (auto), True or False, got {cuda_graph!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    return cuda_graph
+
+
+CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up to this, so one captured graph serves many calls
+_graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its last DecodeStep with a graph
+
+
+def _decode_step(model, batch: int, total: int, cuda_graph: bool) -> "DecodeStep":
+    """A DecodeStep for this call: the model's captured one when it fits, else a new one.
+
+    One captured step is kept per model (its graph and KV cache stay allocated until
+    release_cuda_graphs(model), or until the next call with another shape replaces them).
+    It is reused only while everything the graph baked in is unchanged: batch, cache
+    length, the parameters' storage (model.to(...) reallocates them), the backend, the mode.
+    """
+    max_len = min(model.config.n_positions, -(-total // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
+    if not cuda_graph:
+        return DecodeStep(model.setup_cache(batch, max_len), cuda_graph=False)
+    key = (batch, max_len, model.training, ops.current_backend(), torch.is_autocast_enabled("cuda"),
+           tuple(p.data_ptr() for p in model.parameters()))
+    step = _graphs.get(model)
+    if step is not None and step.busy:  # another generation (a suspended stream) is using it
+        return DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True)
+    if step is None or step.key != key:
+        _graphs.pop(model, None)  # free the old graph and cache before allocating new ones
+        step = _graphs[model] = DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True, key=key)
+    return step
+
+
+def release_cuda_graphs(model=None) -> None:
+    """Free the captured decode step (graph and KV cache) of a model, or of every model."""
+    if model is None:
+        _graphs.clear()
+    else:
+        _graphs.pop(model, None)
+
+
+class DecodeStep:
+    """One decode step over a static KV cache: the model on one token per row, then sampling.
+
+    Static buffers in, static buffers out: ``tokens`` [B] holds the last tokens and receives
+    the new ones; ``step`` (a 0-d device tensor) numbers the step and advances, so the row
+    keys ``seeds + (step << 32)`` change on the device. With cuda_graph=True the first call
+    runs the step for real on a side stream (compiling and autotuning every kernel for these
+    shapes), captures it into a CUDA graph, and every later call, in this generation and the
+    next ones, replays that graph: one launch instead of a few hundred, no Python in the loop.
+    The graph samples with per-row parameter buffers, so new sampling settings need no new
+    capture. Without a graph (CPU, or cuda_graph=False) each call runs the same step eagerly
+    with the caller's parameters; both modes compute the same tokens.
+    """
+
+    def __init__(self, cache, cuda_graph: bool, key=None):
+        self.cache, self.cuda_graph, self.key = cache, cuda_graph, key
+        B, device = cache.seqlens.shape[0], cache.seqlens.device
+        self.tokens = torch.zeros(B, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros_like(self.tokens)
+        self.step = torch.ones((), dtype=torch.int64, device=device)
+        self._index = torch.zeros_like(self.tokens)  # logits at the one new position
+        self._params = None  # graph mode: (temperature, top_k, top_p, min_p) as [B] device buffers
+        self.sampling = None
+        self.graph = None
+        self.busy = False  # a generation is between start() and its end
+
+    def start(self, tokens: torch.Tensor, seeds: torch.Tensor, sampling) -> None:
+        """Begin a generation: the step-0 tokens, the row seeds and the sampling parameters
+        (already validated by the caller's step-0 sample)."""
+        self.busy = True
+        self.tokens.copy_(tokens)
+        self.seeds.copy_(seeds)
+        self.step.fill_(1)
+        if not self.cuda_graph:
+            self.sampling = sampling
             return
-        logits = model(tok.view(B, 1), cache=cache, logits_index=last, validate=False)
+        rows = check_sample_args(self.tokens.view(-1, 1).float(), *sampling, check_values=False)
+        if self._params is None:
+            self._params = tuple(r.clone() for r in rows)
+        else:
+            for buf, r in zip(self._params, rows):
+                buf.copy_(r)
+        self.sampling = self._params
+
+    def _run(self, model) -> None:
+        B = self.tokens.shape[0]
+        logits = model(self.tokens.view(B, 1), cache=self.cache, logits_index=self._index, validate=False)
+        keys = self.seeds + (self.step << 32)
+        self.tokens.copy_(ops.sample(logits, *self.sampling, generator=keys))
+        self.step += 1
+
+    def __call__(self, model) -> torch.Tensor:
+        if not self.cuda_graph:
+            self._run(model)
+        elif self.graph is not None:
+            self.graph.replay()
+        else:
+            self._capture(model)
+        return self.tokens
+
+    def _capture(self, model) -> None:
+        main = torch.cuda.current_stream(self.tokens.device)
+        side = torch.cuda.Stream(self.tokens.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._run(model)  # this step, for real: warms up every kernel before the capture
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the step; nothing runs
+            self._run(model)
+        self.graph = graph
 
 
 def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id: Optional[int] = None,
@@ -172,22 +301,24 @@ def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id
     Sampling: temperature (0 = greedy), top_k, top_p, min_p: scalars or per-row [B] tensors.
     Stopping: eos_token_id (int or list; default config.eos_token_id), ignore_eos,
       stop_strings with tokenizer=. seed: int (row b uses seed + b), per-row list, or None.
+    cuda_graph: None (auto), True or False; see generate_stream.
     progress: a callable(step, tokens_of_step) called after every step (used by the CLI).
     """
     prompts = _unpack(input_ids, kwargs.get("attention_mask"))
     kwargs.pop("attention_mask", None)
     eos = _eos_ids(model, kwargs.pop("eos_token_id", None), kwargs.pop("ignore_eos", False))
-    names = ("temperature", "top_k", "top_p", "min_p", "stop_strings", "tokenizer", "seed")
+    names = ("temperature", "top_k", "top_p", "min_p", "stop_strings", "tokenizer", "seed", "cuda_graph")
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")
-    opts = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, stop_strings=None, tokenizer=None, seed=None)
+    opts = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, stop_strings=None, tokenizer=None, seed=None,
+                cuda_graph=None)
     opts.update(kwargs)
     new = [[] for _ in prompts.rows]
     with torch.inference_mode():
         for step, toks in enumerate(_stream(model, prompts, max_new_tokens, opts["temperature"], opts["top_k"],
                                             opts["top_p"], opts["min_p"], eos, opts["stop_strings"],
-                                            opts["tokenizer"], opts["seed"])):
+                                            opts["tokenizer"], opts["seed"], opts["cuda_graph"])):
             for b, t in enumerate(toks):
                 if t is not None:
                     new[b].append(t)

@@ -1,4 +1,6 @@
 """Generation: greedy parity with transformers, ragged batches, the KV cache, seeds, stops, streaming."""
+import copy
+
 import pytest
 import torch
 
@@ -175,6 +177,7 @@ def test_prompt_too_long(pair):
     (dict(eos_token_id=5000), r"eos_token_id must be token ids in \[0, 1001\)"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
     (dict(beams=3), r"unexpected keyword argument\(s\) \['beams'\]"),
+    (dict(cuda_graph="yes"), "cuda_graph must be None"),
 ])
 def test_bad_generation_arguments(pair, kwargs, match):
     _, model = pair
@@ -193,3 +196,138 @@ def test_bad_prompts(pair):
         model.generate(torch.ones(1, 3), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask row 0 is not one contiguous run"):
         model.generate(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1]]), max_new_tokens=2)
+
+
+def test_cuda_graph_needs_cuda(pair):
+    _, model = pair
+    if model.device.type == "cuda":
+        pytest.skip("the model is on CUDA")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, it is on cpu"):
+        model.generate([1, 2, 3], max_new_tokens=4, cuda_graph=True)
+    assert model.generate([1, 2, 3], max_new_tokens=4, temperature=0, cuda_graph=False) == \
+        model.generate([1, 2, 3], max_new_tokens=4, temperature=0)
+
+
+# ---- the graph-mode bookkeeping on CPU: a stand-in graph whose replay re-runs the step -------
+
+class _EagerGraph:
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """cuda_graph=True on CPU, with _EagerGraph in place of capture: exercises the static
+    buffers, the per-row parameter buffers, the reuse across calls and the busy flag."""
+    from gptfast import generation as G
+
+    def capture(self, model):
+        self._run(model)
+        self.graph = _EagerGraph(lambda: self._run(model))
+    monkeypatch.setattr(G.DecodeStep, "_capture", capture)
+    monkeypatch.setattr(G, "_use_cuda_graph", lambda cuda_graph, device, n: bool(cuda_graph))
+    G.release_cuda_graphs()
+    yield G
+    G.release_cuda_graphs()
+
+
+GRAPH_CASES = [dict(temperature=0), dict(temperature=1.0, top_k=50, top_p=0.9, seed=3),
+               dict(temperature=0.8, min_p=0.05, seed=[5, 6, 7, 8]),
+               dict(temperature=torch.tensor([0.0, 1.0, 0.7, 1.3]), top_k=torch.tensor([0, 5, 1, 0]), seed=1)]
+
+
+def test_graph_mode_bookkeeping(pair, fake_graphs):
+    _, model = pair
+    step = None
+    for kw in GRAPH_CASES:
+        eager = model.generate(ROWS, max_new_tokens=9, ignore_eos=True, **kw)
+        graphed = model.generate(ROWS, max_new_tokens=9, ignore_eos=True, cuda_graph=True, **kw)
+        assert graphed == eager, kw
+        assert step is None or fake_graphs._graphs[model] is step  # one step, reused
+        step = fake_graphs._graphs[model]
+    assert step.graph.replays == 7 + 8 * (len(GRAPH_CASES) - 1)
+    # another batch size replaces it; a suspended stream's step is not shared
+    two = model.generate(ROWS[:2], max_new_tokens=5, temperature=0, cuda_graph=True, ignore_eos=True)
+    assert fake_graphs._graphs[model] is not step
+    stream = model.generate_stream(ROWS[:2], max_new_tokens=5, temperature=0, cuda_graph=True, ignore_eos=True)
+    first = next(stream)
+    assert model.generate(ROWS[:2], max_new_tokens=5, temperature=0.9, seed=4, cuda_graph=True) == \
+        model.generate(ROWS[:2], max_new_tokens=5, temperature=0.9, seed=4)
+    rest = list(stream)
+    assert [[first[i]] + [s[i] for s in rest] for i in range(2)] == [r[len(p):] for r, p in zip(two, ROWS)]
+
+
+# ---- GPU: the CUDA-graph decode step (skipped without CUDA) -------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_model(pair):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return copy.deepcopy(pair[1]).cuda()
+
+
+class _CountReplays:
+    def __init__(self, monkeypatch):
+        self.n, replay = 0, torch.cuda.CUDAGraph.replay
+
+        def counting(graph):
+            self.n += 1
+            return replay(graph)
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counting)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cuda_graph_decode_equals_eager(cuda_model, backend, monkeypatch):
+    """The replayed graph computes the tokens the eager loop computes (kernels or references);
+    one capture serves later calls with other sampling settings."""
+    from gptfast import generation, use_backend
+
+    generation.release_cuda_graphs()
+    with use_backend(backend):
+        graph = None
+        for kw in GRAPH_CASES:
+            eager = cuda_model.generate(ROWS, max_new_tokens=12, cuda_graph=False, ignore_eos=True, **kw)
+            count = _CountReplays(monkeypatch)
+            graphed = cuda_model.generate(ROWS, max_new_tokens=12, cuda_graph=True, ignore_eos=True, **kw)
+            assert graphed == eager, kw
+            step = generation._graphs[cuda_model]
+            # the first call captures at step 1 and replays steps 2..11; later calls replay 1..11
+            assert count.n == (10 if graph is None else 11)
+            assert graph is None or step.graph is graph
+            graph = step.graph
+    generation.release_cuda_graphs(cuda_model)
+    assert cuda_model not in generation._graphs
+
+
+@pytest.mark.gpu
+def test_cuda_graph_recaptures_when_shapes_change(cuda_model):
+    from gptfast import generation
+
+    a = cuda_model.generate(ROWS, max_new_tokens=6, temperature=0, ignore_eos=True)
+    first = generation._graphs[cuda_model]
+    b = cuda_model.generate(ROWS[:2], max_new_tokens=6, temperature=0, ignore_eos=True)  # another batch size
+    assert generation._graphs[cuda_model] is not first
+    assert b == a[:2]
+    # a suspended stream keeps its step; a generation meanwhile gets its own
+    stream = cuda_model.generate_stream(ROWS[:2], max_new_tokens=6, temperature=0, ignore_eos=True)
+    firsts = next(stream)
+    assert cuda_model.generate(ROWS[:2], max_new_tokens=6, temperature=0, ignore_eos=True) == b
+    rest = list(stream)
+    assert [[firsts[i]] + [s[i] for s in rest] for i in range(2)] == [r[len(p):] for r, p in zip(b, ROWS)]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_stops_and_streams(cuda_model, monkeypatch):
+    free = cuda_model.generate(ROWS, max_new_tokens=10, temperature=0, ignore_eos=True, cuda_graph=False)
+    stop = free[0][len(ROWS[0]) + 4]
+    count = _CountReplays(monkeypatch)
+    out = cuda_model.generate(ROWS, max_new_tokens=10, temperature=0, eos_token_id=stop)  # auto: graph on CUDA
+    assert count.n > 0
+    assert out == cuda_model.generate(ROWS, max_new_tokens=10, temperature=0, eos_token_id=stop, cuda_graph=False)
+    steps = list(cuda_model.generate_stream(ROWS, max_new_tokens=10, temperature=0, ignore_eos=True))
+    assert [[s[b] for s in steps] for b in range(len(ROWS))] == [f[len(r):] for f, r in zip(free, ROWS)]

@@ -351,3 +351,26 @@ def test_cuda_graph_replay_with_fresh_keys():
         assert torch.equal(out, eager)
         seen.append(out.clone())
     assert not torch.equal(seen[0], seen[1]) or not torch.equal(seen[1], seen[2])
+
+
+# ---- the reference without host syncs (torch.compile tracing, CUDA-graph capture) ------
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_reference_without_host_syncs_is_identical(name, monkeypatch):
+    logits = tied_logits(24, 77, seed=5)
+    kw = resolve(FILTERS[name], logits)
+    keys = make_keys(24, 9)
+    eager_tok, eager_probs = S.sample_reference(logits, generator=keys, return_probs=True, **kw)
+    # what a capture sees: no value checks, every filter run even where no row uses it
+    monkeypatch.setattr(S, "host_checks_allowed", lambda logits: False)
+    tok, probs = S.sample_reference(logits, generator=keys, return_probs=True, **kw)
+    assert torch.equal(tok, eager_tok) and torch.equal(probs, eager_probs)
+
+
+def test_reference_traces_whole():
+    def step(logits, keys):
+        return S.sample_reference(logits, 0.8, 5, 0.9, 0.0, generator=keys)
+
+    logits, keys = torch.randn(4, 50) * 2, make_keys(4, 1)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # a host sync would break the graph
+    assert torch.equal(compiled(logits, keys), step(logits, keys))

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import check_logits_rows, check_sample_args, row_keys
+from .sampling import check_logits_rows, check_sample_args, host_checks_allowed, row_keys
 
 _OP = "gptfast::sample"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,22 +66,9 @@ def unsupported_reason(logits) -> Optional[str]:
     return None
 
 
-def _host_checks_allowed(logits: torch.Tensor) -> bool:
-    """Value checks sync with the host: skip them while tracing or capturing a CUDA graph.
-
-    A captured or compiled call trusts its inputs: a NaN row then yields some
-    in-range token instead of an error.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if logits.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
-
-
 def sample(logits, temperature, top_k, top_p, min_p, generator, return_probs):
     """ops.sample on the extension; same arguments and results as sample_reference."""
-    check_values = _host_checks_allowed(logits)
+    check_values = host_checks_allowed(logits)
     t, k, p, m = check_sample_args(logits, temperature, top_k, top_p, min_p, check_values=check_values)
     if check_values:
         check_logits_rows(logits)

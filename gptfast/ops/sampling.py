@@ -147,17 +147,32 @@ def check_logits_rows(logits: torch.Tensor) -> None:
         raise ValueError(f"logits row {row} contains {what}; cannot sample from it")
 
 
-def filter_logits(logits, t, k, p, m) -> torch.Tensor:
+def host_checks_allowed(logits: torch.Tensor) -> bool:
+    """Whether this call may read values on the host (value checks, skipping unused filters).
+
+    Not while torch.compile traces or a CUDA graph captures: such a call trusts its inputs
+    (a NaN row then yields some in-range token instead of an error) and runs every filter.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if logits.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def filter_logits(logits, t, k, p, m, skip_unused: bool = True) -> torch.Tensor:
     """The filtered, temperature-scaled logits (removed tokens at -inf), fp32 or fp64.
 
     Rows with temperature 0 are scaled by 1 here; the caller takes their argmax.
+    skip_unused: skip a filter no row uses (one host sync each); False runs them all,
+    which gives the same result (a disabled row keeps every token) without syncing.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     vocab = logits.shape[-1]
     x = logits.to(acc) / torch.where(t > 0, t, torch.ones_like(t)).to(acc).unsqueeze(-1)
     neg_inf = torch.tensor(float("-inf"), dtype=acc, device=x.device)
     # top-k: keep values >= the k-th largest (ties kept)
-    if bool((k > 0).any()):
+    if not skip_unused or bool((k > 0).any()):
         k_eff = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
         sorted_desc = x.sort(dim=-1, descending=True).values
         kth = sorted_desc.gather(-1, (k_eff - 1).unsqueeze(-1))
@@ -165,7 +180,7 @@ def filter_logits(logits, t, k, p, m) -> torch.Tensor:
     # top-p on the renormalised distribution: keep when the mass of strictly more
     # probable tokens is < p. Ties share the mass above the first of their group, so
     # the result does not depend on how the sort orders equal probabilities.
-    if bool((p < 1).any()):
+    if not skip_unused or bool((p < 1).any()):
         probs = torch.softmax(x, dim=-1)
         sp, sidx = probs.sort(dim=-1, descending=True)
         above = torch.cat([torch.zeros_like(sp[:, :1]), sp.cumsum(dim=-1)[:, :-1]], dim=-1)
@@ -179,7 +194,7 @@ def filter_logits(logits, t, k, p, m) -> torch.Tensor:
         remove = torch.zeros_like(remove_sorted).scatter(-1, sidx, remove_sorted)
         x = torch.where(remove, neg_inf, x)
     # min-p relative to the most likely token
-    if bool((m > 0).any()):
+    if not skip_unused or bool((m > 0).any()):
         probs = torch.softmax(x, dim=-1)
         floor = probs.max(dim=-1, keepdim=True).values * m.to(acc).unsqueeze(-1)
         x = torch.where(probs < floor, neg_inf, x)
@@ -188,12 +203,18 @@ def filter_logits(logits, t, k, p, m) -> torch.Tensor:
 
 def sample_reference(logits, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
                      min_p: Param = 0.0, generator=None, return_probs: bool = False):
-    """Pure-PyTorch sampler: the fallback and the oracle of the extension."""
-    t, k, p, m = check_sample_args(logits, temperature, top_k, top_p, min_p)
-    check_logits_rows(logits)
+    """Pure-PyTorch sampler: the fallback and the oracle of the extension.
+
+    Host syncs (value checks, skipped filters) happen only in eager calls, so a CUDA graph
+    can capture it and torch.compile traces it whole (see host_checks_allowed).
+    """
+    eager = host_checks_allowed(logits)
+    t, k, p, m = check_sample_args(logits, temperature, top_k, top_p, min_p, check_values=eager)
+    if eager:
+        check_logits_rows(logits)
     batch, vocab = logits.shape
     keys = row_keys(batch, generator, logits.device)
-    x = filter_logits(logits, t, k, p, m)
+    x = filter_logits(logits, t, k, p, m, skip_unused=eager)
     logp = torch.log_softmax(x, dim=-1)
     u = uniform_from_key(keys, vocab).to(logp.dtype)
     drawn = (logp - torch.log(-torch.log(u))).argmax(dim=-1)
