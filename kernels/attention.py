@@ -383,10 +383,21 @@ def fixed_config(kind, head_dim, fp32):
     return dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
-def _pruner(kind, fp32_elements, limit):
+# Shared memory a block may opt into on the H100 / H200. Past it a config compiles but cannot
+# launch. (GPUs with less, e.g. A100's 166912: Triton's autotuner times a config that fails to
+# launch with OutOfResources as infinitely slow, so it is never chosen.)
+MAX_SHARED_BYTES = 232448
+# Barriers and reduction scratch on top of the staged tiles: 1-2 KB for every candidate compiled
+# for sm_90 with Triton 3.6 and 3.9 (python -m gptfast.kernels.aot_check).
+SHARED_SLACK_BYTES = 2048
+
+
+def _pruner(kind, fp32_elements, limit, staged_elements):
     """early_config_prune: fp32 inputs get their config for the head dim; 16-bit inputs keep
     the candidates whose live fp32 tiles (accumulators + score tiles, fp32_elements(BLOCK_M,
-    BLOCK_N, HEAD_DIM)) take at most `limit` registers per thread (beyond, ptxas spills)."""
+    BLOCK_N, HEAD_DIM)) take at most `limit` registers per thread (beyond, ptxas spills) and
+    whose 16-bit tiles in shared memory (staged_elements(BLOCK_M, BLOCK_N, HEAD_DIM, num_stages))
+    fit in MAX_SHARED_BYTES."""
     def prune(configs, named_args, **kwargs):
         def arg(name, default):
             return kwargs.get(name, named_args.get(name, default))
@@ -394,22 +405,30 @@ def _pruner(kind, fp32_elements, limit):
         fp32 = _FP32[kind]
         if arg("DOT_PRECISION", "tf32") == "ieee":
             return [fp32[0 if d <= 64 else 1]]
-        kept = [c for c in configs if all(c is not f for f in fp32)
-                and fp32_elements(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d) <= limit * 32 * c.num_warps]
+        def fits(c):
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            return (fp32_elements(m, n, d) <= limit * 32 * c.num_warps
+                    and 2 * staged_elements(m, n, d, c.num_stages) + SHARED_SLACK_BYTES <= MAX_SHARED_BYTES)
+        kept = [c for c in configs if all(c is not f for f in fp32) and fits(c)]
         return kept or [configs[0]]
     return {"early_config_prune": prune}
 
 
 # fwd / dQ spill at 192 registers of live fp32 tiles per thread and not at 128; dK/dV at 192, not at 160.
-attn_fwd_autotuned = triton.autotune(  # acc [M, D] + scores [M, N]
+# Shared memory: the tiles held for the whole loop, plus one copy per pipeline stage of the
+# streamed ones (e.g. fwd, D=128, 128 x 128 tiles: 225 KB at 3 stages, 289 KB at 4, as compiled).
+attn_fwd_autotuned = triton.autotune(  # registers: acc [M, D] + scores [M, N]; shared: Q + stages x (K, V)
     FWD_CONFIGS + FWD_CONFIGS_FP32, key=_KEY,
-    prune_configs_by=_pruner("fwd", lambda m, n, d: m * d + m * n, 128))(attn_fwd_kernel)
-attn_bwd_dkdv_autotuned = triton.autotune(  # dK, dV [N, D] + sT, dpT [N, M]
+    prune_configs_by=_pruner("fwd", lambda m, n, d: m * d + m * n, 128,
+                             lambda m, n, d, s: m * d + s * 2 * n * d))(attn_fwd_kernel)
+attn_bwd_dkdv_autotuned = triton.autotune(  # dK, dV [N, D] + sT, dpT [N, M]; K, V + stages x (Q, dO)
     DKDV_CONFIGS + DKDV_CONFIGS_FP32, key=_KEY,
-    prune_configs_by=_pruner("dkdv", lambda m, n, d: 2 * n * d + 2 * n * m, 160))(attn_bwd_dkdv_kernel)
-attn_bwd_dq_autotuned = triton.autotune(  # dQ [M, D] + p, dp [M, N]
+    prune_configs_by=_pruner("dkdv", lambda m, n, d: 2 * n * d + 2 * n * m, 160,
+                             lambda m, n, d, s: 2 * n * d + s * 2 * m * d))(attn_bwd_dkdv_kernel)
+attn_bwd_dq_autotuned = triton.autotune(  # dQ [M, D] + p, dp [M, N]; Q, dO + stages x (K, V)
     DQ_CONFIGS + DQ_CONFIGS_FP32, key=_KEY,
-    prune_configs_by=_pruner("dq", lambda m, n, d: m * d + 2 * m * n, 128))(attn_bwd_dq_kernel)
+    prune_configs_by=_pruner("dq", lambda m, n, d: m * d + 2 * m * n, 128,
+                             lambda m, n, d, s: 2 * m * d + s * 2 * n * d))(attn_bwd_dq_kernel)
 
 # Under the interpreter: one fixed config each, BLOCK_M != BLOCK_N so the tests exercise
 # full, diagonal and ragged-tail blocks with mismatched block sizes at small T.
