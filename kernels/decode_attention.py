@@ -6,7 +6,8 @@ read on the device only). Query i of row b sits at position L_b - Tq + i and att
 cache positions 0 .. L_b - Tq + i.
 
 Two kernels: decode_split_kernel gives each (split, b, h) program a contiguous chunk of the
-cache, so even a batch-1 step spreads over every SM; decode_reduce_kernel merges the splits'
+row's valid entries (its length over the splits, in whole key blocks), so even a batch-1
+step spreads over every SM; decode_reduce_kernel merges the splits'
 partial results by their log-sum-exp. Grids depend on shapes only (never on the lengths'
 values), so a CUDA graph can capture the pair. With one split the first kernel writes the
 final output itself and the reduce is skipped.
@@ -30,7 +31,7 @@ def decode_split_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,  # of the final output (NUM_SPLITS == 1 only)
-    H, Tq, Tmax, split_len,  # split_len: cache entries per split, a multiple of BLOCK_N
+    H, Tq, Tmax,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # >= Tq and >= 16 (tl.dot's minimum); the padding rows are masked
@@ -52,9 +53,11 @@ def decode_split_kernel(
     # the last position each query may see (padding rows see what the last real one does)
     q_last = length - Tq + tl.minimum(offs_q, Tq - 1)
 
+    # The row's own length, not Tmax, is divided among the splits (whole BLOCK_N blocks each),
+    # so a short row in a long static cache still spreads over every split that can get a
+    # block; splits past the length do no loads at all. Read on the device: no host sync.
+    split_len = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * split_len
-    # Keys past the row's length are never read: a split beyond it does no loads at all,
-    # which is what makes short rows in a long static cache cheap.
     hi = tl.minimum(tl.minimum(lo + split_len, Tmax), length)
     k_ptrs = KC + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = VC + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd

@@ -191,9 +191,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
     block_n = _dec_k.INTERPRETER_BLOCK_N if triton_interpret() else _dec_k.DECODE_BLOCK_N
     if num_splits is None:
         num_splits = _decode_num_splits(dev, B * H, Tmax, block_n)
-    # whole blocks per split, then drop splits that would start past the cache
-    split_len = triton.cdiv(triton.cdiv(Tmax, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(Tmax, split_len)
+    num_splits = max(1, min(num_splits, triton.cdiv(Tmax, block_n)))  # each split can get a key block
     out = _bhtd_like_bthd(B, H, Tq, D, q.dtype, dev)
     if num_splits == 1:
         o_part, lse_part = out, _new_empty((0,), torch.float32, dev)
@@ -205,7 +203,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
     _dec_k.decode_split_kernel[(num_splits, B * H)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        H, Tq, Tmax, split_len,
+        H, Tq, Tmax,
         NUM_SPLITS=num_splits, HEAD_DIM=D, **_dot_flags(q.dtype),
         BLOCK_Q=max(16, triton.next_power_of_2(Tq)), BLOCK_N=block_n, **launch)
     if num_splits > 1:
