@@ -1,6 +1,8 @@
-// CUDA sampling kernel: one block per row, no host sync, no sort.
+// CUDA sampling kernel: one block per row, no host sync, no sort, and the device
+// helpers shared with the cluster kernel (sampling_cluster.cuh: several blocks per row).
 // Plain CUDA (no torch headers) so it can be compile-checked with nvcc alone; the
-// launcher is in sampling_cuda.cu. Semantics: see sampling.cpp (the CPU twin).
+// host side is sampling_launch.cuh and sampling_cuda.cu. Semantics: see sampling.cpp
+// (the CPU twin).
 //
 // Per row, every filter keeps the maximum, so the kept set is {x >= T} for one
 // threshold T = max(T_k, T_p) plus the min-p test exp(x - max) >= min_p. Both
@@ -36,8 +38,17 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 
 __device__ __forceinline__ uint32_t key_of(float x) { return ordered_key(__float_as_uint(x)); }
 
+// e in [0, 1], so a mass is <= 2^32 and a sum of fewer than 2^31 masses cannot wrap.
+// NaN (only from +inf logits: inf - inf) weighs 0, so that holds for any input and
+// every way of splitting the sums (one block or a cluster) gives the same totals.
 __device__ __forceinline__ uint64_t mass_of(float e) {
-  return __float2ull_rn(e * static_cast<float>(kMassScale));
+  return e == e ? __float2ull_rn(e * static_cast<float>(kMassScale)) : 0ull;
+}
+
+// 1 / (kept mass), from the exact fixed-point sum; NaN when a kept exp was NaN, as a
+// float sum of them would be.
+__device__ __forceinline__ float inv_mass(unsigned long long kept, bool kept_nan) {
+  return kept_nan ? __int_as_float(0x7fffffff) : static_cast<float>(kMassScale / static_cast<double>(kept));
 }
 
 // Scratch for block-wide reductions and the radix search.
@@ -73,46 +84,64 @@ __device__ __forceinline__ void warp_hist_add(unsigned long long* hist, int bin,
   }
 }
 
-__device__ __forceinline__ void clear_hist(Shared& s) {
+template <typename S>
+__device__ __forceinline__ void clear_hist(S& s) {
   for (int i = threadIdx.x; i < kBins; i += kThreads) s.hist[i] = 0ull;
+}
+
+// One warp: among bins h[0..n) (n a multiple of 32; h may be another block's shared
+// memory), the highest b with base + sum(h[b..]) >= target; above = base + sum(h[b+1..]).
+// If there is none (target above the total, which valid arguments never ask for):
+// b = 0 and above = base + sum(h[0..]). Results in every lane.
+__device__ __forceinline__ void warp_scan_bins(const unsigned long long* h, int n, unsigned long long base,
+                                               unsigned long long target, int& b_out,
+                                               unsigned long long& above_out) {
+  const int lane = threadIdx.x & 31;
+  const int per_lane = n / 32;  // lane 0 owns the top bins
+  const int hi = n - 1 - lane * per_lane;
+  unsigned long long lane_sum = 0;
+#pragma unroll 8  // 8 loads in flight (DSMEM latency) without tying up 2 * per_lane registers
+  for (int i = 0; i < per_lane; ++i) lane_sum += h[hi - i];
+  // inclusive prefix over lanes (descending bins)
+  unsigned long long incl = lane_sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long v = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += v;
+  }
+  const unsigned hit = __ballot_sync(kFull, base + incl >= target);
+  const int owner = hit ? __ffs(hit) - 1 : 31;
+  int b = hi - per_lane + 1;
+  unsigned long long acc = base + (incl - lane_sum);
+  if (lane == owner) {
+    for (int i = 0; i < per_lane; ++i) {
+      const unsigned long long v = h[hi - i];
+      if (acc + v >= target) {
+        b = hi - i;
+        break;
+      }
+      acc += v;
+    }
+  }
+  b_out = __shfl_sync(kFull, b, owner);
+  above_out = __shfl_sync(kFull, acc, owner);
 }
 
 // Warp 0: find the highest bin b (of nbins) with above + sum(hist[b..]) >= target;
 // then prefix |= b << shift and above += sum(hist[b+1..]). Caller syncs before/after.
-__device__ void scan_select(Shared& s, int nbins, int shift, unsigned long long target) {
+template <typename S>
+__device__ void scan_select(S& s, int nbins, int shift, unsigned long long target) {
   if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x;
-  const int per_lane = nbins / 32;  // lane 0 owns the top bins
-  const int hi = nbins - 1 - lane * per_lane;
-  unsigned long long lane_sum = 0;
-  for (int i = 0; i < per_lane; ++i) lane_sum += s.hist[hi - i];
-  // exclusive prefix over lanes (descending bins)
-  unsigned long long incl = lane_sum;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned long long n = __shfl_up_sync(kFull, incl, o);
-    if (lane >= o) incl += n;
-  }
-  const unsigned long long base = s.above;
-  const unsigned hit = __ballot_sync(kFull, base + incl >= target);
-  // target <= total weight, so some lane hits; fall back to the lowest bin if rounding says not
-  const int owner = hit ? __ffs(hit) - 1 : 31;
-  if (lane == owner) {
-    unsigned long long acc = base + (incl - lane_sum);
-    int b = hi - per_lane + 1;
-    for (int i = 0; i < per_lane; ++i) {
-      const unsigned long long h = s.hist[hi - i];
-      if (acc + h >= target) {
-        b = hi - i;
-        break;
-      }
-      acc += h;
-    }
+  int b;
+  unsigned long long above;
+  warp_scan_bins(s.hist, nbins, s.above, target, b, above);
+  if (threadIdx.x == 0) {
     s.prefix |= static_cast<uint32_t>(b) << shift;
-    s.above = acc;
+    s.above = above;
   }
 }
 
+// x_i = logits_i / t, read from the row in global memory (one-block kernel).
 template <typename T>
 struct RowView {
   const T* __restrict__ row;
@@ -121,16 +150,24 @@ struct RowView {
   __device__ __forceinline__ float x(int i) const { return to_float(__ldg(row + i)) / t_eff; }
 };
 
+// x_i of a block's slice, cached in shared memory by the cluster kernel: the same
+// float as RowView::x (same load, same division), so both kernels select alike.
+struct SliceView {
+  const float* x_cached;
+  int V;  // the slice length
+  __device__ __forceinline__ float x(int i) const { return x_cached[i]; }
+};
+
 // Radix digits: (shift, bits) = (21, 11), (10, 11), (0, 10).
 __device__ __forceinline__ int digit(uint32_t key, int shift, int bits) {
   return static_cast<int>((key >> shift) & ((1u << bits) - 1u));
 }
 __device__ __forceinline__ uint32_t high_mask(int shift) { return shift >= 32 ? 0u : ~((1u << shift) - 1u); }
 
-// One radix level over the row. mode 0: counts of all keys; mode 1: mass of keys >= lo_key.
-template <typename T>
-__device__ void radix_level(Shared& s, const RowView<T>& r, int shift, int bits, int mode, uint32_t lo_key,
-                            float max_x) {
+// One radix level over the row (or slice) into s.hist. mode 0: counts of all keys;
+// mode 1: mass of keys >= lo_key. Only keys matching s.prefix above the digit count.
+template <typename S, typename View>
+__device__ void radix_level(S& s, const View& r, int shift, int bits, int mode, uint32_t lo_key, float max_x) {
   const uint32_t want = s.prefix;
   const uint32_t mask = high_mask(shift + bits);
   for (int base = 0; base < r.V; base += kThreads) {  // uniform trip count: warps stay converged
@@ -176,8 +213,11 @@ __device__ __forceinline__ bool better(float a, int ia, float b, int ib) {
   return a > b || (a == b && ia < ib);  // lowest index wins ties
 }
 
-// Block argmax of (value, index); result broadcast to all threads.
-__device__ void block_argmax(Shared& s, float& v, int& idx) {
+// Block argmax of (value, index); result broadcast to all threads. NaN values never
+// win (better() is false for them), so over non-NaN candidates this is the maximum of
+// a total order (value, then lowest index): any split of the row gives the same result.
+template <typename S>
+__device__ void block_argmax(S& s, float& v, int& idx) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -203,8 +243,9 @@ __device__ void block_argmax(Shared& s, float& v, int& idx) {
   idx = s.argmax;
 }
 
-// Block sum in a fixed tree order (deterministic).
-__device__ unsigned long long block_sum(Shared& s, unsigned long long v) {
+// Block sum of integers (exact, so order-independent).
+template <typename S>
+__device__ unsigned long long block_sum(S& s, unsigned long long v) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -217,17 +258,29 @@ __device__ unsigned long long block_sum(Shared& s, unsigned long long v) {
   return v;
 }
 
-__device__ float block_sum_f(Shared& s, float v) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  if (lane == 0) s.red_f[warp] = v;
-  __syncthreads();
-  v = s.red_f[lane];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  __syncthreads();
-  return v;
+// A thread's share of the kept mass, in fixed point (exact sums, so the normalisation
+// is the same however the row is split), with bit 63 set once an exp was NaN: a sum of
+// masses stays below 2^63 (see mass_of), and the flag costs no register in the draw loop.
+constexpr unsigned long long kNanBit = 1ull << 63;
+
+// One token of the draw: if kept, its Gumbel score joins the thread's argmax and its
+// mass the thread's kept mass.
+__device__ __forceinline__ void draw_step(float xv, int i, uint32_t lo_key, float max_x, float m, RowKey rk,
+                                          float& score, int& drawn, unsigned long long& kept) {
+  if (key_of(xv) < lo_key) return;
+  const float e = expf(xv - max_x);
+  if (m > 0.f && e < m) return;
+  kept = (kept + mass_of(e)) | (e != e ? kNanBit : 0ull);
+  const float u = uniform_at(rk, static_cast<uint32_t>(i));
+  const float sc = xv - logf(-logf(u));
+  if (better(sc, i, score, drawn)) { score = sc; drawn = i; }
+}
+
+// Filtered probability of one token (return_probs).
+__device__ __forceinline__ float kept_prob(float xv, uint32_t lo_key, float max_x, float m, float inv) {
+  float e = key_of(xv) >= lo_key ? expf(xv - max_x) : 0.f;
+  if (m > 0.f && e < m) e = 0.f;
+  return e * inv;
 }
 
 // grid: one block per row, kThreads threads.
@@ -324,27 +377,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   const RowKey rk = row_key(keys[row]);
   float score = -INFINITY;
   int drawn = 0x7fffffff;
-  float kept_mass = 0.f;
-  for (int i = threadIdx.x; i < V; i += kThreads) {
-    const float xv = r.x(i);
-    if (key_of(xv) < lo_key) continue;
-    const float e = expf(xv - max_x);
-    if (m > 0.f && e < m) continue;
-    kept_mass += e;
-    const float u = uniform_at(rk, static_cast<uint32_t>(i));
-    const float sc = xv - logf(-logf(u));
-    if (better(sc, i, score, drawn)) { score = sc; drawn = i; }
-  }
+  unsigned long long kept = 0;
+  for (int i = threadIdx.x; i < V; i += kThreads) draw_step(r.x(i), i, lo_key, max_x, m, rk, score, drawn, kept);
   block_argmax(s, score, drawn);
   if (threadIdx.x == 0) tokens[row] = t > 0.f ? (drawn < V ? drawn : argmax) : argmax;
   if (row_probs) {
-    const float inv = 1.f / block_sum_f(s, kept_mass);
-    for (int i = threadIdx.x; i < V; i += kThreads) {
-      const float xv = r.x(i);
-      float e = key_of(xv) >= lo_key ? expf(xv - max_x) : 0.f;
-      if (m > 0.f && e < m) e = 0.f;
-      row_probs[i] = e * inv;
-    }
+    const bool kept_nan = __syncthreads_or((kept & kNanBit) != 0);
+    const unsigned long long kept_mass = block_sum(s, kept & ~kNanBit);
+    const float inv = inv_mass(kept_mass, kept_nan);
+    for (int i = threadIdx.x; i < V; i += kThreads) row_probs[i] = kept_prob(r.x(i), lo_key, max_x, m, inv);
   }
 }
 

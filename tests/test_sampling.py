@@ -374,3 +374,55 @@ def test_reference_traces_whole():
     logits, keys = torch.randn(4, 50) * 2, make_keys(4, 1)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # a host sync would break the graph
     assert torch.equal(compiled(logits, keys), step(logits, keys))
+
+
+# ---- GPU: the cluster kernel (several blocks per row) against the one-block kernel ----
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+CLUSTER_FILTERS = {
+    "top_k": dict(top_k=40), "top_p": dict(top_p=0.9), "k_p": dict(top_k=40, top_p=0.9), "min_p": dict(min_p=0.05),
+    "greedy": dict(temperature=0.0), "mixed_rows": dict(temperature="rows", top_k="rows", top_p="rows", min_p="rows"),
+}
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.skipif(not _sm90(), reason="the cluster kernel needs sm_90")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 1000, 50257])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("name", list(CLUSTER_FILTERS))
+def test_cuda_cluster_matches_one_block(name, batch, vocab, dtype):
+    # Same tokens and bit-identical probabilities from 1, 2, 4 and 8 blocks per row
+    # (tiny vocabularies leave some blocks of a cluster without tokens).
+    logits = (tied_logits(batch, vocab, seed=batch * vocab) if vocab < 50257
+              else torch.randn(batch, vocab, generator=torch.Generator().manual_seed(batch)) * 3).to(dtype)
+    spec = resolve(CLUSTER_FILTERS[name], logits)
+    t, k, p, m = S.check_sample_args(logits, spec.get("temperature", 1.0), spec.get("top_k", 0),
+                                     spec.get("top_p", 1.0), spec.get("min_p", 0.0))
+    args = [a.cuda() for a in (logits, t, k, p, m, make_keys(batch, 3))]
+    for return_probs in (True, False):
+        want_tok, want_probs = torch.ops.gptfast._sample_with_cluster(*args, return_probs, 1)
+        for cluster in (2, 4, 8):
+            tok, probs = torch.ops.gptfast._sample_with_cluster(*args, return_probs, cluster)
+            assert torch.equal(tok, want_tok), f"cluster={cluster} return_probs={return_probs}"
+            assert torch.equal(probs, want_probs), f"cluster={cluster}"
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.skipif(not _sm90(), reason="the cluster kernel needs sm_90")
+def test_cuda_cluster_chosen_for_small_batches():
+    # The launcher's choice without an override: a cluster for B=1, one block per row for
+    # a batch too large for one wave of clusters. Catches a cluster path silently disabled
+    # (e.g. the loaded binary not recognised as sm_90 code).
+    import os
+    if os.environ.get("GPTFAST_SAMPLE_CLUSTER", "auto") not in ("", "auto"):
+        pytest.skip("GPTFAST_SAMPLE_CLUSTER overrides the choice")
+    blocks = torch.ops.gptfast._sample_blocks_per_row
+    assert blocks(torch.empty(1, 50257, device="cuda")) == 8
+    assert blocks(torch.empty(1, 1000, device="cuda")) == 1  # under 1024 tokens per block
+    assert blocks(torch.empty(1024, 50257, device="cuda")) == 1
