@@ -4,3 +4,8 @@ A kernel file holds kernels and their autotune configs only; launchers, autograd
 and torch.library registration live in gptfast/ops/. Importing this package
 imports nothing from Triton: each kernel module does, when it is used.
 """
+
+# Compile options every launcher passes. FMA contraction on: Triton up to 3.8 defaults to it
+# (the kernels were tuned and tested so); Triton 3.9 warns at each compile that leaves it
+# unset, as its default turns to off in 3.10. The interpreter ignores it.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}

@@ -26,6 +26,7 @@ from ._dispatch import import_source_package, triton_interpret
 import_source_package("kernels", "kernels")
 from gptfast.kernels import attention as _attn_k  # noqa: E402
 from gptfast.kernels import decode_attention as _dec_k  # noqa: E402
+from gptfast.kernels import LAUNCH_OPTIONS  # noqa: E402
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -120,10 +121,10 @@ def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype):
         cfg = {"fwd": _attn_k.INTERPRETER_FWD, "dkdv": _attn_k.INTERPRETER_DKDV, "dq": _attn_k.INTERPRETER_DQ}[kind]
         plain[grid(cfg)](*args, **flags, **cfg)
     elif _autotune():
-        autotuned[grid](*args, **flags)
+        autotuned[grid](*args, **flags, **LAUNCH_OPTIONS)
     else:
         cfg, launch = _attn_k.fixed_config(kind, head_dim, dtype == torch.float32)
-        plain[grid(cfg)](*args, **flags, **cfg, **launch)
+        plain[grid(cfg)](*args, **flags, **cfg, **launch, **LAUNCH_OPTIONS)
 
 
 # ---- flash-attention launchers ------------------------------------------------------------
@@ -148,7 +149,7 @@ def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float):
     delta = _new_empty((B, H, Tq), torch.float32, dev)
     bm = _attn_k.PREPROCESS_BLOCK_M
     _attn_k.attn_bwd_preprocess_kernel[(triton.cdiv(Tq, bm), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=bm)
+        out, dout, delta, *out.stride(), *dout.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=bm, **LAUNCH_OPTIONS)
 
     dq = _bhtd_like_bthd(B, H, Tq, D, q.dtype, dev)
     dk = _bhtd_like_bthd(B, H, Tk, D, k.dtype, dev)
@@ -199,7 +200,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
         o_part = _new_empty((B, H, num_splits, Tq, D), torch.float32, dev)
         lse_part = _new_empty((B, H, num_splits, Tq), torch.float32, dev)
     launch = {} if triton_interpret() else dict(num_warps=_dec_k.DECODE_NUM_WARPS,
-                                                   num_stages=_dec_k.DECODE_NUM_STAGES)
+                                                   num_stages=_dec_k.DECODE_NUM_STAGES, **LAUNCH_OPTIONS)
     _dec_k.decode_split_kernel[(num_splits, B * H)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
@@ -210,7 +211,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
         _dec_k.decode_reduce_kernel[(B * H * Tq,)](
             o_part, lse_part, out, *out.stride(), H, Tq,
             NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
-            **({} if triton_interpret() else dict(num_warps=_dec_k.REDUCE_NUM_WARPS)))
+            **({} if triton_interpret() else dict(num_warps=_dec_k.REDUCE_NUM_WARPS, **LAUNCH_OPTIONS)))
     return out
 
 

@@ -25,6 +25,7 @@ import_source_package("kernels", "kernels")
 from gptfast.kernels import gelu as _gelu_k  # noqa: E402
 from gptfast.kernels import layer_norm as _ln_k  # noqa: E402
 from gptfast.kernels import matmul_gelu as _mm_k  # noqa: E402
+from gptfast.kernels import LAUNCH_OPTIONS  # noqa: E402
 
 from ._dispatch import triton_interpret  # noqa: E402
 
@@ -87,7 +88,7 @@ def _sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Narrow column blocks: N = 768 still spreads over 24 programs (the sum over G is serial).
     BLOCK_N = min(triton.next_power_of_2(N), 32)
     _ln_k.sum_partials_kernel[(triton.cdiv(N, BLOCK_N),)](
-        partial, out, G, N, BLOCK_G=64, BLOCK_N=BLOCK_N, num_warps=4)
+        partial, out, G, N, BLOCK_G=64, BLOCK_N=BLOCK_N, num_warps=4, **LAUNCH_OPTIONS)
     return out
 
 
@@ -135,7 +136,7 @@ def _layer_norm_fwd_launch(x, weight, bias, residual, eps):
             x2.stride(0), r2.stride(0), y.stride(0), h.stride(0) if residual is not None else 0,
             N, eps,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_N=BLOCK_N, num_warps=_row_warps(BLOCK_N))
+            BLOCK_N=BLOCK_N, num_warps=_row_warps(BLOCK_N), **LAUNCH_OPTIONS)
     lead = x.shape[:-1]
     return y.view(x.shape), (h.view(x.shape) if residual is not None else h), mean.view(lead), rstd.view(lead)
 
@@ -165,7 +166,7 @@ def _layer_norm_bwd_launch(dy, dh, h, weight, bias, mean, rstd):
         dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0),
         M, N, rows_per_program,
         HAS_DH=dh is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=BLOCK_N, num_warps=_row_warps(BLOCK_N))
+        BLOCK_N=BLOCK_N, num_warps=_row_warps(BLOCK_N), **LAUNCH_OPTIONS)
     dw = _sum_partials(dw_part, weight.dtype) if weight is not None else empty()
     db = _sum_partials(db_part, bias.dtype) if bias is not None else empty()
     return dx.view(h.shape), dw, db
@@ -185,7 +186,7 @@ def _bias_gelu_fwd_launch(x, bias, approximate):
         _gelu_k.bias_gelu_fwd_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
             x2, bias if bias is not None else x2, y, M, N, x2.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=GELU_WARPS)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=GELU_WARPS, **LAUNCH_OPTIONS)
     return y.view(x.shape)
 
 
@@ -213,7 +214,7 @@ def _bias_gelu_bwd_launch(dy, x, bias, approximate, compute_db):
         dy2, x2, bias if bias is not None else x2, dx, db_part,
         M, N, dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
         HAS_BIAS=bias is not None, COMPUTE_DB=compute_db, APPROX_TANH=approximate == "tanh",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=GELU_WARPS)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=GELU_WARPS, **LAUNCH_OPTIONS)
     db = _sum_partials(db_part, bias.dtype) if compute_db else empty
     return dx.view(x.shape), db
 
@@ -250,7 +251,7 @@ def _linear_bias_gelu_fwd_launch(x, weight, bias, approximate, save_pre):
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _mm_k.matmul_bias_gelu_autotuned[grid](*args, **flags)
+        _mm_k.matmul_bias_gelu_autotuned[grid](*args, **flags, **LAUNCH_OPTIONS)
     return y.view(out_shape), (t.view(out_shape) if save_pre else _new_empty((0,), x.dtype, x.device))
 
 
