@@ -42,6 +42,26 @@ struct ClusterCaps {
   int64_t max_dyn_smem[3] = {0, 0, 0};    // bytes of dynamic shared memory a block may use
 };
 
+// Launch configuration of sample_cluster_kernel: `rows` clusters of C blocks of kThreads
+// threads, `dyn_smem` bytes of dynamic shared memory each. `attr` (the cluster-dimension
+// attribute the config points to) must outlive the config's use.
+inline cudaLaunchConfig_t cluster_launch_config(int C, int64_t rows, size_t dyn_smem, cudaStream_t stream,
+                                                cudaLaunchAttribute& attr) {
+  attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = C;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(rows * C));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = dyn_smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Fills caps[i] for C blocks per row on `device` (the current device).
 template <typename T, int C>
 void query_cluster_caps(int device, int i, ClusterCaps& caps) {
@@ -65,17 +85,8 @@ void query_cluster_caps(int device, int i, ClusterCaps& caps) {
   }
   // Resident clusters at the largest shared-memory size: the fewest, so a batch that
   // passes this test never needs a second wave.
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(C);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(dyn);
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(C, 1, static_cast<size_t>(dyn), nullptr, attr);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     cudaGetLastError();
@@ -131,18 +142,9 @@ inline int blocks_per_row(const ClusterCaps& caps, int request, int64_t B, int64
 
 template <typename T, int C>
 cudaError_t launch_cluster(const SampleArgs<T>& a, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(a.B * C));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>((static_cast<int64_t>(a.V) + C - 1) / C) * sizeof(float);
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(
+      C, a.B, static_cast<size_t>((static_cast<int64_t>(a.V) + C - 1) / C) * sizeof(float), stream, attr);
   const cudaError_t err = cudaLaunchKernelEx(&cfg, sample_cluster_kernel<T, C>, a.logits, a.row_stride, a.V,
                                              a.temperature, a.top_k, a.top_p, a.min_p, a.keys, a.tokens, a.probs);
   if (err != cudaSuccess) cudaGetLastError();  // returned here: clear it so that later checks do not see it again
