@@ -88,6 +88,9 @@ def hf_to_gptfast(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
                 break
         if k.startswith("lm_head.") or k.endswith((".attn.bias", ".attn.masked_bias")) or k == "position_ids":
             continue  # tied head; causal-mask buffers of older transformers
+        if key.startswith("score."):  # the head of *ForSequenceClassification (gptfast.finetune)
+            out[key] = t
+            continue
         for old, new in _GPT1_RENAMES.items():
             if k.startswith(old):
                 k = new + k[len(old):]
@@ -102,6 +105,9 @@ def gptfast_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
     for key, t in state.items():
         if key.startswith("lm_head."):
             continue
+        if key.startswith("score."):
+            out[key] = t.contiguous()
+            continue
         k = key[len("transformer."):]
         if k.endswith(CONV1D_SUFFIXES):
             t = t.t()
@@ -113,9 +119,9 @@ def gptfast_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
     return out
 
 
-def load_state_into(model, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors key by key, asserting every key and shape."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+def load_state_into(model, state: dict[str, torch.Tensor], source: str, optional: tuple[str, ...] = ()) -> None:
+    """Copy tensors key by key, asserting every key (but those in `optional`) and shape."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.") and k not in optional}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -158,27 +164,47 @@ def resolve_path(path: str) -> str:
             f"downloading it from the Hub failed (no network access?): {type(exc).__name__}: {exc}") from None
 
 
-def load_model(path: str, device=None, dtype=None):
-    from .model import GPT
-
+def read_checkpoint(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
+    """(config, state dict in gptfast names, the raw HF config dict or {} for nanoGPT)."""
     path = resolve_path(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        config = GPTConfig.from_json_file(os.path.join(path, "config.json"))
-        state = hf_to_gptfast(read_hf_state_dict(path), config)
-    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
-        config, state = read_nanogpt(os.path.join(path, "ckpt.pt"))
-    elif os.path.isfile(path) and path.endswith((".pt", ".pth", ".ckpt")):
-        config, state = read_nanogpt(path)
-    elif os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        config = GPTConfig.from_json_file(config_path)
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        return config, hf_to_gptfast(read_hf_state_dict(path), config), raw
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return (*read_nanogpt(os.path.join(path, "ckpt.pt")), {})
+    if os.path.isfile(path) and path.endswith((".pt", ".pth", ".ckpt")):
+        return (*read_nanogpt(path), {})
+    if os.path.isdir(path):
         raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor ckpt.pt (nanoGPT)")
-    else:
-        raise CheckpointError(f"{path} is not a checkpoint directory or a nanoGPT .pt file")
+    raise CheckpointError(f"{path} is not a checkpoint directory or a nanoGPT .pt file")
+
+
+def build_model(cls, config: GPTConfig, state: dict[str, torch.Tensor], source: str, device=None, dtype=None,
+                fresh: tuple[str, ...] = (), **kwargs):
+    """cls(config, **kwargs) holding `state`, built without a throwaway random init. Parameters
+    whose names start with a prefix in `fresh` may be absent from state: those keep a fresh init."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = cls(config, **kwargs)
     model = model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # re-tie after to_empty
-    load_state_into(model, state, path)
+    missing_fresh = [k for k, _ in model.named_parameters() if k.startswith(fresh) and k not in state] if fresh else []
+    for name in missing_fresh:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        model._init_weights(module)
+    load_state_into(model, state, source, optional=tuple(missing_fresh))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(path: str, device=None, dtype=None):
+    """A GPT language model. Fine-tuning heads in the checkpoint (score.*) are not part of it."""
+    from .model import GPT
+
+    config, state, _ = read_checkpoint(path)
+    state = {k: v for k, v in state.items() if not k.startswith("score.")}
+    return build_model(GPT, config, state, path, device=device, dtype=dtype)
 
 
 def read_nanogpt(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -245,7 +271,8 @@ def save_model(model, path: str, safe_serialization: bool = True) -> None:
         stale = os.path.join(path, SAFE_WEIGHTS)
     if os.path.exists(stale):  # a weights file of the other format would shadow or contradict this one
         os.unlink(stale)
-    atomic_write_text(os.path.join(path, "config.json"), json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    hf_config = {**config.to_hf_dict(), **getattr(model, "hf_config_overrides", dict)()}
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf_config, indent=2) + "\n")
 
 
 def describe(path: str) -> dict:

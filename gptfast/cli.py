@@ -1,4 +1,4 @@
-"""The `gptfast` command: generate, backends, info, train, perplexity, bench."""
+"""The `gptfast` command: generate, backends, info, train, finetune, classify, perplexity, bench."""
 from __future__ import annotations
 
 import argparse
@@ -139,12 +139,64 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from gptfast.train import TrainArgs, train
-    fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__ and v is not None}
-    summary = train(TrainArgs(**fields), progress=not args.quiet)
+def _run_training(args, args_cls, run) -> int:
+    """The flags given on the command line override args_cls's defaults; rank 0 prints the summary."""
+    fields = {k: v for k, v in vars(args).items() if k in args_cls.__dataclass_fields__ and v is not None}
+    summary = run(args_cls(**fields), progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from gptfast.train import TrainArgs, train
+    return _run_training(args, TrainArgs, train)
+
+
+def cmd_finetune(args) -> int:
+    from gptfast.finetune import FinetuneArgs, finetune
+    return _run_training(args, FinetuneArgs, finetune)
+
+
+def cmd_classify(args) -> int:
+    from gptfast.finetune import GPTClassifier, encode_rows, evaluate, predict, read_rows
+    from gptfast.tokenizer import Tokenizer
+
+    if (args.text is None) == (args.data is None):
+        raise ValueError("give either a TEXT to classify or --data FILE, not both or neither")
+    model = GPTClassifier.from_pretrained(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    tok = Tokenizer.from_pretrained(args.model)
+    spec = model.spec
+    if args.data is None:
+        if spec.task == "choice":
+            if not args.choice or len(args.choice) < 2:
+                raise ValueError("this model scores multiple choices: pass --choice TEXT at least twice")
+            row, names = {"context": args.text, "choices": args.choice}, args.choice
+        else:
+            if args.choice:
+                raise ValueError("--choice is for multiple-choice models; this one classifies into "
+                                 f"{spec.labels}")
+            row, names = {"text": args.text, "text_pair": args.pair}, [str(n) for n in spec.labels]
+        probs = predict(model, tok, [row])[0].tolist()
+        ranked = sorted(zip(names, probs), key=lambda t: -t[1])
+        if args.json:
+            print(json.dumps({n: p for n, p in ranked}, indent=2))
+        else:
+            for n, p in ranked:
+                print(f"{p:8.4f}  {n}")
+        return 0
+    rows = read_rows(args.data)
+    if all(r.get("label") not in (None, "") for r in rows):
+        examples, _ = encode_rows(rows, tok, spec, model.config.n_positions, args.data)
+        result = evaluate(model, examples, batch_size=args.batch_size, progress=True)
+        print(json.dumps(result, indent=2) if args.json else
+              f"accuracy {result['accuracy']:.4f} on {result['examples']} examples (task loss {result['loss']:.4f})")
+        return 0
+    probs = predict(model, tok, rows, batch_size=args.batch_size)
+    for p in probs:  # one prediction per line
+        best = int(p.argmax())
+        print(json.dumps({"label": spec.labels[best] if spec.task == "classification" else best,
+                          "probability": float(p[best])}))
     return 0
 
 
@@ -222,6 +274,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="GPT-1-style fine-tuning: a classification or multiple-choice head, "
+                                        "task loss + lm_coef x LM loss (resumes an interrupted run)")
+    f.add_argument("--data", required=True, help="training examples: .jsonl, .csv or .tsv")
+    f.add_argument("--out", required=True, help="run directory")
+    f.add_argument("--model", help="checkpoint to start from (default: the shipped model)")
+    f.add_argument("--val", help="validation examples (default: --val-fraction of --data)")
+    f.add_argument("--task", choices=["classification", "choice"])
+    for name, typ in (("lm-coef", float), ("epochs", int), ("batch-size", int), ("lr", float),
+                      ("warmup-fraction", float), ("weight-decay", float), ("grad-clip", float),
+                      ("classifier-dropout", float), ("max-len", int), ("eval-every", int),
+                      ("val-fraction", float), ("seed", int)):
+        f.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+    f.add_argument("--special-tokens", action="store_true", default=None,
+                   help="add learned <|start|>, <|delimiter|>, <|extract|> tokens (the GPT-1 paper's input transformation)")
+    f.add_argument("--device")
+    f.add_argument("--dtype")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_finetune)
+
+    c = sub.add_parser("classify", help="run a fine-tuned model on a text, or score it on a data file")
+    c.add_argument("text", nargs="?", help="the text (or the context, for a multiple-choice model)")
+    c.add_argument("--model", required=True, help="a fine-tuned model directory")
+    c.add_argument("--pair", help="second text of a text-pair task")
+    c.add_argument("--choice", action="append", help="a choice (repeat; multiple-choice models)")
+    c.add_argument("--data", help="a data file: accuracy when every row has a label, else one prediction per row")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_classify)
 
     e = sub.add_parser("perplexity", help="perplexity of a model on a text file")
     e.add_argument("file")

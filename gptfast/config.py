@@ -122,6 +122,14 @@ class GPTConfig:
                    "gelu": "gelu"}
         if act not in act_map:
             raise ValueError(f"{source}: activation {act!r} is not supported; expected one of {sorted(act_map)}")
+        extra = dict(d.get("gptfast", {}))
+        activation = act_map[act]
+        if model_type == "openai-gpt":
+            # transformers' OpenAIGPT maps afn "gelu" to gelu_new, the tanh form that OpenAI's GPT-1
+            # code used and its weights were trained with; gptfast's own erf GPT-1 says so in "gptfast".
+            activation = extra.pop("activation", "gelu_tanh")
+            if activation not in _ACTIVATIONS:
+                raise ValueError(f"{source}: gptfast.activation must be one of {_ACTIVATIONS}, got {activation!r}")
         eos = d.get("eos_token_id", 50256 if model_type == "gpt2" else None)
         return cls(
             vocab_size=d.get("vocab_size", 50257 if model_type == "gpt2" else 40478),
@@ -130,7 +138,7 @@ class GPTConfig:
             n_layer=d.get("n_layer", 12),
             n_head=d.get("n_head", 12),
             n_inner=d.get("n_inner"),
-            activation=act_map[act],
+            activation=activation,
             pre_ln=model_type == "gpt2",
             final_ln=model_type == "gpt2",
             layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
@@ -138,7 +146,7 @@ class GPTConfig:
             resid_pdrop=d.get("resid_pdrop", 0.0),
             attn_pdrop=d.get("attn_pdrop", 0.0),
             eos_token_id=eos if isinstance(eos, int) else None,
-            extra=dict(d.get("gptfast", {})),
+            extra=extra,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -161,7 +169,11 @@ class GPTConfig:
                     "bos_token_id": self.eos_token_id, "eos_token_id": self.eos_token_id}
         if self.n_inner != 4 * self.n_embd:
             raise ValueError("Hugging Face OpenAIGPT has no n_inner: it must be 4 * n_embd")
-        return {**common, "model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "afn": act}
+        if self.activation == "gelu":
+            # OpenAIGPT's afn "gelu" runs the tanh form in transformers and has no erf option: the
+            # exact form is recorded for gptfast; transformers will run this model with tanh GELU.
+            common["gptfast"] = {**self.extra, "activation": "gelu"}
+        return {**common, "model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "afn": "gelu"}
 
     @classmethod
     def from_json_file(cls, path: str) -> "GPTConfig":

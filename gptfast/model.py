@@ -182,6 +182,24 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow or shrink the vocabulary to vocab_size (new rows drawn as at init; the LM head stays
+        tied), e.g. after adding fine-tuning tokens to the tokenizer."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        old = self.transformer.wte
+        if vocab_size == old.num_embeddings:
+            return
+        new = nn.Embedding(vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.normal_(new.weight, mean=0.0, std=0.02)
+        keep = min(vocab_size, old.num_embeddings)
+        with torch.no_grad():
+            new.weight[:keep].copy_(old.weight[:keep])
+        self.transformer.wte = new
+        self.lm_head = nn.Linear(old.embedding_dim, vocab_size, bias=False, device="meta")
+        self.lm_head.weight = new.weight
+        self.config.vocab_size = vocab_size
+
     @property
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
@@ -213,6 +231,19 @@ class GPT(nn.Module):
         validate: check token ids and positions on the host (one sync); the generation loop
             validates once up front and then passes False.
         """
+        x = self.hidden_states(input_ids, cache=cache, input_lengths=input_lengths, validate=validate)
+        if logits_index is not None:
+            B = x.shape[0]
+            x = x.gather(1, logits_index.view(B, 1, 1).expand(B, 1, x.shape[-1])).squeeze(1)  # (B, C)
+        logits = self.lm_head(x)
+        if labels is None:
+            return logits
+        return logits, self.loss(logits, labels)
+
+    def hidden_states(self, input_ids, *, cache: Optional[KVCache] = None, input_lengths=None,
+                      validate: bool = True):
+        """The last block's output after the final LayerNorm (GPT-2) or the last post-LN (GPT-1),
+        [B, T, C]: what the LM head and fine-tuning heads read. Arguments as in forward."""
         self._check_input_ids(input_ids)
         B, T = input_ids.shape
         if validate:
@@ -235,12 +266,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.seqlens += T if input_lengths is None else input_lengths.to(cache.seqlens.dtype)
             cache.empty = False
-        if logits_index is not None:
-            x = x.gather(1, logits_index.view(B, 1, 1).expand(B, 1, x.shape[-1])).squeeze(1)  # (B, C)
-        logits = self.lm_head(x)
-        if labels is None:
-            return logits
-        return logits, self.loss(logits, labels)
+        return x
 
     def _validate_ids(self, input_ids, cache, T):
         lo, hi = int(input_ids.min()), int(input_ids.max())

@@ -50,6 +50,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add tokens that are never split or merged (fine-tuning markers); returns their ids."""
+        self._tok.add_special_tokens(list(tokens))
+        return [self._tok.token_to_id(t) for t in tokens]
+
     def save(self, directory: str) -> None:
         from .checkpoint import atomic_write_text
 

@@ -139,6 +139,12 @@ def _batch_generator(args: TrainArgs, step: int, rank: int, world: int) -> torch
     return torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed the global RNGs (dropout) from (seed, step, rank), so a resumed run draws the same
+    dropout masks as the uninterrupted one."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank + 1)
+
+
 def train(args: TrainArgs, progress: bool = True) -> dict:
     """Train (or resume) and return a summary dict; see the module docstring.
 
@@ -198,6 +204,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
             group["lr"] = lr_at(step, args)
         x, y = get_batch(train_tokens, args.batch_size, args.block_size, _batch_generator(args, step, rank, world),
                          device)
+        seed_step(args.seed, step, rank)
         with autocast:
             loss = _shifted_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
@@ -224,18 +231,23 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         elif step % 10 == 0:
             log.append(entry)
     bar.close()
-    if rank == 0:
-        raw_model.save_pretrained(args.out)
-        tokenizer.save(args.out)
-        atomic_write_text(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in log))
-        plot_losses(log, os.path.join(args.out, "loss.png"))
-    _barrier(world)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    finish_run(raw_model, tokenizer, log, args.out, rank, world)
     vals = [e for e in log if "val_loss" in e]
     return {"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
             "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
             "world_size": world}
+
+
+def finish_run(model, tokenizer, log: list, out: str, rank: int, world: int) -> None:
+    """Rank 0 writes the final model, tokenizer, log.jsonl and loss.png to out; the process group ends."""
+    if rank == 0:
+        model.save_pretrained(out)
+        tokenizer.save(out)
+        atomic_write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in log))
+        plot_losses(log, os.path.join(out, "loss.png"))
+    _barrier(world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def _barrier(world: int) -> None:
@@ -282,7 +294,8 @@ def _checkpoint(model, tokenizer, opt, step, log, args):
 
 
 def plot_losses(log: list, path: str) -> Optional[str]:
-    """Train and validation loss curves as a PNG (skipped when matplotlib is missing)."""
+    """Train and validation loss curves (and validation accuracy when logged) as a PNG
+    (skipped when matplotlib is missing)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -295,8 +308,15 @@ def plot_losses(log: list, path: str) -> Optional[str]:
     if vals:
         ax.plot([e["step"] for e in vals], [e["val_loss"] for e in vals], "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
+    ax.set_ylabel("cross-entropy (nats/token)" if not any("val_accuracy" in e for e in vals) else "loss")
+    handles, names = ax.get_legend_handles_labels()
+    accs = [e for e in vals if "val_accuracy" in e]
+    if accs:  # fine-tuning: validation accuracy on a second axis
+        ax2 = ax.twinx()
+        handles += ax2.plot([e["step"] for e in accs], [e["val_accuracy"] for e in accs], "s--", color="C2")
+        names.append("validation accuracy")
+        ax2.set_ylabel("accuracy")
+    ax.legend(handles, names)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path + ".tmp.png"

@@ -72,3 +72,24 @@ def make_gpt2_tokenizer_files(directory, text, vocab_size=300):
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
     tok.train_from_iterator([text], vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
     tok.save_model(str(directory))
+
+
+def make_hf_classifier(path, gpt1=False, num_labels=3, pad_token_id=1000, seed=0, **shape):
+    """A transformers GPT2ForSequenceClassification (or OpenAIGPTForSequenceClassification) from
+    a random init, LayerNorms and biases perturbed, saved with save_pretrained."""
+    from transformers import (GPT2Config, GPT2ForSequenceClassification, OpenAIGPTConfig,
+                              OpenAIGPTForSequenceClassification)
+
+    torch.manual_seed(seed)
+    dims = dict(vocab_size=1001, n_positions=77, n_embd=64, n_layer=2, n_head=8, **shape)
+    labels = {"id2label": {i: f"class-{i}" for i in range(num_labels)},
+              "label2id": {f"class-{i}": i for i in range(num_labels)}}
+    if gpt1:
+        model = OpenAIGPTForSequenceClassification(OpenAIGPTConfig(pad_token_id=pad_token_id, **labels, **dims))
+    else:
+        model = GPT2ForSequenceClassification(GPT2Config(pad_token_id=pad_token_id, bos_token_id=None,
+                                                         eos_token_id=None, **labels, **dims))
+    model.eval()
+    _perturb(model)
+    model.save_pretrained(path)
+    return model

@@ -1,0 +1,556 @@
+"""GPT-1-style fine-tuning: a linear head on the last token, trained on task loss + lm_coef x LM loss.
+
+    gptfast finetune --data train.jsonl --val val.jsonl --out runs/sst --model path/to/gpt2
+
+As in Radford et al. (2018), "Improving Language Understanding by Generative Pre-Training":
+the pretrained decoder reads the example, a linear layer (`score`, no bias) reads the final
+hidden state of its last token, and the objective is the task cross-entropy plus lm_coef
+(lambda, 0.5 in the paper) times the language-model loss on the same tokens. Defaults follow
+the paper: 3 epochs, batch 32, lr 6.25e-5 with linear warm-up over 0.2% of the steps and
+linear decay to 0, weight decay 0.01, dropout 0.1 on the head's input.
+
+Tasks and their input transformations:
+- "classification": one text, or a text pair (entailment, paraphrase...) joined by the
+  delimiter token: `[start] text [delim text_pair] [extract]`.
+- "choice" (multiple choice, e.g. story cloze): each choice becomes `[start] context [delim]
+  choice [extract]`, the head gives each one a score, and a softmax over the choices is the
+  task's distribution.
+By default there is no start or extract token (the head reads the text's last token, as
+transformers' GPT2ForSequenceClassification does) and the delimiter is the tokenizer's
+end-of-text token. `special_tokens=True` (`--special-tokens`) adds the paper's three learned
+tokens `<|start|>`, `<|delimiter|>`, `<|extract|>` to the tokenizer and the embedding.
+
+Data: JSON lines (`{"text": ..., "text_pair": ..., "label": ...}`; for "choice"
+`{"context": ..., "choices": [...], "label": index}`), or CSV/TSV with a header row for
+classification. Labels may be strings or ints; the label set is read from the training file.
+
+The run directory ends as a Hugging Face directory that transformers loads as
+GPT2ForSequenceClassification / OpenAIGPTForSequenceClassification (same logits; the
+`pad_token_id` in config.json is chosen so its last-non-pad rule finds the same token), plus
+the tokenizer, log.jsonl and loss.png. Checkpoints, resume and torchrun work as in
+gptfast.train: the same command resumes an interrupted run and reaches the same weights.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .model import GPT
+
+TASKS = ("classification", "choice")
+SPECIAL_TOKENS = ("<|start|>", "<|delimiter|>", "<|extract|>")
+
+
+@dataclass
+class TaskSpec:
+    """What the head predicts and how examples become tokens; saved in config.json."""
+
+    task: str = "classification"
+    labels: list = field(default_factory=list)  # label names (classification); [] for choice
+    start: Optional[int] = None  # token ids of the input transformation (None: not used)
+    delimiter: Optional[int] = None
+    extract: Optional[int] = None
+    pad: Optional[int] = None  # pad id written to config.json for transformers' last-non-pad rule
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "classification" and len(self.labels) < 2:
+            raise ValueError(f"classification needs at least 2 labels, got {self.labels!r}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels!r}")
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task == "choice" else len(self.labels)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        names = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class ClassifierOutput(NamedTuple):
+    logits: torch.Tensor  # [B, labels] (classification) or [B, choices] (choice; -inf for absent choices)
+    loss: Optional[torch.Tensor]  # task_loss + lm_coef * lm_loss
+    task_loss: Optional[torch.Tensor]
+    lm_loss: Optional[torch.Tensor]
+
+
+class GPTClassifier(GPT):
+    """A GPT with a linear head (`score`, as in transformers' *ForSequenceClassification) on the
+    last real token of each row. It is still a language model: generate() and the LM head work."""
+
+    def __init__(self, config: GPTConfig, spec: TaskSpec, classifier_dropout: float = 0.1):
+        super().__init__(config)
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"spec must be a TaskSpec, got {type(spec).__name__}")
+        if not 0.0 <= classifier_dropout < 1.0:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}")
+        self.spec = spec
+        self.config.extra = {**config.extra, "finetune": asdict(spec)}
+        self.classifier_dropout = nn.Dropout(classifier_dropout)
+        self.score = nn.Linear(config.n_embd, spec.num_outputs, bias=False)
+        self._init_weights(self.score)
+
+    # ---- construction ------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, spec: Optional[TaskSpec] = None, device=None, dtype=None,
+                        classifier_dropout: float = 0.1) -> "GPTClassifier":
+        """A fine-tuned classifier (gptfast's, or transformers' *ForSequenceClassification), or a
+        language model plus a new head for `spec` (required then)."""
+        from .checkpoint import build_model, read_checkpoint
+
+        config, state, raw = read_checkpoint(path)
+        saved = config.extra.get("finetune")
+        if saved is not None:
+            saved = TaskSpec.from_dict(saved)
+        elif "score.weight" in state:  # trained by transformers: labels from id2label
+            id2label = raw.get("id2label") or {str(i): f"LABEL_{i}" for i in range(state["score.weight"].shape[0])}
+            eos = raw.get("eos_token_id")
+            saved = TaskSpec(labels=[id2label[k] for k in sorted(id2label, key=int)], pad=raw.get("pad_token_id"),
+                             delimiter=eos if isinstance(eos, int) and 0 <= eos < config.vocab_size else None)
+        if saved is not None and spec is not None and (saved.task, saved.labels) != (spec.task, spec.labels):
+            raise ValueError(f"{path} holds a {saved.task} head for labels {saved.labels}; asked for a "
+                             f"{spec.task} head for labels {spec.labels}")
+        spec = spec or saved
+        if spec is None:
+            raise ValueError(f"{path} is a language model without a fine-tuning head: pass spec=TaskSpec(...) "
+                             "to add one")
+        if saved is None:
+            state = {k: v for k, v in state.items() if not k.startswith("score.")}
+        return build_model(cls, config, state, path, device=device, dtype=dtype, fresh=("score.",), spec=spec,
+                           classifier_dropout=classifier_dropout)
+
+    def hf_config_overrides(self) -> dict:
+        """Keys that make config.json load in transformers as *ForSequenceClassification."""
+        arch = "GPT2ForSequenceClassification" if self.config.pre_ln else "OpenAIGPTForSequenceClassification"
+        names = self.spec.labels if self.spec.task == "classification" else ["score"]
+        return {"architectures": [arch], "id2label": {str(i): str(n) for i, n in enumerate(names)},
+                "label2id": {str(n): i for i, n in enumerate(names)}, "pad_token_id": self.spec.pad}
+
+    # ---- forward -------------------------------------------------------------
+    def forward(self, input_ids, lengths=None, labels=None, lm_coef: float = 0.0, validate: bool = True):
+        """input_ids [B, T] (classification) or [B, C, T] (choice), right-padded; lengths [B] or
+        [B, C] real tokens per row (default T; 0 marks an absent choice); labels [B] class or
+        choice index. Returns ClassifierOutput; the losses are None without labels, lm_loss is
+        None when lm_coef is 0."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (2, 3):
+            raise ValueError(f"input_ids must be [B, T] or [B, C, T], got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+        choice = self.spec.task == "choice"
+        if (input_ids.dim() == 3) != choice:
+            raise ValueError(f"a {self.spec.task} head takes input_ids of "
+                             f"{'[B, C, T]' if choice else '[B, T]'}, got {tuple(input_ids.shape)}")
+        lead, T = input_ids.shape[:-1], input_ids.shape[-1]
+        if lengths is None:
+            lengths = torch.full(lead, T, dtype=torch.long, device=input_ids.device)
+        if tuple(lengths.shape) != tuple(lead):
+            raise ValueError(f"lengths must have shape {tuple(lead)}, got {tuple(lengths.shape)}")
+        ids, lens = input_ids.reshape(-1, T), lengths.reshape(-1).to(input_ids.device)
+        if validate and (int(lens.max()) > T or int(lens.min()) < (0 if choice else 1)):
+            raise ValueError(f"lengths must be in [{0 if choice else 1}, {T}], got [{int(lens.min())}, {int(lens.max())}]")
+        h = self.hidden_states(ids, validate=validate)  # (N, T, C)
+        last = (lens - 1).clamp(min=0)
+        pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (N, C): each row's last real token
+        logits = self.score(self.classifier_dropout(pooled)).float()
+        if choice:
+            logits = logits.view(lead).masked_fill(lens.view(lead) == 0, float("-inf"))  # (B, C)
+        task_loss = lm_loss = loss = None
+        if labels is not None:
+            if tuple(labels.shape) != (lead[0],):
+                raise ValueError(f"labels must have shape ({lead[0]},), got {tuple(labels.shape)}")
+            if validate and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[-1]:
+                raise ValueError(f"labels must be in [0, {logits.shape[-1]}), got [{int(labels.min())}, "
+                                 f"{int(labels.max())}]")
+            task_loss = F.cross_entropy(logits, labels.to(logits.device))
+            loss = task_loss
+        if lm_coef and T > 1:
+            targets = ids[:, 1:].masked_fill(torch.arange(1, T, device=ids.device) >= lens[:, None], -100)
+            lm_logits = self.lm_head(h[:, :-1])
+            lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]).float(), targets.reshape(-1),
+                                      ignore_index=-100)
+            loss = lm_coef * lm_loss if loss is None else loss + lm_coef * lm_loss
+        return ClassifierOutput(logits, loss, task_loss, lm_loss)
+
+
+# ---- examples ----------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    seqs: list  # token ids: one sequence (classification) or one per choice
+    label: Optional[int]  # class index or choice index; None when unlabelled
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSON-lines, CSV or TSV file (CSV/TSV: a header row names the columns)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.endswith((".csv", ".tsv")):
+                rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+            else:
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise ValueError(f"{path}:{n}: not a JSON object: {exc}") from None
+                        if not isinstance(rows[-1], dict):
+                            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rows[-1]).__name__}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    if not rows:
+        raise ValueError(f"{path} holds no examples")
+    return rows
+
+
+def label_set(rows: Sequence[dict], source: str) -> list:
+    """The sorted distinct labels of classification rows (ints numerically, else as strings)."""
+    missing = [n for n, r in enumerate(rows, 1) if r.get("label") in (None, "")]
+    if missing:
+        raise ValueError(f"{source}: row {missing[0]} has no 'label' ({len(missing)} rows lack one)")
+    values = {r["label"] for r in rows}
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return sorted(values)
+    return sorted(str(v) for v in values)
+
+
+def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, source: str,
+                labelled: bool = True) -> tuple[list[Example], int]:
+    """Examples (token ids per the spec's input transformation) and how many were truncated."""
+    index = {lab: i for i, lab in enumerate(spec.labels)}
+    examples, truncated = [], 0
+    for n, row in enumerate(rows, 1):
+        where = f"{source}: row {n}"
+        if spec.task == "classification":
+            text = _field(row, ("text", "sentence", "text_a"), where)
+            pair = row.get("text_pair", row.get("text_b"))
+            parts = [tokenizer.encode(text)] + ([tokenizer.encode(str(pair))] if pair not in (None, "") else [])
+            seqs = [_join(parts, spec, max_len, where)]
+            label = None
+            if labelled or row.get("label") not in (None, ""):
+                raw = row.get("label")
+                key = raw if raw in index else str(raw)
+                if key not in index:
+                    raise ValueError(f"{where}: label {raw!r} is not one of the model's labels {spec.labels}")
+                label = index[key]
+        else:
+            context = tokenizer.encode(_field(row, ("context", "text"), where))
+            choices = row.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise ValueError(f"{where}: 'choices' must be a list of at least 2 texts, got {choices!r}")
+            seqs = [_join([context, tokenizer.encode(str(c))], spec, max_len, where) for c in choices]
+            label = row.get("label")
+            if label is None and labelled:
+                raise ValueError(f"{where}: no 'label' (the index of the right choice)")
+            if label is not None and (not isinstance(label, int) or not 0 <= label < len(choices)):
+                raise ValueError(f"{where}: label must be an int in [0, {len(choices)}), got {label!r}")
+        truncated += any(cut for _, cut in seqs)
+        examples.append(Example([seq for seq, _ in seqs], label))
+    return examples, truncated
+
+
+def _field(row: dict, names: tuple, where: str) -> str:
+    for name in names:
+        if row.get(name) not in (None, ""):
+            return str(row[name])
+    raise ValueError(f"{where}: no text: expected a field {' or '.join(repr(n) for n in names)}, got {sorted(row)}")
+
+
+def _join(parts: list[list[int]], spec: TaskSpec, max_len: int, where: str) -> tuple[list[int], bool]:
+    """([start] a [delim b] [extract], whether it was cut): the end of the longest part is cut
+    until the whole fits max_len."""
+    if len(parts) > 1 and spec.delimiter is None:
+        raise ValueError(f"{where}: a text pair needs a delimiter token, and this tokenizer has no end-of-text "
+                         "token: fine-tune with special_tokens=True (--special-tokens)")
+    fixed = (spec.start is not None) + (spec.extract is not None) + (len(parts) - 1)
+    parts = [list(p) for p in parts]
+    seq, cut = [], False
+    while sum(map(len, parts)) + fixed > max_len:
+        longest = max(parts, key=len)
+        if not longest:
+            raise ValueError(f"{where}: max_len {max_len} leaves no room for text")
+        del longest[max(0, max_len - fixed - (sum(map(len, parts)) - len(longest))):]
+        cut = True
+    if not any(parts) and spec.start is None and spec.extract is None:
+        raise ValueError(f"{where}: the text encodes to no tokens")
+    if spec.start is not None:
+        seq.append(spec.start)
+    for i, p in enumerate(parts):
+        if i:
+            seq.append(spec.delimiter)
+        seq.extend(p)
+    if spec.extract is not None:
+        seq.append(spec.extract)
+    return seq, cut
+
+
+def collate(examples: Sequence[Example], task: str, pad_id: int, device) -> tuple:
+    """(input_ids, lengths, labels or None) right-padded to the batch's longest sequence."""
+    C = max(len(e.seqs) for e in examples)
+    T = max(len(s) for e in examples for s in e.seqs)
+    ids = torch.full((len(examples), C, T), pad_id, dtype=torch.long)
+    lengths = torch.zeros((len(examples), C), dtype=torch.long)
+    for b, e in enumerate(examples):
+        for c, s in enumerate(e.seqs):
+            ids[b, c, :len(s)] = torch.tensor(s, dtype=torch.long)
+            lengths[b, c] = len(s)
+    if task == "classification":
+        ids, lengths = ids[:, 0], lengths[:, 0]
+    labels = None if any(e.label is None for e in examples) else torch.tensor([e.label for e in examples])
+    return ids.to(device), lengths.to(device), None if labels is None else labels.to(device)
+
+
+# ---- evaluation and prediction ---------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: GPTClassifier, examples: Sequence[Example], batch_size: int = 32, lm_coef: float = 0.0,
+             progress: bool = False) -> dict:
+    """Accuracy and mean task loss (and LM loss when lm_coef) over labelled examples."""
+    from tqdm import tqdm
+
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    was_training = model.training
+    model.eval()
+    correct, task_sum, lm_sum = 0, 0.0, 0.0
+    pad = _pad_id(model.spec)
+    for i in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress):
+        chunk = examples[i:i + batch_size]
+        ids, lengths, labels = collate(chunk, model.spec.task, pad, model.device)
+        if labels is None:
+            raise ValueError("evaluate needs labelled examples")
+        out = model(ids, lengths, labels, lm_coef=lm_coef)
+        correct += int((out.logits.argmax(-1) == labels).sum())
+        task_sum += float(out.task_loss) * len(chunk)
+        if out.lm_loss is not None:
+            lm_sum += float(out.lm_loss) * len(chunk)
+    model.train(was_training)
+    result = {"examples": len(examples), "accuracy": correct / len(examples), "loss": task_sum / len(examples)}
+    if lm_coef:
+        result["lm_loss"] = lm_sum / len(examples)
+    return result
+
+
+@torch.no_grad()
+def predict(model: GPTClassifier, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> torch.Tensor:
+    """Probabilities [N, labels] (classification) or [N, choices] (choice) for rows in the data
+    file format (labels not needed)."""
+    examples, _ = encode_rows(rows, tokenizer, model.spec, model.config.n_positions, "input", labelled=False)
+    model.eval()
+    out = []
+    for i in range(0, len(examples), batch_size):
+        ids, lengths, _ = collate(examples[i:i + batch_size], model.spec.task, _pad_id(model.spec), model.device)
+        out.append(model(ids, lengths).logits.softmax(-1).cpu())
+    width = max(o.shape[-1] for o in out)
+    return torch.cat([F.pad(o, (0, width - o.shape[-1])) for o in out])
+
+
+def _pad_id(spec: TaskSpec) -> int:
+    return spec.pad if spec.pad is not None else 0  # any id: lengths mask the padding
+
+
+# ---- training ----------------------------------------------------------------------------
+
+@dataclass
+class FinetuneArgs:
+    data: str
+    out: str
+    model: Optional[str] = None  # checkpoint to start from (default: the shipped model)
+    val: Optional[str] = None  # validation file (default: a val_fraction split of data)
+    task: str = "classification"
+    lm_coef: float = 0.5
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 6.25e-5
+    warmup_fraction: float = 0.002
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    classifier_dropout: float = 0.1
+    special_tokens: bool = False
+    max_len: Optional[int] = None  # default: the model's context
+    eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
+    val_fraction: float = 0.1
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
+    """Fine-tune (or resume) and return a summary; see the module docstring.
+
+    Under torchrun every rank trains on its own slice of each global batch (batch_size per rank)
+    with DDP; rank 0 alone evaluates, logs and writes checkpoints.
+    """
+    from tqdm import tqdm
+
+    from .tokenizer import Tokenizer
+    from .train import (_barrier, _checkpoint, _distributed, _mean_over_ranks, _resolve_device, finish_run,
+                        latest_checkpoint, seed_step)
+
+    _check_args(args)
+    rank, world, local_rank = _distributed()
+    device = _resolve_device(args.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    train_rows = read_rows(args.data)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = latest_checkpoint(args.out)
+    if ckpt is not None:
+        model = GPTClassifier.from_pretrained(ckpt, classifier_dropout=args.classifier_dropout)
+        tokenizer = Tokenizer.from_pretrained(ckpt)
+    else:
+        model, tokenizer = _start(args, train_rows)
+    model.to(device).train()
+    spec = model.spec
+    max_len = min(args.max_len or model.config.n_positions, model.config.n_positions)
+    if args.val:
+        val_rows = read_rows(args.val)
+    else:  # a seeded split of the training file
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_val = max(1, int(len(train_rows) * args.val_fraction))
+        val_rows = [train_rows[i] for i in order[:n_val]]
+        train_rows = [train_rows[i] for i in order[n_val:]]
+    train_set, cut_train = encode_rows(train_rows, tokenizer, spec, max_len, args.data)
+    val_set, cut_val = encode_rows(val_rows, tokenizer, spec, max_len, args.val or f"{args.data} (val split)")
+    if (cut_train or cut_val) and rank == 0:
+        print(f"[gptfast] {cut_train} training and {cut_val} validation examples truncated to {max_len} tokens",
+              file=sys.stderr)
+    steps_per_epoch = len(train_set) // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} x {world} rank(s) exceeds the {len(train_set)} "
+                         "training examples")
+    total = args.epochs * steps_per_epoch
+    eval_every = args.eval_every or steps_per_epoch
+    raw_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    decay = [p for n, p in raw_model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in raw_model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    step, log = 0, []
+    if ckpt is not None:
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        step, log = state["step"], json.loads(state["log"])
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    warmup = max(1, round(args.warmup_fraction * total))
+    bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress or rank != 0, unit="step")
+    t0, loss_f, val = time.time(), float("nan"), None
+    pad = _pad_id(spec)
+    while step < total:
+        lr = args.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = _batch(train_set, step, steps_per_epoch, args, rank, world)
+        ids, lengths, labels = collate(batch, spec.task, pad, device)
+        seed_step(args.seed, step, rank)
+        with autocast:
+            out = model(ids, lengths, labels, lm_coef=args.lm_coef)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        loss_f = _mean_over_ranks(out.loss.detach(), world)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_f:.3f}")
+        entry = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_f,
+                 "task_loss": _mean_over_ranks(out.task_loss.detach(), world), "lr": lr}
+        if out.lm_loss is not None:
+            entry["lm_loss"] = _mean_over_ranks(out.lm_loss.detach(), world)
+        if step % eval_every == 0 or step == total:
+            if rank == 0:
+                with autocast:
+                    val = evaluate(raw_model, val_set, args.batch_size, args.lm_coef)
+                entry.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+                if "lm_loss" in val:
+                    entry["val_lm_loss"] = val["lm_loss"]
+                if progress:
+                    bar.write(f"step {step} (epoch {entry['epoch']:.2f}): train loss {loss_f:.3f}, "
+                              f"val accuracy {val['accuracy']:.4f}, val task loss {val['loss']:.4f}", file=sys.stderr)
+                log.append(entry)
+                _checkpoint(raw_model, tokenizer, opt, step, log, args)
+            _barrier(world)
+        elif step % 10 == 0:
+            log.append(entry)
+    bar.close()
+    finish_run(raw_model, tokenizer, log, args.out, rank, world)
+    vals = [e for e in log if "val_accuracy" in e]
+    return {"steps": step, "epochs": args.epochs, "train_loss": loss_f, "task": spec.task,
+            "labels": spec.labels, "val_accuracy": vals[-1]["val_accuracy"] if vals else None,
+            "val_loss": vals[-1]["val_loss"] if vals else None, "train_examples": len(train_set),
+            "val_examples": len(val_set), "seconds": time.time() - t0, "out": args.out, "world_size": world}
+
+
+def _check_args(args: FinetuneArgs) -> None:
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.lm_coef < 0 or not math.isfinite(args.lm_coef):
+        raise ValueError(f"--lm-coef must be finite and >= 0, got {args.lm_coef}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not 0 <= args.warmup_fraction < 1:
+        raise ValueError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
+    if args.max_len is not None and args.max_len < 2:
+        raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
+
+
+def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]:
+    """A new classifier from the --model language model (or classifier), with its tokenizer."""
+    from .checkpoint import default_model_path, resolve_path
+    from .tokenizer import Tokenizer
+
+    path = args.model or default_model_path()
+    if path is None:
+        raise FileNotFoundError("the shipped default model is missing from this install; pass --model PATH")
+    path = resolve_path(path)
+    tokenizer = Tokenizer.from_pretrained(path)
+    labels = label_set(rows, args.data) if args.task == "classification" else []
+    torch.manual_seed(args.seed)  # the new head's (and new tokens') init
+    if args.special_tokens:
+        start, delimiter, extract = tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+        pad = delimiter  # never the last token of an example
+    else:
+        start = extract = None
+        delimiter = pad = tokenizer.eos_token_id
+    spec = TaskSpec(task=args.task, labels=labels, start=start, delimiter=delimiter, extract=extract, pad=pad)
+    model = GPTClassifier.from_pretrained(path, spec=spec, classifier_dropout=args.classifier_dropout)
+    model.config.extra["finetuned_from"] = path
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    return model, tokenizer
+
+
+def _batch(examples: list[Example], step: int, steps_per_epoch: int, args: FinetuneArgs, rank: int,
+           world: int) -> list[Example]:
+    # The order is a function of (seed, epoch) only, so a resumed run sees the same batches.
+    epoch, i = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+    start = (i * world + rank) * args.batch_size
+    return [examples[j] for j in order[start:start + args.batch_size].tolist()]

@@ -1,0 +1,376 @@
+"""GPT-1-style fine-tuning: the classifier against transformers' *ForSequenceClassification, the
+task + lambda * LM objective, training to a learnable task, resume, torchrun, CLI and errors."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import GPT, Tokenizer
+from gptfast.checkpoint import default_model_path
+from gptfast.cli import main
+from gptfast.finetune import (FinetuneArgs, GPTClassifier, TaskSpec, collate, encode_rows, finetune, predict,
+                              read_rows)
+from gptfast.train import latest_checkpoint
+
+from hf_utils import make_hf_classifier, make_hf_gpt2
+
+PAD = 1000
+
+
+def _right_padded(lengths, T, vocab=PAD, pad=PAD, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)  # never the pad id
+    for b, n in enumerate(lengths):
+        ids[b, n:] = pad
+    return ids, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("gpt1", [False, True], ids=["gpt2", "gpt1"])
+def test_logits_match_transformers_classifier(tmp_path, gpt1):
+    hf = make_hf_classifier(tmp_path, gpt1=gpt1)
+    model = GPTClassifier.from_pretrained(str(tmp_path))
+    assert model.spec.labels == ["class-0", "class-1", "class-2"] and model.spec.pad == PAD
+    ids, lengths = _right_padded([13, 1, 7, 10], 13)
+    with torch.no_grad():
+        expected = hf(ids).logits  # transformers pools the last non-pad token
+        got = model(ids, lengths).logits
+    assert got.shape == (4, 3)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("gpt1", [False, True], ids=["gpt2", "gpt1"])
+def test_saved_classifier_loads_in_transformers(tmp_path, gpt1):
+    from transformers import AutoModelForSequenceClassification
+
+    make_hf_classifier(tmp_path / "hf", gpt1=gpt1, num_labels=4)
+    model = GPTClassifier.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():  # make the head differ from the one we loaded
+        model.score.weight.mul_(-2.0).add_(0.1)
+    model.save_pretrained(str(tmp_path / "ours"))
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ours")).eval()
+    assert type(hf).__name__ == ("OpenAIGPTForSequenceClassification" if gpt1 else "GPT2ForSequenceClassification")
+    assert hf.config.id2label == {i: f"class-{i}" for i in range(4)}
+    ids, lengths = _right_padded([5, 9, 2], 9, seed=1)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids, lengths).logits).abs().max().item() <= 1e-4
+    again = GPTClassifier.from_pretrained(str(tmp_path / "ours"))
+    assert again.spec == model.spec
+    assert torch.equal(again.score.weight, model.score.weight)
+
+
+def test_objective_is_task_loss_plus_lambda_lm_loss(tmp_path):
+    """loss = CE(head) + lambda * LM loss over the real tokens, as transformers computes each part."""
+    from transformers import GPT2LMHeadModel
+
+    hf_clf = make_hf_classifier(tmp_path)
+    hf_lm = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()  # same transformer, tied LM head
+    model = GPTClassifier.from_pretrained(str(tmp_path))
+    ids, lengths = _right_padded([11, 4, 8], 11, seed=2)
+    labels = torch.tensor([2, 0, 1])
+    lm_labels = ids.masked_fill(torch.arange(11) >= lengths[:, None], -100)
+    with torch.no_grad():
+        task = F.cross_entropy(hf_clf(ids).logits, labels)
+        lm = hf_lm(ids, labels=lm_labels).loss
+        out = model(ids, lengths, labels, lm_coef=0.5)
+    assert abs(out.task_loss.item() - task.item()) <= 1e-5
+    assert abs(out.lm_loss.item() - lm.item()) <= 1e-5
+    assert abs(out.loss.item() - (task + 0.5 * lm).item()) <= 1e-5
+    no_lm = model(ids, lengths, labels, lm_coef=0.0)
+    assert no_lm.lm_loss is None and torch.equal(no_lm.loss, no_lm.task_loss)
+
+
+def test_gradients_flow_to_head_and_body(tmp_path):
+    make_hf_classifier(tmp_path)
+    model = GPTClassifier.from_pretrained(str(tmp_path)).train()
+    ids, lengths = _right_padded([6, 3], 6, seed=3)
+    model(ids, lengths, torch.tensor([1, 2]), lm_coef=0.5).loss.backward()
+    for name in ("score.weight", "transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_padding_does_not_change_a_row(tmp_path):
+    make_hf_classifier(tmp_path)
+    model = GPTClassifier.from_pretrained(str(tmp_path))
+    ids, lengths = _right_padded([7, 3], 7, seed=4)
+    with torch.no_grad():
+        both = model(ids, lengths).logits
+        alone = model(ids[1:, :3], lengths[1:]).logits
+    assert (both[1] - alone[0]).abs().max() <= 1e-5
+
+
+def test_multiple_choice_scores_each_choice(tmp_path):
+    make_hf_gpt2(tmp_path, vocab_size=1001)
+    spec = TaskSpec(task="choice", delimiter=5)
+    model = GPTClassifier.from_pretrained(str(tmp_path), spec=spec)
+    ids = torch.randint(0, 1001, (2, 3, 8))
+    lengths = torch.tensor([[8, 5, 0], [2, 8, 6]])  # row 0 has two choices
+    with torch.no_grad():
+        out = model(ids, lengths, torch.tensor([1, 2]))
+        one = model.score(model.hidden_states(ids[1, 2:3, :6])[:, -1]).squeeze()
+    assert out.logits.shape == (2, 3) and out.logits[0, 2] == float("-inf")
+    assert (out.logits[1, 2] - one).abs() <= 1e-5
+    assert torch.isfinite(out.task_loss)
+
+
+def test_new_head_on_a_language_model_needs_a_spec(tmp_path):
+    make_hf_gpt2(tmp_path)
+    with pytest.raises(ValueError, match="without a fine-tuning head: pass spec"):
+        GPTClassifier.from_pretrained(str(tmp_path))
+    model = GPTClassifier.from_pretrained(str(tmp_path), spec=TaskSpec(labels=["a", "b"]))
+    assert model.score.weight.shape == (2, 64) and 0.005 < model.score.weight.std() < 0.05  # fresh init
+    with pytest.raises(ValueError, match="holds a classification head for labels"):
+        model.save_pretrained(str(tmp_path / "c"))
+        GPTClassifier.from_pretrained(str(tmp_path / "c"), spec=TaskSpec(labels=["x", "y", "z"]))
+
+
+def test_language_model_loads_from_a_classifier(tmp_path):
+    hf = make_hf_classifier(tmp_path)
+    lm = GPT.from_pretrained(str(tmp_path))  # the head is not part of the LM
+    assert not hasattr(lm, "score")
+    ids = torch.randint(0, PAD, (1, 5))
+    with torch.no_grad():
+        assert (lm.hidden_states(ids) - hf.transformer(ids).last_hidden_state).abs().max() <= 1e-4
+
+
+# ---- data -------------------------------------------------------------------------------
+
+FILLER = "the lord said unto him and they went into land of city people was upon earth water house".split()
+
+
+def _rows(n, seed):
+    """Label 'day' when 'light' is in the text, 'night' when 'darkness' is: learnable, chance 0.5."""
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rnd.choice(FILLER) for _ in range(rnd.randint(4, 12))]
+        label = rnd.choice(["day", "night"])
+        words.insert(rnd.randint(0, len(words)), "light" if label == "day" else "darkness")
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_encoding_input_transformations():
+    tok = Tokenizer.from_pretrained(default_model_path())
+    a, b = tok.encode("in the beginning"), tok.encode("was the word")
+    plain = TaskSpec(labels=["x", "y"], delimiter=tok.eos_token_id, pad=tok.eos_token_id)
+    ex, cut = encode_rows([{"text": "in the beginning", "text_pair": "was the word", "label": "y"}], tok, plain,
+                          100, "t")
+    assert ex[0].seqs == [a + [tok.eos_token_id] + b] and ex[0].label == 1 and cut == 0
+    marked = TaskSpec(labels=["x", "y"], start=7, delimiter=8, extract=9, pad=8)
+    ex, _ = encode_rows([{"text": "in the beginning", "label": "x"}], tok, marked, 100, "t")
+    assert ex[0].seqs == [[7] + a + [9]]
+    long = {"text": "and " * 50, "text_pair": "was the word", "label": "x"}
+    ex, cut = encode_rows([long], tok, marked, 12, "t")
+    assert cut == 1 and len(ex[0].seqs[0]) == 12 and ex[0].seqs[0][-len(b) - 1:] == b + [9]  # the longer part is cut
+    choice = TaskSpec(task="choice", delimiter=8)
+    ex, _ = encode_rows([{"context": "in the beginning", "choices": ["was the word", "x"], "label": 0}], tok,
+                        choice, 100, "t")
+    assert ex[0].seqs[0] == a + [8] + b and len(ex[0].seqs) == 2
+    ids, lengths, labels = collate(ex, "choice", 0, "cpu")
+    assert ids.shape == (1, 2, len(a) + 1 + len(b)) and lengths.tolist() == [[len(a) + 1 + len(b), len(a) + 2]]
+
+
+def test_csv_and_tsv_rows(tmp_path):
+    (tmp_path / "d.csv").write_text('text,label\n"hello, there",pos\nbye,neg\n')
+    (tmp_path / "d.tsv").write_text("text\ttext_pair\tlabel\nhello\tthere\t1\n")
+    assert read_rows(str(tmp_path / "d.csv")) == [{"text": "hello, there", "label": "pos"},
+                                                  {"text": "bye", "label": "neg"}]
+    assert read_rows(str(tmp_path / "d.tsv"))[0]["text_pair"] == "there"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    args = FinetuneArgs(data=_write(d / "train.jsonl", _rows(320, 0)), val=_write(d / "val.jsonl", _rows(64, 1)),
+                        out=str(d / "out"), epochs=2, batch_size=16, lr=1e-3, device="cpu")
+    return args, finetune(args, progress=False)
+
+
+def test_finetune_learns_the_task(tuned):
+    args, summary = tuned
+    assert summary["labels"] == ["day", "night"] and summary["steps"] == 40
+    assert summary["val_accuracy"] >= 0.95  # chance is 0.5
+    log = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
+    assert [e["step"] for e in log if "val_accuracy" in e] == [20, 40]  # once per epoch
+    assert all(abs(e["loss"] - (e["task_loss"] + 0.5 * e["lm_loss"])) < 1e-4 for e in log)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png"):
+        assert os.path.isfile(os.path.join(args.out, name)), name
+    config = json.load(open(os.path.join(args.out, "config.json")))
+    assert config["architectures"] == ["GPT2ForSequenceClassification"]
+    assert config["gptfast"]["finetune"]["labels"] == ["day", "night"]
+    assert config["gptfast"]["finetuned_from"] == default_model_path()
+
+
+def test_finetuned_model_predicts_and_still_generates(tuned):
+    args, _ = tuned
+    model, tok = GPTClassifier.from_pretrained(args.out), Tokenizer.from_pretrained(args.out)
+    probs = predict(model, tok, [{"text": "the people went into the light"}, {"text": "darkness upon the earth"}])
+    assert probs.shape == (2, 2) and probs[0, 0] > 0.9 and probs[1, 1] > 0.9
+    prompt = tok.encode("And the lord")
+    assert len(GPT.from_pretrained(args.out).generate(prompt, max_new_tokens=4, temperature=0)) == len(prompt) + 4
+
+
+def test_finetuned_model_matches_transformers(tuned):
+    from transformers import AutoModelForSequenceClassification
+
+    args, _ = tuned
+    model, tok = GPTClassifier.from_pretrained(args.out), Tokenizer.from_pretrained(args.out)
+    hf = AutoModelForSequenceClassification.from_pretrained(args.out).eval()
+    rows = [{"text": "the people went into the light"}, {"text": "darkness"}]
+    ex, _ = encode_rows(rows, tok, model.spec, 256, "t", labelled=False)
+    ids, lengths, _ = collate(ex, "classification", model.spec.pad, "cpu")
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids, lengths).logits).abs().max() <= 1e-4
+
+
+def test_special_tokens_grow_the_vocabulary(tmp_path):
+    base_vocab = Tokenizer.from_pretrained(default_model_path()).vocab_size
+    rows = [{"text": r["text"], "text_pair": "so it was", "label": r["label"]} for r in _rows(40, 2)]
+    args = FinetuneArgs(data=_write(tmp_path / "d.jsonl", rows), out=str(tmp_path / "o"), epochs=1, batch_size=8,
+                        special_tokens=True, device="cpu")
+    finetune(args, progress=False)
+    model, tok = GPTClassifier.from_pretrained(args.out), Tokenizer.from_pretrained(args.out)
+    assert tok.vocab_size == model.config.vocab_size == base_vocab + 3
+    spec = model.spec
+    assert [spec.start, spec.delimiter, spec.extract] == tok.encode("<|start|><|delimiter|><|extract|>")
+    assert spec.pad == spec.delimiter
+    ex, _ = encode_rows(rows[:1], tok, spec, 256, "t")
+    assert ex[0].seqs[0][0] == spec.start and ex[0].seqs[0][-1] == spec.extract
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import gptfast.finetune as ft
+
+    base = dict(data=_write(tmp_path / "d.jsonl", _rows(96, 3)), epochs=2, batch_size=16, lr=1e-3, device="cpu",
+                eval_every=2)
+    finetune(FinetuneArgs(out=str(tmp_path / "whole"), **base), progress=False)
+    real, calls = ft.evaluate, []
+
+    def dies_on_third_eval(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "evaluate", dies_on_third_eval)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneArgs(out=str(tmp_path / "cut"), **base), progress=False)
+    monkeypatch.setattr(ft, "evaluate", real)
+    assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000004")
+    finetune(FinetuneArgs(out=str(tmp_path / "cut"), **base), progress=False)
+    a = GPTClassifier.from_pretrained(str(tmp_path / "whole")).state_dict()
+    b = GPTClassifier.from_pretrained(str(tmp_path / "cut")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_bad_inputs(tmp_path):
+    good = _write(tmp_path / "good.jsonl", _rows(20, 4))
+    out = str(tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        finetune(FinetuneArgs(data=str(tmp_path / "nope.jsonl"), out=out), progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
+        finetune(FinetuneArgs(data=str(tmp_path / "bad.jsonl"), out=out), progress=False)
+    _write(tmp_path / "nolabel.jsonl", [{"text": "a", "label": "x"}, {"text": "b"}])
+    with pytest.raises(ValueError, match="row 2 has no 'label'"):
+        finetune(FinetuneArgs(data=str(tmp_path / "nolabel.jsonl"), out=out), progress=False)
+    _write(tmp_path / "val.jsonl", [{"text": "a", "label": "dusk"}])
+    with pytest.raises(ValueError, match=r"row 1: label 'dusk' is not one of the model's labels \['day', 'night'\]"):
+        finetune(FinetuneArgs(data=good, val=str(tmp_path / "val.jsonl"), out=out, device="cpu"), progress=False)
+    with pytest.raises(ValueError, match=r"--batch-size 64 x 1 rank\(s\) exceeds the 18 training examples"):
+        finetune(FinetuneArgs(data=good, out=out, batch_size=64, device="cpu"), progress=False)
+    with pytest.raises(ValueError, match="--task must be one of"):
+        finetune(FinetuneArgs(data=good, out=out, task="regression"), progress=False)
+    with pytest.raises(ValueError, match="--lm-coef must be finite and >= 0, got -1"):
+        finetune(FinetuneArgs(data=good, out=out, lm_coef=-1.0), progress=False)
+    _write(tmp_path / "mc.jsonl", [{"context": "a", "choices": ["b"], "label": 0}])
+    with pytest.raises(ValueError, match="'choices' must be a list of at least 2 texts"):
+        finetune(FinetuneArgs(data=str(tmp_path / "mc.jsonl"), out=out, task="choice", device="cpu"), progress=False)
+
+
+def test_text_pair_without_a_delimiter_says_what_to_do(tmp_path):
+    from hf_utils import make_gpt2_tokenizer_files
+
+    make_hf_gpt2(tmp_path, vocab_size=300, n_positions=64)
+    text = " ".join(FILLER) * 20
+    make_gpt2_tokenizer_files(tmp_path, text.replace(" ", "  "), vocab_size=300)
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    spec = TaskSpec(labels=["a", "b"])  # no delimiter
+    with pytest.raises(ValueError, match="a text pair needs a delimiter token.*--special-tokens"):
+        encode_rows([{"text": "the lord", "text_pair": "said", "label": "a"}], tok, spec, 64, "d.jsonl")
+
+
+def test_cli_finetune_and_classify(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", _rows(64, 5))
+    out = str(tmp_path / "o")
+    assert main(["finetune", "--data", data, "--out", out, "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+                 "--device", "cpu", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 7 and summary["labels"] == ["day", "night"]
+    assert main(["classify", "the light of the lord", "--model", out, "--json"]) == 0
+    probs = json.loads(capsys.readouterr().out)
+    assert set(probs) == {"day", "night"} and abs(sum(probs.values()) - 1) < 1e-5
+    assert main(["classify", "--data", data, "--model", out]) == 0
+    assert capsys.readouterr().out.startswith("accuracy ")
+    unlabelled = _write(tmp_path / "u.jsonl", [{"text": "darkness"}, {"text": "light"}])
+    assert main(["classify", "--data", unlabelled, "--model", out]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(r["label"] in ("day", "night") for r in lines)
+    assert main(["classify", "--model", out]) == 2
+    assert "give either a TEXT" in capsys.readouterr().err
+
+
+def test_multiple_choice_finetune_learns(tmp_path):
+    """Pick the choice that repeats the context's marked word: chance is 1/3."""
+    rnd = random.Random(6)
+    rows = []
+    for _ in range(240):
+        key = rnd.choice(["light", "darkness", "water", "earth"])
+        others = [w for w in ["light", "darkness", "water", "earth"] if w != key]
+        choices = rnd.sample(others, 2)
+        label = rnd.randrange(3)
+        choices.insert(label, key)
+        rows.append({"context": f"{rnd.choice(FILLER)} {key} {rnd.choice(FILLER)}",
+                     "choices": [f"the {c}" for c in choices], "label": label})
+    args = FinetuneArgs(data=_write(tmp_path / "mc.jsonl", rows), out=str(tmp_path / "o"), task="choice", epochs=3,
+                        batch_size=16, lr=1e-3, device="cpu")
+    summary = finetune(args, progress=False)
+    assert summary["val_accuracy"] >= 0.75, summary
+
+
+def test_torchrun_two_processes_finetune(tmp_path):
+    data = _write(tmp_path / "d.jsonl", _rows(64, 7))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gptfast.cli", "finetune", "--data", data, "--out", str(out), "--epochs", "1", "--batch-size", "4",
+           "--device", "cpu", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["world_size"] == 2 and summary["steps"] == 57 // 8
+    assert GPTClassifier.from_pretrained(str(out)).spec.labels == ["day", "night"]
+
+
+def test_forward_bad_arguments(tmp_path):
+    make_hf_classifier(tmp_path)
+    model = GPTClassifier.from_pretrained(str(tmp_path))
+    ids, lengths = _right_padded([5, 3], 5)
+    with pytest.raises(ValueError, match=r"a classification head takes input_ids of \[B, T\], got \(2, 1, 5\)"):
+        model(ids[:, None], lengths[:, None])
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\), got \(3,\)"):
+        model(ids, torch.tensor([5, 3, 1]))
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 5\], got \[0, 5\]"):
+        model(ids, torch.tensor([5, 0]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got \[0, 3\]"):
+        model(ids, lengths, torch.tensor([0, 3]))
