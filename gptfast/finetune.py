@@ -220,14 +220,17 @@ def read_rows(path: str) -> list[dict]:
 
 
 def label_set(rows: Sequence[dict], source: str) -> list:
-    """The sorted distinct labels of classification rows (ints numerically, else as strings)."""
+    """The sorted distinct labels of classification rows (ints and integer strings numerically)."""
     missing = [n for n, r in enumerate(rows, 1) if r.get("label") in (None, "")]
     if missing:
         raise ValueError(f"{source}: row {missing[0]} has no 'label' ({len(missing)} rows lack one)")
     values = {r["label"] for r in rows}
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return sorted(values)
-    return sorted(str(v) for v in values)
+    names = {str(v) for v in values}
+    if all(n.lstrip("-").isdigit() for n in names):  # "2" before "10" (CSV cells are strings)
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, source: str,

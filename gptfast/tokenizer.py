@@ -1,6 +1,8 @@
 """GPT-2 byte-level BPE through Hugging Face `tokenizers`: the same ids as GPT2TokenizerFast.
 
-Reads tokenizer.json, or vocab.json + merges.txt, from a checkpoint directory.
+Reads tokenizer.json, or vocab.json + merges.txt, from a checkpoint directory. A vocab.json
+whose words end in "</w>" is GPT-1's BPE (lower-cased, BERT pre-tokenizer, end-of-word
+suffix), built as transformers' OpenAIGPTTokenizer builds it.
 """
 from __future__ import annotations
 
@@ -30,10 +32,15 @@ class Tokenizer:
             if os.path.isfile(tok_json):
                 return cls(HFTokenizer.from_file(tok_json))
             if os.path.isfile(vocab) and os.path.isfile(merges):
-                return cls(_byte_level_bpe(vocab, merges))
+                return cls(_gpt1_bpe(vocab, merges) if _is_gpt1_vocab(vocab) else _byte_level_bpe(vocab, merges))
         except Exception as exc:  # noqa: BLE001 - a parse error is a corrupt file to the user
             raise ValueError(f"cannot read the tokenizer in {directory} (corrupt file?): {exc}") from exc
         raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json + merges.txt")
+
+    @property
+    def is_gpt1(self) -> bool:
+        """GPT-1's BPE (words end in "</w>") rather than GPT-2's byte-level one."""
+        return getattr(self._tok.model, "end_of_word_suffix", None) == "</w>"
 
     @property
     def vocab_size(self) -> int:
@@ -60,8 +67,11 @@ class Tokenizer:
 
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, "tokenizer.json"), self._tok.to_str())
-        special = {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token,
-                   "model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"}
+        if self.is_gpt1:
+            special = {"unk_token": "<unk>", "model_max_length": 512, "tokenizer_class": "OpenAIGPTTokenizer"}
+        else:
+            special = {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token,
+                       "model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"}
         atomic_write_text(os.path.join(directory, "tokenizer_config.json"), json.dumps(special, indent=2) + "\n")
 
     def stream_decoder(self) -> "StreamDecoder":
@@ -95,6 +105,25 @@ def _byte_level_bpe(vocab_path: str, merges_path: str):
     tok.decoder = decoders.ByteLevel()
     if tok.token_to_id("<|endoftext|>") is not None:
         tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def _is_gpt1_vocab(vocab_path: str) -> bool:
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    return isinstance(vocab, dict) and any(k.endswith("</w>") for k in vocab)
+
+
+def _gpt1_bpe(vocab_path: str, merges_path: str):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tok = HFTokenizer(BPE.from_file(vocab_path, merges_path, dropout=None, continuing_subword_prefix="",
+                                    end_of_word_suffix="</w>", fuse_unk=False, unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
     return tok
 
 

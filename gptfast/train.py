@@ -303,22 +303,32 @@ def plot_losses(log: list, path: str) -> Optional[str]:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([e["step"] for e in log], [e["loss"] for e in log], label="train", lw=1)
+    steps = [e["step"] for e in log]
     vals = [e for e in log if "val_loss" in e]
-    if vals:
-        ax.plot([e["step"] for e in vals], [e["val_loss"] for e in vals], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)" if not any("val_accuracy" in e for e in vals) else "loss")
-    handles, names = ax.get_legend_handles_labels()
     accs = [e for e in vals if "val_accuracy" in e]
-    if accs:  # fine-tuning: validation accuracy on a second axis
+    if accs:  # fine-tuning: task losses side by side, the LM term apart, accuracy on a second axis
+        ax.plot(steps, [e["task_loss"] for e in log], label="train task loss", lw=1)
+        if all("lm_loss" in e for e in log):
+            ax.plot(steps, [e["lm_loss"] for e in log], label="train LM loss", lw=1, alpha=0.5)
+        ax.plot([e["step"] for e in vals], [e["val_loss"] for e in vals], "o-", label="validation task loss")
+        ax.set_ylabel("cross-entropy")
         ax2 = ax.twinx()
-        handles += ax2.plot([e["step"] for e in accs], [e["val_accuracy"] for e in accs], "s--", color="C2")
-        names.append("validation accuracy")
+        ax2.plot([e["step"] for e in accs], [e["val_accuracy"] for e in accs], "s--", color="C3",
+                 label="validation accuracy")
         ax2.set_ylabel("accuracy")
-    ax.legend(handles, names)
+        ax2.set_ylim(0, 1.02)
+        fig.legend(loc="upper center", ncol=2, fontsize="small", bbox_to_anchor=(0.5, 1.0))
+        fig.subplots_adjust(top=0.8)
+    else:
+        ax.plot(steps, [e["loss"] for e in log], label="train", lw=1)
+        if vals:
+            ax.plot([e["step"] for e in vals], [e["val_loss"] for e in vals], "o-", label="validation")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+    ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    if not accs:
+        fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from gptfast import GPT, Tokenizer
 from gptfast.checkpoint import default_model_path
 from gptfast.cli import main
-from gptfast.finetune import (FinetuneArgs, GPTClassifier, TaskSpec, collate, encode_rows, finetune, predict,
-                              read_rows)
+from gptfast.finetune import (FinetuneArgs, GPTClassifier, TaskSpec, collate, encode_rows, finetune, label_set,
+                              predict, read_rows)
 from gptfast.train import latest_checkpoint
 
 from hf_utils import make_hf_classifier, make_hf_gpt2
@@ -187,6 +187,9 @@ def test_csv_and_tsv_rows(tmp_path):
     assert read_rows(str(tmp_path / "d.csv")) == [{"text": "hello, there", "label": "pos"},
                                                   {"text": "bye", "label": "neg"}]
     assert read_rows(str(tmp_path / "d.tsv"))[0]["text_pair"] == "there"
+    assert label_set([{"label": "10"}, {"label": "2"}, {"label": "-1"}], "t") == ["-1", "2", "10"]
+    assert label_set([{"label": 3}, {"label": 1}], "t") == [1, 3]
+    assert label_set([{"label": "b"}, {"label": "a"}, {"label": "b"}], "t") == ["a", "b"]
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +377,38 @@ def test_forward_bad_arguments(tmp_path):
         model(ids, torch.tensor([5, 0]))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got \[0, 3\]"):
         model(ids, lengths, torch.tensor([0, 3]))
+
+
+def test_gpt1_checkpoint_finetunes_with_special_tokens(tmp_path):
+    """A transformers OpenAIGPT checkpoint with GPT-1's tokenizer (no end-of-text token): text pairs
+    need --special-tokens; the result loads as OpenAIGPTForSequenceClassification, same logits."""
+    from tokenizers import CharBPETokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_utils import make_hf_gpt1
+
+    base = tmp_path / "gpt1"
+    base.mkdir()
+    bpe = CharBPETokenizer(unk_token="<unk>", lowercase=True, suffix="</w>")
+    bpe.train_from_iterator([" ".join(FILLER + ["light", "darkness", "so", "it", "was"]) * 5], vocab_size=120,
+                            special_tokens=["<unk>"], show_progress=False)
+    bpe.save_model(str(base))
+    tok = Tokenizer.from_pretrained(str(base))
+    make_hf_gpt1(base, vocab_size=tok.vocab_size, n_positions=64)
+    rows = [{"text": r["text"], "text_pair": "so it was", "label": r["label"]} for r in _rows(48, 8)]
+    data = _write(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(ValueError, match="a text pair needs a delimiter token"):
+        finetune(FinetuneArgs(data=data, out=str(tmp_path / "no"), model=str(base), batch_size=8, device="cpu"),
+                 progress=False)
+    args = FinetuneArgs(data=data, out=str(tmp_path / "o"), model=str(base), epochs=1, batch_size=8,
+                        special_tokens=True, device="cpu")
+    finetune(args, progress=False)
+    model, tok = GPTClassifier.from_pretrained(args.out), Tokenizer.from_pretrained(args.out)
+    assert not model.config.pre_ln and model.config.activation == "gelu_tanh" and tok.is_gpt1
+    assert model.config.vocab_size == tok.vocab_size and model.spec.pad == model.spec.delimiter
+    hf = AutoModelForSequenceClassification.from_pretrained(args.out).eval()
+    assert type(hf).__name__ == "OpenAIGPTForSequenceClassification"
+    ex, _ = encode_rows(rows[:5], tok, model.spec, 64, "t")
+    ids, lengths, _ = collate(ex, "classification", model.spec.pad, "cpu")
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids, lengths).logits).abs().max() <= 1e-4

@@ -58,3 +58,32 @@ def test_encode_rejects_non_text(files):
     tok = Tokenizer.from_pretrained(str(files))
     with pytest.raises(TypeError, match="text must be a str, got list"):
         tok.encode(["a"])
+
+
+@pytest.fixture(scope="module")
+def gpt1_files(tmp_path_factory):
+    """GPT-1-format vocab.json + merges.txt (words end in "</w>"), trained on CORPUS."""
+    from tokenizers import CharBPETokenizer
+
+    d = tmp_path_factory.mktemp("tok1")
+    trainer = CharBPETokenizer(unk_token="<unk>", lowercase=True, suffix="</w>")
+    trainer.train_from_iterator([CORPUS.lower()], vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    trainer.save_model(str(d))
+    return d
+
+
+def test_gpt1_ids_match_openai_gpt_tokenizer(gpt1_files, tmp_path):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(gpt1_files), tokenizer_type="openai-gpt")
+    assert type(hf).__name__.startswith("OpenAIGPTTokenizer")
+    tok = Tokenizer.from_pretrained(str(gpt1_files))
+    assert tok.is_gpt1 and tok.eos_token_id is None and tok.vocab_size == len(hf)
+    texts = [t for t in SAMPLES if t] + ["The QUICK, brown fox's lazy-dog! ~zebra~"]
+    for text in texts:
+        assert tok.encode(text) == hf.encode(text), text
+        assert tok.decode(tok.encode(text)) == hf.decode(hf.encode(text)), text
+    tok.save(str(tmp_path))  # tokenizer.json keeps the GPT-1 pipeline
+    again = Tokenizer.from_pretrained(str(tmp_path))
+    assert again.is_gpt1 and [again.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+    assert not Tokenizer.from_pretrained(str(tmp_path)).eos_token
