@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("val-fraction", float), ("seed", int)):
         f.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
     f.add_argument("--special-tokens", action="store_true", default=None,
-                   help="add learned <|start|>, <|delimiter|>, <|extract|> tokens (the GPT-1 paper's input transformation)")
+                   help="add learned <|start|>, <|delimiter|>, <|extract|> tokens "
+                        "(the GPT-1 paper's input transformation)")
     f.add_argument("--device")
     f.add_argument("--dtype")
     f.add_argument("--quiet", action="store_true")

@@ -163,7 +163,8 @@ class GPTClassifier(GPT):
             raise ValueError(f"lengths must have shape {tuple(lead)}, got {tuple(lengths.shape)}")
         ids, lens = input_ids.reshape(-1, T), lengths.reshape(-1).to(input_ids.device)
         if validate and (int(lens.max()) > T or int(lens.min()) < (0 if choice else 1)):
-            raise ValueError(f"lengths must be in [{0 if choice else 1}, {T}], got [{int(lens.min())}, {int(lens.max())}]")
+            raise ValueError(f"lengths must be in [{0 if choice else 1}, {T}], "
+                             f"got [{int(lens.min())}, {int(lens.max())}]")
         h = self.hidden_states(ids, validate=validate)  # (N, T, C)
         last = (lens - 1).clamp(min=0)
         pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (N, C): each row's last real token
