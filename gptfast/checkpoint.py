@@ -164,9 +164,16 @@ def resolve_path(path: str) -> str:
             f"downloading it from the Hub failed (no network access?): {type(exc).__name__}: {exc}") from None
 
 
-def read_checkpoint(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
-    """(config, state dict in gptfast names, the raw HF config dict or {} for nanoGPT)."""
-    path = resolve_path(path)
+def read_checkpoint(path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
+    """(config, state dict in gptfast names, the raw HF config dict or {} for nanoGPT).
+
+    path: a checkpoint directory or file, a hub name, or a transformers model object
+    (GPT2LMHeadModel, GPT2Model, OpenAIGPT*, *ForSequenceClassification) converted in memory."""
+    if isinstance(path, torch.nn.Module):
+        return _read_transformers_model(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a checkpoint path or a transformers model, got {type(path).__name__}")
+    path = resolve_path(os.fspath(path))
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         config_path = os.path.join(path, "config.json")
         config = GPTConfig.from_json_file(config_path)
@@ -180,6 +187,17 @@ def read_checkpoint(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor], dict
     if os.path.isdir(path):
         raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor ckpt.pt (nanoGPT)")
     raise CheckpointError(f"{path} is not a checkpoint directory or a nanoGPT .pt file")
+
+
+def _read_transformers_model(hf_model) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
+    name = type(hf_model).__name__
+    config_obj = getattr(hf_model, "config", None)
+    if config_obj is None or not hasattr(config_obj, "to_diff_dict"):
+        raise TypeError(f"expected a transformers GPT-2 / GPT-1 model, got a {name} without a transformers config")
+    raw = {**config_obj.to_diff_dict(), "model_type": getattr(config_obj, "model_type", None)}
+    config = GPTConfig.from_hf_dict(raw, source=f"{name}.config")
+    state = {k: v.detach() for k, v in hf_model.state_dict().items()}  # build_model copies them
+    return config, hf_to_gptfast(state, config), raw
 
 
 def build_model(cls, config: GPTConfig, state: dict[str, torch.Tensor], source: str, device=None, dtype=None,
@@ -204,7 +222,12 @@ def load_model(path: str, device=None, dtype=None):
 
     config, state, _ = read_checkpoint(path)
     state = {k: v for k, v in state.items() if not k.startswith("score.")}
-    return build_model(GPT, config, state, path, device=device, dtype=dtype)
+    return build_model(GPT, config, state, _source(path), device=device, dtype=dtype)
+
+
+def _source(path) -> str:
+    """How error messages name a checkpoint."""
+    return type(path).__name__ if isinstance(path, torch.nn.Module) else os.fspath(path)
 
 
 def read_nanogpt(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:

@@ -111,11 +111,12 @@ class GPTClassifier(GPT):
     @classmethod
     def from_pretrained(cls, path: str, spec: Optional[TaskSpec] = None, device=None, dtype=None,
                         classifier_dropout: float = 0.1) -> "GPTClassifier":
-        """A fine-tuned classifier (gptfast's, or transformers' *ForSequenceClassification), or a
-        language model plus a new head for `spec` (required then)."""
-        from .checkpoint import build_model, read_checkpoint
+        """A fine-tuned classifier (gptfast's, or transformers' *ForSequenceClassification, as a
+        directory or a model object), or a language model plus a new head for `spec` (required then)."""
+        from .checkpoint import _source, build_model, read_checkpoint
 
         config, state, raw = read_checkpoint(path)
+        path = _source(path)
         saved = config.extra.get("finetune")
         if saved is not None:
             saved = TaskSpec.from_dict(saved)

@@ -167,7 +167,8 @@ class GPT(nn.Module):
     # ---- construction ------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None) -> "GPT":
-        """Load a Hugging Face GPT-2/GPT-1 directory, a nanoGPT checkpoint, or a hub name."""
+        """Load a Hugging Face GPT-2/GPT-1 directory, a nanoGPT checkpoint, a hub name, or convert a
+        transformers model object in memory (GPT2LMHeadModel, GPT2Model, OpenAIGPTLMHeadModel...)."""
         from .checkpoint import load_model
         return load_model(path, device=device, dtype=dtype)
 

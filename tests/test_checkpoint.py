@@ -152,3 +152,26 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_torch_save({"a": Unpicklable()}, str(target))
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["state.pt"]  # no temporary file left behind
+
+
+def test_transformers_model_objects_convert_in_memory(tmp_path):
+    """A model already loaded with transformers converts without files: same logits."""
+    from transformers import GPT2Model
+
+    from hf_utils import make_hf_gpt1
+
+    gpt2 = make_hf_gpt2(tmp_path / "a")
+    gpt1 = make_hf_gpt1(tmp_path / "b")
+    x = _x(1001)
+    with torch.no_grad():
+        assert (GPT.from_pretrained(gpt2)(x) - gpt2(x).logits).abs().max() <= 1e-4
+        assert (GPT.from_pretrained(gpt1)(x) - gpt1(x).logits).abs().max() <= 1e-5
+        body = GPT2Model.from_pretrained(str(tmp_path / "a")).eval()  # no LM head: keys without "transformer."
+        assert (GPT.from_pretrained(body).hidden_states(x) - body(x).last_hidden_state).abs().max() <= 1e-4
+    converted = GPT.from_pretrained(gpt2)
+    gpt2.transformer.h[0].mlp.c_fc.weight.data.zero_()  # a copy, not shared storage
+    assert converted.transformer.h[0].mlp.c_fc.weight.abs().sum() > 0
+    with pytest.raises(TypeError, match="expected a transformers GPT-2 / GPT-1 model, got a Linear"):
+        GPT.from_pretrained(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expected a checkpoint path or a transformers model, got int"):
+        GPT.from_pretrained(3)

@@ -437,3 +437,13 @@ def test_finetune_on_cuda_bf16_with_kernels(tmp_path):
             ref = model(ids, lengths, labels, lm_coef=0.5)
     assert (fast.logits - ref.logits).abs().max() <= 1e-3
     assert abs(fast.loss.item() - ref.loss.item()) <= 1e-3
+
+
+def test_transformers_classifier_object_converts(tmp_path):
+    hf = make_hf_classifier(tmp_path)
+    model = GPTClassifier.from_pretrained(hf)
+    ids, lengths = _right_padded([6, 2], 6, seed=5)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids, lengths).logits).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="GPT2ForSequenceClassification holds a classification head for labels"):
+        GPTClassifier.from_pretrained(hf, spec=TaskSpec(labels=["a", "b"]))
