@@ -177,3 +177,18 @@ def test_training_step_under_bf16_autocast():
         _, loss = model(x, labels=x)
     loss.backward()
     assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
+
+
+def test_resize_token_embeddings_keeps_rows_and_tie():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    before = model.transformer.wte.weight.detach().clone()
+    model.resize_token_embeddings(53)
+    w = model.transformer.wte.weight
+    assert model.config.vocab_size == 53 and w.shape == (53, 16) and model.lm_head.weight is w
+    assert torch.equal(w[:50], before) and 0.005 < w[50:].std() < 0.05  # new rows drawn as at init
+    assert model(torch.tensor([[52, 1]])).shape == (1, 2, 53)
+    model.resize_token_embeddings(40)
+    assert torch.equal(model.transformer.wte.weight, before[:40]) and model.lm_head.weight.shape == (40, 16)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
+        model.resize_token_embeddings(0)
