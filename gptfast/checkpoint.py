@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import GPTConfig
+from .config import GPTConfig, read_json_object
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -175,10 +175,8 @@ def read_checkpoint(path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
         raise TypeError(f"expected a checkpoint path or a transformers model, got {type(path).__name__}")
     path = resolve_path(os.fspath(path))
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        config_path = os.path.join(path, "config.json")
-        config = GPTConfig.from_json_file(config_path)
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_json_object(os.path.join(path, "config.json"))
+        config = GPTConfig.from_hf_dict(raw)
         return config, hf_to_gptfast(read_hf_state_dict(path), config), raw
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
         return (*read_nanogpt(os.path.join(path, "ckpt.pt")), {})

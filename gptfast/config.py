@@ -177,16 +177,21 @@ class GPTConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "GPTConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_hf_dict(d, source=os.path.basename(path))
+        return cls.from_hf_dict(read_json_object(path), source=os.path.basename(path))
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding an object (a config.json), with errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    return d
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -405,15 +405,11 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from .tokenizer import Tokenizer
-    from .train import (_barrier, _checkpoint, _distributed, _mean_over_ranks, _resolve_device, finish_run,
-                        latest_checkpoint, seed_step)
+    from .train import (_barrier, _checkpoint, _mean_over_ranks, finish_run, latest_checkpoint, make_optimizer,
+                        seed_step, setup_device, wrap_ddp)
 
     _check_args(args)
-    rank, world, local_rank = _distributed()
-    device = _resolve_device(args.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    rank, world, device = setup_device(args.device)
     train_rows = read_rows(args.data)
     os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)
@@ -443,25 +439,13 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
                          "training examples")
     total = args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
-    raw_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    decay = [p for n, p in raw_model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in raw_model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    step, log = 0, []
-    if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        step, log = state["step"], json.loads(state["log"])
+    raw_model, model = model, wrap_ddp(model, device, world)
+    opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.999), ckpt)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     warmup = max(1, round(args.warmup_fraction * total))
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress or rank != 0, unit="step")
-    t0, loss_f, val = time.time(), float("nan"), None
+    t0, loss_f = time.time(), float("nan")
     pad = _pad_id(spec)
     while step < total:
         lr = args.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))

@@ -133,6 +133,38 @@ def _distributed():
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def setup_device(name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): under torchrun on CUDA each rank takes the GPU of its local rank."""
+    rank, world, local_rank = _distributed()
+    device = _resolve_device(name)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def wrap_ddp(model, device: torch.device, world: int):
+    """The model to call in the training step: DDP over the ranks, or the model itself."""
+    if world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas: tuple, ckpt: Optional[str]):
+    """(AdamW with decay on matrices only, step, log), restored from ckpt's train_state.pt when resuming."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+    if ckpt is None:
+        return opt, 0, []
+    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    return opt, state["step"], json.loads(state["log"])
+
+
 def _batch_generator(args: TrainArgs, step: int, rank: int, world: int) -> torch.Generator:
     # Data order is a function of (seed, step, rank) only: a resumed run draws exactly the
     # batches the uninterrupted run would have drawn, with no RNG state to save.
@@ -158,15 +190,10 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
 
     if not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data file not found: {args.data}")
-    rank, world, local_rank = _distributed()
-    device = _resolve_device(args.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    rank, world, device = setup_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)
-    resume = ckpt is not None
-    if resume:
+    if ckpt is not None:
         model, tokenizer = GPT.from_pretrained(ckpt).to(device), Tokenizer.from_pretrained(ckpt)
     elif world > 1 and args.tokenizer is None and not (args.init and os.path.exists(args.init)):
         if rank == 0:  # one rank trains the tokenizer; the others read it
@@ -178,23 +205,11 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     else:
         model, tokenizer = _build(args, device)
     model.train()
-    raw_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raw_model, model = model, wrap_ddp(model, device, world)
     tokens = load_tokens(args, tokenizer)
     n_val = max(args.block_size + 2, int(len(tokens) * args.val_fraction))
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    step, log = 0, []
-    if resume:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        step, log = state["step"], json.loads(state["log"])
+    opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.95), ckpt)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
