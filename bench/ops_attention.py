@@ -5,6 +5,9 @@ Peers: PyTorch SDPA with each backend forced through torch.nn.attention.sdpa_ker
 """
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 
@@ -91,9 +94,18 @@ def _setup(fn, check_kernel=False):
     return setup
 
 
-def attention_providers(compiled_ref=True):
-    providers = [
-        Provider("gptfast", "gptfast", _setup(_kernel, check_kernel=True)),
+def _tma_context(mode):
+    """GPTFAST_ATTN_TMA=mode around the timed loop: the forward with TMA only ("1") or with
+    pointer loads only ("0"); plain "gptfast" lets the autotuner pick (each mode tunes apart)."""
+    return lambda: mock.patch.dict(os.environ, {"GPTFAST_ATTN_TMA": mode})
+
+
+def attention_providers(variants=False):
+    providers = [Provider("gptfast", "gptfast", _setup(_kernel, check_kernel=True))]
+    if variants:
+        providers += [Provider(f"gptfast-{name}", "gptfast", _setup(_kernel, check_kernel=True),
+                               context=_tma_context(mode)) for name, mode in (("tma", "1"), ("ptr", "0"))]
+    providers += [
         Provider("reference", "reference", _setup(_reference)),
         Provider("reference+compile", "peer", lambda i: _setup(compiled(_reference))(i), compiled=True),
     ]
@@ -115,7 +127,7 @@ def attention_cases(device_kind: str, quick: bool) -> list[Case]:
                 op="attention", name=f"{pass_} B={B} H={H} T={T} D={D} causal",
                 shape={"B": B, "H": H, "T": T, "D": D, "causal": True, "pass": pass_},
                 dtype="bf16" if device_kind == "cuda" else "fp32",
-                make_inputs=_attention_inputs(B, T, pass_), providers=attention_providers(),
+                make_inputs=_attention_inputs(B, T, pass_), providers=attention_providers(variants=not quick),
                 flops=accounting.attention_flops(B, H, T, D, causal=True, pass_=pass_)))
     return cases
 

@@ -12,8 +12,8 @@ exactly what a launch would produce; each recorded launch (every autotune config
 then compiled with triton.compile for the target, and ptxas's resource usage is read from
 the cubin with cuobjdump.
 
-Fails (exit 1) on a compile error, or shared memory above the target's per-block opt-in
-maximum, in any config a launch can run: fixed configs, and autotune configs that survive
+Fails (exit 1) on a compile error, a TMA config whose PTX has no TMA copy
+(cp.async.bulk.tensor), or shared memory above the target's per-block opt-in maximum, in any config a launch can run: fixed configs, and autotune configs that survive
 the kernel's early_config_prune. Pruned configs are listed as "pruned" (compiled only with
 --pruned, and never fatal). Register spills are warnings.
 
@@ -73,6 +73,7 @@ class Result:
     regs: Optional[int] = None
     spill_bytes: Optional[int] = None  # per thread: ptxas stack frame (spill slots)
     smem_bytes: Optional[int] = None  # shared memory per block: dynamic (the launch's request) + static
+    tma_copies: Optional[int] = None  # cp.async.bulk.tensor instructions in the PTX (TMA loads / stores)
     seconds: float = 0.0
     error: str = ""
 
@@ -101,26 +102,41 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(launches, attn_autotune: bool):
+def _env(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _recording(launches, mode: str):
+    """mode: "autotune" (GPTFAST_ATTN_AUTOTUNE=1), "fixed" (=0), or "fixed-tma" (=0 with
+    GPTFAST_ATTN_TMA=1). The launchers see a TMA-capable device (the target is sm_90), so the
+    autotuned forward gets its descriptors and TMA configs as on an H100."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
-    saved = []
+    attn, _ = _launchers()
+    saved = [(attn, "_tma_capable", attn._tma_capable)]
     for mod in _kernel_modules():
         for name, obj in list(vars(mod).items()):
             if isinstance(obj, (JITFunction, Autotuner)):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, launches))
-    env = os.environ.get("GPTFAST_ATTN_AUTOTUNE")
-    os.environ["GPTFAST_ATTN_AUTOTUNE"] = "1" if attn_autotune else "0"
+    attn._tma_capable = lambda device: True
     try:
-        yield
+        with _env(GPTFAST_ATTN_AUTOTUNE="1" if mode == "autotune" else "0",
+                  GPTFAST_ATTN_TMA="1" if mode == "fixed-tma" else "auto"):
+            yield
     finally:
         for mod, name, obj in saved:
             setattr(mod, name, obj)
-        if env is None:
-            os.environ.pop("GPTFAST_ATTN_AUTOTUNE")
-        else:
-            os.environ["GPTFAST_ATTN_AUTOTUNE"] = env
 
 
 # ---- the launches to check: (dtype, variant label, autotune modes, call) ------------------------
@@ -174,13 +190,15 @@ def _cases(quick: bool):
         dn = _dtype_name(dtype)
         for D in (64,) if quick else attn._HEAD_DIMS:
             for causal in (True,) if quick else (True, False):
-                # both paths: autotuned (each config the pruner keeps) and GPTFAST_ATTN_AUTOTUNE=0
-                yield dn, f"D={D} {'causal' if causal else 'full'}", (False,) if quick else (True, False), \
+                # every path: autotuned (each config the pruner keeps), GPTFAST_ATTN_AUTOTUNE=0, and
+                # that with GPTFAST_ATTN_TMA=1
+                yield dn, f"D={D} {'causal' if causal else 'full'}", \
+                    ("fixed", "fixed-tma") if quick else ("autotune", "fixed", "fixed-tma"), \
                     partial(flash, dtype, D, causal)
             # 1 split: the split kernel writes the output; 22: B*H = 12 on 132 SMs; the largest reduce
             for tq in (1,) if quick else (1, attn.DECODE_MAX_TQ):
                 for splits in (22,) if quick else (1, 22, attn.DECODE_MAX_SPLITS):
-                    yield dn, f"D={D} Tq={tq} splits={splits}", (True,), partial(decode, dtype, D, tq, splits)
+                    yield dn, f"D={D} Tq={tq} splits={splits}", ("autotune",), partial(decode, dtype, D, tq, splits)
         # 16-bit activations with fp32 parameters too (a bf16 model's LayerNorm kept in fp32)
         params = (dtype,) if quick or dtype == torch.float32 else (dtype, torch.float32)
         for n in hidden:
@@ -188,13 +206,13 @@ def _cases(quick: bool):
                 for p in params if affine else (dtype,):
                     label = f"N={n}{' +res' if residual else ''}{' w,b' if affine else ''}" + \
                         (f" {_dtype_name(p)} params" if p != dtype else "")
-                    yield dn, label, (True,), partial(layer_norm, dtype, n, residual, affine, p)
+                    yield dn, label, ("autotune",), partial(layer_norm, dtype, n, residual, affine, p)
             for approx in ("tanh",) if quick else ("tanh", "none"):
                 for bias, db in ((True, True),) if quick else ((True, True), (True, False), (False, False)):
                     for p in params if bias else (dtype,):
                         label = f"N={4 * n} {approx}{' bias' if bias else ''}{' db' if db else ''}" + \
                             (f" {_dtype_name(p)} bias" if p != dtype else "")
-                        yield dn, label, (True,), partial(bias_gelu, dtype, 4 * n, bias, db, approx, p)
+                        yield dn, label, ("autotune",), partial(bias_gelu, dtype, 4 * n, bias, db, approx, p)
         # the epilogue kernel only where a GPU launch takes it (fp32 goes to cuBLAS + bias_gelu)
         if norm._mlp_front_path(types.SimpleNamespace(shape=(BATCH * SEQ, 768), is_cuda=True, dtype=dtype)) \
                 == "epilogue":
@@ -204,7 +222,7 @@ def _cases(quick: bool):
                     flags += [(True, "tanh", False), (False, "none", False)]
                 for bias, approx, save_pre in flags:
                     label = f"K={c} N={4 * c} {approx}{' bias' if bias else ''}{' save_pre' if save_pre else ''}"
-                    yield dn, label, (True,), partial(linear_gelu, dtype, c, bias, approx, save_pre)
+                    yield dn, label, ("autotune",), partial(linear_gelu, dtype, c, bias, approx, save_pre)
 
 
 # ---- from launches to compile jobs --------------------------------------------------------------
@@ -213,7 +231,8 @@ def _config_label(constexprs: dict, fn, options) -> str:
     names = fn.arg_names
     blocks = [f"{names[k[0]].replace('BLOCK_', '')}={v}" for k, v in sorted(constexprs.items())
               if names[k[0]].startswith(("BLOCK", "GROUP"))]
-    return " ".join(blocks + [f"w{options['num_warps']}", f"s{options['num_stages']}"])
+    tma = ["tma"] if any(names[k[0]] == "TMA" and v for k, v in constexprs.items()) else []
+    return " ".join(blocks + [f"w{options['num_warps']}", f"s{options['num_stages']}"] + tma)
 
 
 def _specialize(fn, args, kwargs, backend):
@@ -237,7 +256,16 @@ def _expand(real, args, kwargs):
     finally:
         real.nargs = None
     for cfg in real.configs:
-        yield real.fn, {**kwargs, **cfg.all_kwargs()}, not any(cfg is k for k in kept)
+        kw = {**kwargs, **cfg.all_kwargs()}
+        pruned = not any(cfg is k for k in kept)
+        if cfg.pre_hook is not None:  # e.g. TMA descriptor block shapes, part of the signature
+            try:
+                cfg.pre_hook({**dict(zip(real.arg_names, args)), **kw})
+            except Exception:  # noqa: BLE001 - a pruned config's hook may have nothing to act on
+                if pruned:  # (a TMA config where the launch gave no descriptors): not a build
+                    continue
+                raise
+        yield real.fn, kw, pruned
 
 
 def collect_jobs(arch: int, quick: bool = False, kernels=None) -> list[Job]:
@@ -248,8 +276,8 @@ def collect_jobs(arch: int, quick: bool = False, kernels=None) -> list[Job]:
     jobs: dict[tuple, Job] = {}
     for dtype, variant, modes, call in _cases(quick):
         launches = []
-        for autotune in modes:
-            with _recording(launches, autotune):
+        for mode in modes:
+            with _recording(launches, mode):
                 call()
         for real, args, kwargs in launches:
             for fn, kw, pruned in _expand(real, args, kwargs):
@@ -267,11 +295,11 @@ def collect_jobs(arch: int, quick: bool = False, kernels=None) -> list[Job]:
                 jobs[key] = Job(name, dtype, variant, _config_label(constexprs, fn, options), pruned,
                                 fn, sig, constexprs, attrs, options)
     out = list(jobs.values())
-    if quick:  # one representative config per kernel and dtype
+    if quick:  # one representative config per kernel and dtype (and TMA or not)
         first = {}
         for j in out:
             if not j.pruned:
-                first.setdefault((j.kernel, j.dtype), j)
+                first.setdefault((j.kernel, j.dtype, j.config.endswith("tma")), j)
         out = list(first.values())
     return out
 
@@ -311,6 +339,9 @@ def compile_job(job: Job, arch: int, max_shared: Optional[int]) -> Result:
         # the launch asks for metadata.shared dynamic bytes on top of the static ones; the driver
         # allows dynamic + static <= the opt-in maximum
         r.smem_bytes = compiled.metadata.shared + static
+        r.tma_copies = compiled.asm["ptx"].count("cp.async.bulk.tensor")
+        if job.config.endswith("tma") and not r.tma_copies:
+            raise RuntimeError("a TMA config compiled without a single TMA copy (cp.async.bulk.tensor)")
     except Exception as exc:  # noqa: BLE001 - every failure is a result to report
         r.status, r.error = "error", f"{type(exc).__name__}: {exc}".strip()
     r.seconds = time.perf_counter() - t0

@@ -14,6 +14,8 @@ Conventions shared by all kernels:
   (the bulk, cheap) and blocks that need one (the diagonal and the ragged tail of T).
 - Under TRITON_INTERPRET=1 nothing is autotuned: the launcher passes INTERPRETER_* configs.
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -23,14 +25,19 @@ LOG2E = 1.4426950408889634
 # ---- forward ------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
-               lo, hi, Tk, causal_shift, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # k_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T of key block 0; v_ptrs: [BLOCK_N, HEAD_DIM] to V
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v_desc, b, h,
+               offs_m, offs_n0, lo, hi, Tk, causal_shift, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
+    # k_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T of key block 0; v_ptrs: [BLOCK_N, HEAD_DIM] to V.
+    # TMA: K and V come through their [B, H, Tk, D] tensor descriptors instead (rows past Tk
+    # read as zeros, so no load mask).
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if MASKED:
+        if TMA:
+            k = tl.trans(k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+            v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif MASKED:
             k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_n[None, :] < Tk, other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_n[:, None] < Tk, other=0.0)
         else:
@@ -72,9 +79,13 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, Tq, Tk,
     T_BUCKET,  # next_pow2(max(Tq, Tk)): the autotune key (unused in the body)
+    TMA_OK,    # 1 when the four descriptors below are given: the autotune key (unused in the body)
+    Q_desc, K_desc, V_desc, O_desc,  # TMA tensor descriptors of Q, K, V, O ([B, H, T, D], blocks
+                                     # [1, 1, BLOCK_M or BLOCK_N, D]), or None
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact, no silent TF32); ignored for 16-bit
     UPCAST_DOT: tl.constexpr,     # interpreter only: its tl.dot multiplies bf16 as raw bits
+    TMA: tl.constexpr,            # move Q, K, V, O tiles with TMA (Hopper) through the descriptors
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Query blocks on axis 0 (fastest varying) so the programs of one head run together
@@ -94,7 +105,10 @@ def attn_fwd_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < Tq, other=0.0)
+    if TMA:
+        q = Q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < Tq, other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -109,16 +123,19 @@ def attn_fwd_kernel(
     else:
         hi = Tk
         full_hi = (Tk // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
-                               0, full_hi, Tk, causal_shift, qk_scale,
-                               False, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
-                               full_hi, hi, Tk, causal_shift, qk_scale,
-                               True, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
+                               offs_m, offs_n0, 0, full_hi, Tk, causal_shift, qk_scale,
+                               False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
+                               offs_m, offs_n0, full_hi, hi, Tk, causal_shift, qk_scale,
+                               True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
 
-    o = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    if TMA:  # rows past Tq are clipped by the descriptor's bounds
+        O_desc.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, o, mask=offs_m[:, None] < Tq)
     tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
 
 
@@ -148,22 +165,28 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, q_desc, do_desc, b, h,
                 offs_n, offs_m0, lo, hi, Tq, causal_shift, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
     # q_ptrs: [HEAD_DIM, BLOCK_M] pointers to Q^T of query block 0; do_ptrs: [BLOCK_M, HEAD_DIM];
     # lse_ptr / delta_ptr: this head's [Tq] rows. k, v: this program's [BLOCK_N, HEAD_DIM] block.
+    # TMA: Q and dO tiles through their descriptors (rows past Tq read as zeros).
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        if MASKED:
+        if TMA:
+            qT = tl.trans(q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM))
+            do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        elif MASKED:
             qT = tl.load(q_ptrs + start_m * stride_qm, mask=offs_m[None, :] < Tq, other=0.0)
             do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_m[:, None] < Tq, other=0.0)
-            lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
-            delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         else:
             qT = tl.load(q_ptrs + start_m * stride_qm)
             do = tl.load(do_ptrs + start_m * stride_dom)
+        if MASKED:
+            lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+            delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+        else:
             lse = tl.load(lse_ptr + offs_m)
             delta = tl.load(delta_ptr + offs_m)
         if UPCAST_DOT:
@@ -198,9 +221,10 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Tq, Tk, T_BUCKET,
+    H, Tq, Tk, T_BUCKET, TMA_OK,
+    Q_desc, K_desc, V_desc, DO_desc, DK_desc, DV_desc,  # TMA descriptors ([B, H, T, D]) or None
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per key block: dK and dV accumulate in registers over the query blocks
@@ -213,10 +237,14 @@ def attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = offs_n[:, None] < Tk
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    if TMA:
+        k = K_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = V_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
     if UPCAST_DOT:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -237,32 +265,40 @@ def attn_bwd_dkdv_kernel(
     else:
         lo = 0
         diag_end = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
-                         offs_n, offs_m0, lo, diag_end, Tq, causal_shift, qk_scale,
-                         True, CAUSAL, BLOCK_M, DOT_PRECISION, UPCAST_DOT)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
-                         offs_n, offs_m0, diag_end, q_full_end, Tq, causal_shift, qk_scale,
-                         False, CAUSAL, BLOCK_M, DOT_PRECISION, UPCAST_DOT)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
-                         offs_n, offs_m0, tl.maximum(diag_end, q_full_end), Tq, Tq, causal_shift, qk_scale,
-                         True, CAUSAL, BLOCK_M, DOT_PRECISION, UPCAST_DOT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
+                         b, h, offs_n, offs_m0, lo, diag_end, Tq, causal_shift, qk_scale,
+                         True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
+                         b, h, offs_n, offs_m0, diag_end, q_full_end, Tq, causal_shift, qk_scale,
+                         False, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
+                         b, h, offs_n, offs_m0, tl.maximum(diag_end, q_full_end), Tq, Tq, causal_shift, qk_scale,
+                         True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
 
-    dk = dk * scale  # dS was taken w.r.t. the unscaled scores
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk = (dk * scale).to(DK.dtype.element_ty)  # dS was taken w.r.t. the unscaled scores
+    dv = dv.to(DV.dtype.element_ty)
+    if TMA:  # rows past Tk are clipped by the descriptors' bounds
+        DK_desc.store([b, h, start_n, 0], dk.reshape(1, 1, BLOCK_N, HEAD_DIM))
+        DV_desc.store([b, h, start_n, 0], dv.reshape(1, 1, BLOCK_N, HEAD_DIM))
+    else:
+        tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 dk, mask=kv_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv, mask=kv_mask)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
-              lo, hi, Tk, causal_shift, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # k_ptrs, v_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T and V^T of key block 0
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v_desc, b, h,
+              offs_m, offs_n0, lo, hi, Tk, causal_shift, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
+    # k_ptrs, v_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T and V^T of key block 0 (TMA: descriptors)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if MASKED:
+        if TMA:
+            kT = tl.trans(k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+            vT = tl.trans(v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+        elif MASKED:
             kT = tl.load(k_ptrs + start_n * stride_kn, mask=offs_n[None, :] < Tk, other=0.0)
             vT = tl.load(v_ptrs + start_n * stride_vn, mask=offs_n[None, :] < Tk, other=0.0)
         else:
@@ -297,9 +333,10 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Tq, Tk, T_BUCKET,
+    H, Tq, Tk, T_BUCKET, TMA_OK,
+    Q_desc, K_desc, V_desc, DO_desc, DQ_desc,  # TMA descriptors ([B, H, T, D]) or None
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A separate dQ pass (recomputing P) instead of fp32 atomics from the dK/dV kernel:
@@ -315,10 +352,14 @@ def attn_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = offs_m[:, None] < Tq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+    if TMA:
+        q = Q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        do = DO_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                     + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
     lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     if UPCAST_DOT:
@@ -335,13 +376,18 @@ def attn_bwd_dq_kernel(
     else:
         hi = Tk
         full_hi = (Tk // BLOCK_N) * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
-                   0, full_hi, Tk, causal_shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n0,
-                   full_hi, hi, Tk, causal_shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
-    dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=row_mask)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
+                   offs_m, offs_n0, 0, full_hi, Tk, causal_shift, qk_scale,
+                   False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
+                   offs_m, offs_n0, full_hi, hi, Tk, causal_shift, qk_scale,
+                   True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+    dq = (dq * scale).to(DQ.dtype.element_ty)
+    if TMA:
+        DQ_desc.store([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq, mask=row_mask)
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -352,29 +398,56 @@ def attn_bwd_dq_kernel(
 # Register limits below come from compiling every candidate for sm_90 with Triton 3.9 and
 # reading ptxas's register / spill counts.
 
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+# TMA: each kernel's tensor descriptors (the kernel's *_desc arguments, in order) and the tile
+# size that gives each its block rows. All are [B, H, T, D] with blocks [1, 1, rows, D].
+TMA_DESCRIPTORS = {
+    "fwd": {"Q_desc": "BLOCK_M", "K_desc": "BLOCK_N", "V_desc": "BLOCK_N", "O_desc": "BLOCK_M"},
+    "dkdv": {"Q_desc": "BLOCK_M", "K_desc": "BLOCK_N", "V_desc": "BLOCK_N", "DO_desc": "BLOCK_M",
+             "DK_desc": "BLOCK_N", "DV_desc": "BLOCK_N"},
+    "dq": {"Q_desc": "BLOCK_M", "K_desc": "BLOCK_N", "V_desc": "BLOCK_N", "DO_desc": "BLOCK_M", "DQ_desc": "BLOCK_M"},
+}
 
 
-# 16-bit inputs (wgmma tensor cores)
-FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
-               _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 4)]
+def set_tma_block_shapes(kind, nargs):
+    """pre_hook of the TMA configs (the launcher calls it for a fixed one too): a host
+    descriptor's block shape is part of the kernel's signature, so it follows the tile."""
+    for desc, rows in TMA_DESCRIPTORS[kind].items():
+        nargs[desc].block_shape = [1, 1, nargs[rows], nargs["HEAD_DIM"]]
+
+
+def _configs(kind, tiles, tma=False):
+    """Configs of kernel `kind` ("fwd", "dkdv", "dq"), one per (BLOCK_M, BLOCK_N, warps, stages)."""
+    hook = functools.partial(set_tma_block_shapes, kind) if tma else None
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=w, num_stages=st, pre_hook=hook)
+            for bm, bn, w, st in tiles]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit inputs use wgmma tensor cores.
+FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 4),
+             (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
 # dK/dV: long key blocks held in registers, short query blocks streamed (FA2 / Triton tutorial).
-DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
-                _cfg(32, 128, 4, 4)]
+DKDV_TILES = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 4)]
 # dQ: long query blocks held, short key blocks streamed.
-DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3),
-              _cfg(128, 32, 4, 4)]
+DQ_TILES = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(k, t) for k, t in
+                                         (("fwd", FWD_TILES), ("dkdv", DKDV_TILES), ("dq", DQ_TILES)))
+# The leading tiles again with every Q/K/V/O/dO/gradient tile moved by TMA (Hopper's copy
+# engine: no address arithmetic or bounds masks in the loop; rows past T are zero-filled on
+# load and clipped on store by the descriptor). Timed beside the pointer configs where the
+# launcher gives descriptors (TMA_OK; GPTFAST_ATTN_TMA), so TMA runs where it pays.
+FWD_CONFIGS_TMA = _configs("fwd", FWD_TILES[:6], tma=True)
+DKDV_CONFIGS_TMA = _configs("dkdv", DKDV_TILES[:4], tma=True)
+DQ_CONFIGS_TMA = _configs("dq", DQ_TILES[:4], tma=True)
 # fp32 inputs (exact "ieee" dots run on FMA units): small tiles, 8 warps; larger ones spill
 # hundreds of bytes per thread. Index 0: HEAD_DIM <= 64, index 1: HEAD_DIM = 128.
-FWD_CONFIGS_FP32 = [_cfg(64, 32, 8, 2), _cfg(32, 16, 8, 2)]
-DKDV_CONFIGS_FP32 = [_cfg(16, 32, 8, 2), _cfg(16, 32, 8, 2)]
-DQ_CONFIGS_FP32 = [_cfg(64, 32, 8, 2), _cfg(32, 32, 8, 2)]
+FWD_CONFIGS_FP32 = _configs("fwd", [(64, 32, 8, 2), (32, 16, 8, 2)])
+DKDV_CONFIGS_FP32 = _configs("dkdv", [(16, 32, 8, 2), (16, 32, 8, 2)])
+DQ_CONFIGS_FP32 = _configs("dq", [(64, 32, 8, 2), (32, 32, 8, 2)])
 # Without autotuning (GPTFAST_ATTN_AUTOTUNE=0): [16-bit config for D <= 64, for D = 128].
 FIXED_CONFIGS = {"fwd": [FWD_CONFIGS[0], FWD_CONFIGS[1]], "dkdv": [DKDV_CONFIGS[0], DKDV_CONFIGS[0]],
                  "dq": [DQ_CONFIGS[0], DQ_CONFIGS[0]]}
 _FP32 = {"fwd": FWD_CONFIGS_FP32, "dkdv": DKDV_CONFIGS_FP32, "dq": DQ_CONFIGS_FP32}
-_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
+_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_PRECISION", "TMA_OK"]
 
 
 def fixed_config(kind, head_dim, fp32):
@@ -409,7 +482,10 @@ def _pruner(kind, fp32_elements, limit, staged_elements):
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             return (fp32_elements(m, n, d) <= limit * 32 * c.num_warps
                     and 2 * staged_elements(m, n, d, c.num_stages) + SHARED_SLACK_BYTES <= MAX_SHARED_BYTES)
-        kept = [c for c in configs if all(c is not f for f in fp32) and fits(c)]
+        # TMA configs only with descriptors (TMA_OK 1: beside the pointer ones, 2: instead of them)
+        tma_ok = arg("TMA_OK", 0)
+        kept = [c for c in configs if all(c is not f for f in fp32) and fits(c)
+                and (c.kwargs.get("TMA", False) if tma_ok == 2 else tma_ok == 1 or not c.kwargs.get("TMA", False))]
         return kept or [configs[0]]
     return {"early_config_prune": prune}
 
@@ -418,15 +494,15 @@ def _pruner(kind, fp32_elements, limit, staged_elements):
 # Shared memory: the tiles held for the whole loop, plus one copy per pipeline stage of the
 # streamed ones (e.g. fwd, D=128, 128 x 128 tiles: 225 KB at 3 stages, 289 KB at 4, as compiled).
 attn_fwd_autotuned = triton.autotune(  # registers: acc [M, D] + scores [M, N]; shared: Q + stages x (K, V)
-    FWD_CONFIGS + FWD_CONFIGS_FP32, key=_KEY,
+    FWD_CONFIGS + FWD_CONFIGS_TMA + FWD_CONFIGS_FP32, key=_KEY,
     prune_configs_by=_pruner("fwd", lambda m, n, d: m * d + m * n, 128,
                              lambda m, n, d, s: m * d + s * 2 * n * d))(attn_fwd_kernel)
 attn_bwd_dkdv_autotuned = triton.autotune(  # dK, dV [N, D] + sT, dpT [N, M]; K, V + stages x (Q, dO)
-    DKDV_CONFIGS + DKDV_CONFIGS_FP32, key=_KEY,
+    DKDV_CONFIGS + DKDV_CONFIGS_TMA + DKDV_CONFIGS_FP32, key=_KEY,
     prune_configs_by=_pruner("dkdv", lambda m, n, d: 2 * n * d + 2 * n * m, 160,
                              lambda m, n, d, s: 2 * n * d + s * 2 * m * d))(attn_bwd_dkdv_kernel)
 attn_bwd_dq_autotuned = triton.autotune(  # dQ [M, D] + p, dp [M, N]; Q, dO + stages x (K, V)
-    DQ_CONFIGS + DQ_CONFIGS_FP32, key=_KEY,
+    DQ_CONFIGS + DQ_CONFIGS_TMA + DQ_CONFIGS_FP32, key=_KEY,
     prune_configs_by=_pruner("dq", lambda m, n, d: m * d + 2 * m * n, 128,
                              lambda m, n, d, s: 2 * m * d + s * 2 * n * d))(attn_bwd_dq_kernel)
 

@@ -53,6 +53,11 @@ def test_quick_set_compiles_for_sm90(tmp_path):
     for r in doc["results"]:
         assert r["status"] == "ok", r
         assert 0 < r["regs"] <= 255 and r["smem_bytes"] <= doc["max_shared"], r
+    # the attention kernels' TMA variants (Hopper) move their tiles with TMA; the others do not
+    tma = {r["kernel"] for r in doc["results"] if r["config"].endswith("tma")}
+    assert tma == {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+    for r in doc["results"]:
+        assert (r["tma_copies"] > 0) == r["config"].endswith("tma"), r
 
 
 def test_attention_pruner_drops_configs_over_shared_memory():

@@ -147,6 +147,124 @@ def test_attention_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+# ---- the forward through TMA descriptors (Hopper; emulated by the interpreter) ------------
+
+TMA_CASES = [c for c in CPU_CASES if c[4] != FP32]  # fp32 never takes TMA (FMA configs)
+
+
+@pytest.fixture
+def tma_forced(monkeypatch):
+    """GPTFAST_ATTN_TMA=1, and a record of (kernel, TMA_OK) per launch: did TMA really run?"""
+    from gptfast.ops import _attention_triton as at
+    monkeypatch.setenv("GPTFAST_ATTN_TMA", "1")
+    seen = []
+    real = at._tma
+
+    def spy(kind, tensors):
+        got = real(kind, tensors)
+        seen.append((kind, got[0]))
+        return got
+
+    monkeypatch.setattr(at, "_tma", spy)
+    return seen
+
+
+TMA_ALL = [("fwd", 2), ("dkdv", 2), ("dq", 2)]
+
+
+@pytest.mark.parametrize("B,H,T,D,dtype,causal,scale", TMA_CASES,
+                         ids=[f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{str(c[4])[6:]}-{'causal' if c[5] else 'full'}"
+                              for c in TMA_CASES])
+def test_attention_tma(poisoned, tma_forced, B, H, T, D, dtype, causal, scale):
+    # T not a multiple of the blocks: the descriptors zero-fill rows past T and clip the stores
+    torch.manual_seed(1000 * T + D + 1)
+    _run_fwd_bwd(B, H, T, D, dtype, causal, scale)
+    assert tma_forced == TMA_ALL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_tma_fewer_queries_than_keys(poisoned, tma_forced, causal):
+    torch.manual_seed(8)
+    _run_fwd_bwd(2, 2, 7, 32, BF16, causal, None, Tk=77)
+    assert tma_forced == TMA_ALL
+
+
+def test_attention_tma_unaddressable_layout_falls_back(poisoned, tma_forced, caplog):
+    # head dim not unit-stride: TMA cannot address it; pointer loads, with the reason logged once
+    from gptfast.ops import _attention_triton as at
+    at._tma_logged.clear()
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 32, 40, dtype=FP16, device=DEV).transpose(-1, -2) for _ in range(3))
+    with caplog.at_level("WARNING", logger="gptfast"):
+        out = ops.attention(q, k, v, causal=True, backend="kernel")
+        ops.attention(q, k, v, causal=True, backend="kernel")
+    ref = ops.attention_reference(q.double(), k.double(), v.double(), True)
+    base = _attention_in_dtype(q, k, v, _causal_mask(40, 40), 32 ** -0.5)
+    _check("out", out, ref, base, FP16)
+    assert tma_forced == [("fwd", 0), ("fwd", 0)]
+    msgs = [r.getMessage() for r in caplog.records if "not TMA" in r.getMessage()]
+    assert len(msgs) == 1 and "q's head dim is not contiguous (stride 40)" in msgs[0], msgs
+
+
+def test_attention_tma_mode_is_validated(monkeypatch):
+    from gptfast.ops import _attention_triton as at
+    monkeypatch.setenv("GPTFAST_ATTN_TMA", "yes")
+    q = torch.randn(1, 1, 8, 16, dtype=FP16)
+    with pytest.raises(ValueError, match="GPTFAST_ATTN_TMA must be one of auto, 0, 1; got 'yes'"):
+        at._tma("fwd", dict(Q_desc=q, K_desc=q, V_desc=q, O_desc=q))
+
+
+@pytest.mark.parametrize("tma_ok,expect", [(0, "ptr"), (1, "both"), (2, "tma")])
+@pytest.mark.parametrize("kernel", ["attn_fwd_autotuned", "attn_bwd_dkdv_autotuned", "attn_bwd_dq_autotuned"])
+def test_attention_autotune_tma_candidates(kernel, tma_ok, expect):
+    # what each autotuner times: TMA configs only where the launcher gave descriptors
+    from gptfast.kernels import attention as K
+    tuner = getattr(K, kernel)
+    for D in (16, 64, 128):
+        kept = tuner.early_config_prune(tuner.configs, {"TMA_OK": tma_ok, "HEAD_DIM": D, "DOT_PRECISION": "tf32"})
+        tma = {c.kwargs["TMA"] for c in kept}
+        assert tma == {"ptr": {False}, "both": {False, True}, "tma": {True}}[expect], (D, tma)
+        assert all((c.pre_hook is not None) == c.kwargs["TMA"] for c in kept)
+    fp32 = tuner.early_config_prune(tuner.configs, {"TMA_OK": 0, "HEAD_DIM": 64, "DOT_PRECISION": "ieee"})
+    assert [c.kwargs["TMA"] for c in fp32] == [False]
+
+
+def test_attention_tma_auto_needs_hopper(monkeypatch):
+    # auto: descriptors only on a TMA-capable device (never on CPU, where only "1" emulates it)
+    from gptfast.ops import _attention_triton as at
+    monkeypatch.delenv("GPTFAST_ATTN_TMA", raising=False)
+    q = torch.randn(1, 1, 8, 16, dtype=BF16)
+
+    def tma(t):
+        return at._tma("dq", dict(Q_desc=t, K_desc=t, V_desc=t, DO_desc=t, DQ_desc=t))
+
+    assert tma(q)[0] == 0
+    monkeypatch.setattr(at, "_tma_capable", lambda device: True)
+    ok, descs = tma(q)
+    assert ok == 1 and list(descs) == ["Q_desc", "K_desc", "V_desc", "DO_desc", "DQ_desc"]
+    assert all(d.base is q and d.shape == [1, 1, 8, 16] for d in descs.values())
+    assert tma(q.float())[0] == 0
+    monkeypatch.setenv("GPTFAST_ATTN_TMA", "0")
+    assert tma(q)[0] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+def test_attention_tma_full(D, dtype, causal, poisoned, tma_forced, monkeypatch):
+    # the fixed configs with TMA on the GPU; the autotuned test below times TMA configs beside
+    # the pointer ones on sm_90 and may pick either
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    monkeypatch.setenv("GPTFAST_ATTN_AUTOTUNE", "0")
+    torch.manual_seed(D + 17)
+    for T in (1, 7, 77, 1000, 2048):
+        _run_fwd_bwd(2, 12, T, D, dtype, causal, None)
+    _run_fwd_bwd(2, 4, 300, D, dtype, causal, None, Tk=1000)
+    assert tma_forced == TMA_ALL * 6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=str)

@@ -197,3 +197,19 @@ def test_quick_run_writes_valid_json_and_markdown(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "GPU figures need a GPU" in summary and "## attention" in summary
     assert "GPU figures need a GPU" in capsys.readouterr().out
+
+
+def test_full_attention_cases_time_the_tma_and_pointer_variants(monkeypatch):
+    # the full run times each half of the forward/backward autotuner's choice on its own
+    from gptfast.bench import ops_attention
+    monkeypatch.delenv("GPTFAST_ATTN_TMA", raising=False)
+    for case in ops_attention.attention_cases("cuda", quick=False):
+        ours = [p for p in case.providers if p.kind == "gptfast"]
+        assert [p.name for p in ours] == ["gptfast", "gptfast-tma", "gptfast-ptr"], case.name
+        assert ours[0].context is None
+        for provider, mode in zip(ours[1:], ("1", "0")):
+            with provider.context():
+                assert os.environ["GPTFAST_ATTN_TMA"] == mode
+            assert "GPTFAST_ATTN_TMA" not in os.environ
+    quick = ops_attention.attention_cases("cuda", quick=True)
+    assert all([p.name for p in c.providers if p.kind == "gptfast"] == ["gptfast"] for c in quick)

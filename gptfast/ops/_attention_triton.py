@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._dispatch import import_source_package, triton_interpret
+from ._dispatch import import_source_package, logger, triton_interpret
 
 
 import_source_package("kernels", "kernels")
@@ -114,17 +114,87 @@ def _autotune() -> bool:
     return os.environ.get("GPTFAST_ATTN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype):
-    """Run one attention kernel: autotuned on a GPU, else with a fixed config.
-    grid(meta) -> the launch grid for meta-parameters BLOCK_M / BLOCK_N."""
+def _tma_mode() -> str:
+    """GPTFAST_ATTN_TMA: "auto" (default; on sm_90+ the autotuners time TMA configs beside the
+    pointer ones and keep the faster), "1" (TMA wherever the layout allows: every config, the
+    fixed and interpreter ones too), "0" (never)."""
+    mode = os.environ.get("GPTFAST_ATTN_TMA", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"GPTFAST_ATTN_TMA must be one of auto, 0, 1; got {mode!r}")
+    return mode
+
+
+def _tma_layout_reason(names, tensors) -> Optional[str]:
+    """Why these [B, H, T, D] tensors cannot be TMA descriptors (TMA's rules), or None."""
+    for name, t in zip(names, tensors):
+        size = t.element_size()
+        if t.stride(-1) != 1:
+            return f"{name}'s head dim is not contiguous (stride {t.stride(-1)})"
+        if t.data_ptr() % 16:
+            return f"{name}'s data is not 16-byte aligned"
+        if any(st * size % 16 for st in t.stride()[:-1]):
+            return f"{name}'s strides {tuple(t.stride())} are not multiples of 16 bytes"
+    return None
+
+
+_tma_logged: set[tuple[str, str]] = set()
+
+
+def _tma_capable(device: torch.device) -> bool:
+    """TMA exists here: a CUDA device of compute capability 9.0 (Hopper) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma(kind: str, tensors: dict):
+    """(TMA_OK, {descriptor name: descriptor or None}) for kernel `kind` ("fwd", "dkdv", "dq").
+    tensors: descriptor name -> its [B, H, T, D] tensor. TMA_OK: 0 no descriptors (fp32, no TMA
+    here, a layout TMA cannot address, or GPTFAST_ATTN_TMA=0); 1 descriptors, the autotuner
+    weighs TMA configs against pointer ones; 2 descriptors, TMA always (GPTFAST_ATTN_TMA=1,
+    also under the interpreter, which emulates TMA on CPU)."""
+    mode = _tma_mode()
+    q = tensors["Q_desc"]
+    none = (0, dict.fromkeys(tensors))
+    if mode == "0" or q.dtype == torch.float32 or (mode == "auto" and not _tma_capable(q.device)):
+        return none
+    if q.is_cuda and not _tma_capable(q.device):
+        cc = torch.cuda.get_device_capability(q.device)
+        reason = f"TMA needs compute capability 9.0 or newer (this GPU has {cc[0]}.{cc[1]})"
+    else:
+        names = [{"O": "out", "DO": "dout"}.get(n[:-len("_desc")], n[:-len("_desc")].lower()) for n in tensors]
+        reason = _tma_layout_reason(names, tensors.values())
+    if reason is not None:
+        if mode == "1" and (kind, reason) not in _tma_logged:  # asked for and not given: say why, once
+            _tma_logged.add((kind, reason))
+            logger.warning("gptfast: flash-attention %s kernel uses pointer loads, not TMA: %s", kind, reason)
+        return none
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    D = q.shape[-1]
+    # block shapes are placeholders: kernels/attention.py's set_tma_block_shapes sets them per config
+    descs = {n: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, D]) for n, t in tensors.items()}
+    return (2 if mode == "1" else 1), descs
+
+
+def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype, tma_tensors):
+    """Run one attention kernel: autotuned on a GPU, else with a fixed config (or, under the
+    interpreter, its small one). grid(meta) -> the launch grid for meta-parameters BLOCK_M /
+    BLOCK_N. tma_tensors: descriptor name -> tensor, in the kernel's order (kernels/attention.py
+    TMA_DESCRIPTORS); the fixed and interpreter configs take TMA only when it is forced."""
+    assert list(tma_tensors) == list(_attn_k.TMA_DESCRIPTORS[kind]), (kind, list(tma_tensors))
+    tma_ok, descs = _tma(kind, tma_tensors)
+    args = (*args, tma_ok, *descs.values())
+    if _autotune() and not triton_interpret():
+        autotuned[grid](*args, **flags, **LAUNCH_OPTIONS)
+        return
     if triton_interpret():
         cfg = {"fwd": _attn_k.INTERPRETER_FWD, "dkdv": _attn_k.INTERPRETER_DKDV, "dq": _attn_k.INTERPRETER_DQ}[kind]
-        plain[grid(cfg)](*args, **flags, **cfg)
-    elif _autotune():
-        autotuned[grid](*args, **flags, **LAUNCH_OPTIONS)
+        options = {}
     else:
         cfg, launch = _attn_k.fixed_config(kind, head_dim, dtype == torch.float32)
-        plain[grid(cfg)](*args, **flags, **cfg, **launch, **LAUNCH_OPTIONS)
+        options = {**launch, **LAUNCH_OPTIONS}
+    cfg = {**cfg, "TMA": tma_ok == 2}
+    if cfg["TMA"]:
+        _attn_k.set_tma_block_shapes(kind, {**descs, **flags, **cfg})
+    plain[grid(cfg)](*args, **flags, **cfg, **options)
 
 
 # ---- flash-attention launchers ------------------------------------------------------------
@@ -138,7 +208,8 @@ def _flash_fwd_launch(q, k, v, causal: bool, scale: float):
             H, Tq, Tk, _t_bucket(Tq, Tk))
     flags = dict(CAUSAL=causal, HEAD_DIM=D, **_dot_flags(q.dtype))
     _launch("fwd", _attn_k.attn_fwd_autotuned, _attn_k.attn_fwd_kernel,
-            lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), args, flags, D, q.dtype)
+            lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), args, flags, D, q.dtype,
+            dict(Q_desc=q, K_desc=k, V_desc=v, O_desc=out))
     return out, lse
 
 
@@ -159,12 +230,15 @@ def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float):
     scales = (scale * _attn_k.LOG2E, scale)
     tail = (H, Tq, Tk, _t_bucket(Tq, Tk))
     flags = dict(CAUSAL=causal, HEAD_DIM=D, **_dot_flags(q.dtype))
+    inputs = dict(Q_desc=q, K_desc=k, V_desc=v, DO_desc=dout)
     dkdv_args = (*common, dk, dv, lse, delta, *scales, *strides, *dk.stride(), *dv.stride(), *tail)
     dq_args = (*common, dq, lse, delta, *scales, *strides, *dq.stride(), *tail)
     _launch("dkdv", _attn_k.attn_bwd_dkdv_autotuned, _attn_k.attn_bwd_dkdv_kernel,
-            lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H), dkdv_args, flags, D, q.dtype)
+            lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H), dkdv_args, flags, D, q.dtype,
+            dict(inputs, DK_desc=dk, DV_desc=dv))
     _launch("dq", _attn_k.attn_bwd_dq_autotuned, _attn_k.attn_bwd_dq_kernel,
-            lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), dq_args, flags, D, q.dtype)
+            lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), dq_args, flags, D, q.dtype,
+            dict(inputs, DQ_desc=dq))
     return dq, dk, dv
 
 
