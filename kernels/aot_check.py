@@ -13,8 +13,9 @@ then compiled with triton.compile for the target, and ptxas's resource usage is 
 the cubin with cuobjdump.
 
 Fails (exit 1) on a compile error, a TMA config whose PTX has no TMA copy
-(cp.async.bulk.tensor), or shared memory above the target's per-block opt-in maximum, in any config a launch can run: fixed configs, and autotune configs that survive
-the kernel's early_config_prune. Pruned configs are listed as "pruned" (compiled only with
+(cp.async.bulk.tensor), or shared memory above the target's per-block opt-in maximum, in
+any config a launch can run: fixed configs, and autotune configs that survive the kernel's
+early_config_prune. Pruned configs are listed as "pruned" (compiled only with
 --pruned, and never fatal). Register spills are warnings.
 
 Not covered: the launchers' INTERPRETER_* configs (they only run under the interpreter,

@@ -22,6 +22,40 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+# ---- tiles ---------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(desc, ptrs, b, h, start, offs, bound, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               TRANS: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Rows start + offs ([ROWS, HEAD_DIM]; TRANS: its transpose) of head (b, h) of a [B, H, T, D]
+    tensor. TMA: through its descriptor at [b, h, start, 0] (rows past T read as zeros). Else
+    through ptrs, the tile's pointers (already transposed if TRANS), rows >= bound read as zeros
+    if MASKED."""
+    if TMA:
+        x = desc.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+        if TRANS:
+            x = tl.trans(x)
+    elif MASKED:
+        if TRANS:
+            x = tl.load(ptrs, mask=offs[None, :] < bound, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=offs[:, None] < bound, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(desc, ptrs, x, b, h, start, offs, bound, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                TMA: tl.constexpr):
+    """Store the [ROWS, HEAD_DIM] tile x at rows start + offs; rows >= bound are dropped (TMA:
+    clipped by the descriptor's bounds)."""
+    if TMA:
+        desc.store([b, h, start, 0], x.reshape(1, 1, ROWS, HEAD_DIM))
+    else:
+        tl.store(ptrs, x, mask=offs[:, None] < bound)
+
+
 # ---- forward ------------------------------------------------------------------------------
 
 @triton.jit
@@ -34,15 +68,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
     # read as zeros, so no load mask).
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if TMA:
-            k = tl.trans(k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
-            v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        elif MASKED:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_n[None, :] < Tk, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
+        k = _load_tile(k_desc, k_ptrs + start_n * stride_kn, b, h, start_n, offs_n, Tk,
+                       BLOCK_N, HEAD_DIM, True, MASKED, TMA)
+        v = _load_tile(v_desc, v_ptrs + start_n * stride_vn, b, h, start_n, offs_n, Tk,
+                       BLOCK_N, HEAD_DIM, False, MASKED, TMA)
         if UPCAST_DOT:
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
@@ -105,10 +134,7 @@ def attn_fwd_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    if TMA:
-        q = Q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < Tq, other=0.0)
+    q = _load_tile(Q_desc, q_ptrs, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, False, True, TMA)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -131,11 +157,8 @@ def attn_fwd_kernel(
                                True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
 
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
-    if TMA:  # rows past Tq are clipped by the descriptor's bounds
-        O_desc.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, HEAD_DIM))
-    else:
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, o, mask=offs_m[:, None] < Tq)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    _store_tile(O_desc, o_ptrs, o, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, TMA)
     tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
 
 
@@ -174,15 +197,10 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, st
     # TMA: Q and dO tiles through their descriptors (rows past Tq read as zeros).
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        if TMA:
-            qT = tl.trans(q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM))
-            do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-        elif MASKED:
-            qT = tl.load(q_ptrs + start_m * stride_qm, mask=offs_m[None, :] < Tq, other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_m[:, None] < Tq, other=0.0)
-        else:
-            qT = tl.load(q_ptrs + start_m * stride_qm)
-            do = tl.load(do_ptrs + start_m * stride_dom)
+        qT = _load_tile(q_desc, q_ptrs + start_m * stride_qm, b, h, start_m, offs_m, Tq,
+                        BLOCK_M, HEAD_DIM, True, MASKED, TMA)
+        do = _load_tile(do_desc, do_ptrs + start_m * stride_dom, b, h, start_m, offs_m, Tq,
+                        BLOCK_M, HEAD_DIM, False, MASKED, TMA)
         if MASKED:
             lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
             delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
@@ -236,15 +254,10 @@ def attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_mask = offs_n[:, None] < Tk
-    if TMA:
-        k = K_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = V_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-    else:
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
+    k = _load_tile(K_desc, K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, b, h, start_n, offs_n, Tk, BLOCK_N, HEAD_DIM, False, True, TMA)
+    v = _load_tile(V_desc, V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_d[None, :] * stride_vd, b, h, start_n, offs_n, Tk, BLOCK_N, HEAD_DIM, False, True, TMA)
     if UPCAST_DOT:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -277,14 +290,10 @@ def attn_bwd_dkdv_kernel(
 
     dk = (dk * scale).to(DK.dtype.element_ty)  # dS was taken w.r.t. the unscaled scores
     dv = dv.to(DV.dtype.element_ty)
-    if TMA:  # rows past Tk are clipped by the descriptors' bounds
-        DK_desc.store([b, h, start_n, 0], dk.reshape(1, 1, BLOCK_N, HEAD_DIM))
-        DV_desc.store([b, h, start_n, 0], dv.reshape(1, 1, BLOCK_N, HEAD_DIM))
-    else:
-        tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                 dk, mask=kv_mask)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-                 dv, mask=kv_mask)
+    _store_tile(DK_desc, DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
+                + offs_d[None, :] * stride_dkd, dk, b, h, start_n, offs_n, Tk, BLOCK_N, HEAD_DIM, TMA)
+    _store_tile(DV_desc, DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
+                + offs_d[None, :] * stride_dvd, dv, b, h, start_n, offs_n, Tk, BLOCK_N, HEAD_DIM, TMA)
 
 
 @triton.jit
@@ -295,15 +304,10 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_des
     # k_ptrs, v_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T and V^T of key block 0 (TMA: descriptors)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if TMA:
-            kT = tl.trans(k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
-            vT = tl.trans(v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
-        elif MASKED:
-            kT = tl.load(k_ptrs + start_n * stride_kn, mask=offs_n[None, :] < Tk, other=0.0)
-            vT = tl.load(v_ptrs + start_n * stride_vn, mask=offs_n[None, :] < Tk, other=0.0)
-        else:
-            kT = tl.load(k_ptrs + start_n * stride_kn)
-            vT = tl.load(v_ptrs + start_n * stride_vn)
+        kT = _load_tile(k_desc, k_ptrs + start_n * stride_kn, b, h, start_n, offs_n, Tk,
+                        BLOCK_N, HEAD_DIM, True, MASKED, TMA)
+        vT = _load_tile(v_desc, v_ptrs + start_n * stride_vn, b, h, start_n, offs_n, Tk,
+                        BLOCK_N, HEAD_DIM, True, MASKED, TMA)
         if UPCAST_DOT:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
@@ -351,15 +355,10 @@ def attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_mask = offs_m[:, None] < Tq
-    if TMA:
-        q = Q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-        do = DO_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                     + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+    q = _load_tile(Q_desc, Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, False, True, TMA)
+    do = _load_tile(DO_desc, DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, False, True, TMA)
     lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     if UPCAST_DOT:
@@ -383,11 +382,8 @@ def attn_bwd_dq_kernel(
                    offs_m, offs_n0, full_hi, hi, Tk, causal_shift, qk_scale,
                    True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     dq = (dq * scale).to(DQ.dtype.element_ty)
-    if TMA:
-        DQ_desc.store([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
-    else:
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                 dq, mask=row_mask)
+    _store_tile(DQ_desc, DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+                + offs_d[None, :] * stride_dqd, dq, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, TMA)
 
 
 # ---- configs --------------------------------------------------------------------------------
