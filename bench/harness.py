@@ -216,9 +216,39 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _autotuners() -> list:
+    """Every Triton autotuner of the gptfast kernels imported so far."""
+    triton, _ = optional_import("triton")
+    if triton is None:
+        return []
+    from triton.runtime.autotuner import Autotuner
+    return [obj for name, mod in list(sys.modules.items()) if name.startswith("gptfast.kernels.")
+            for obj in vars(mod).values() if isinstance(obj, Autotuner)]
+
+
+def _kernel_name(tuner) -> str:
+    fn = tuner.fn
+    while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return getattr(fn, "__name__", repr(fn))
+
+
+def config_label(config) -> str:
+    """'M=128 N=64 w4 s3 tma' for a Config (meta-parameters shortened, TMA shown when on)."""
+    kw = dict(config.kwargs)
+    tma = kw.pop("TMA", False)
+    parts = [f"{k.replace('BLOCK_', '')}={v}" for k, v in kw.items()]
+    parts += [f"w{config.num_warps}", f"s{config.num_stages}"] + (["tma"] if tma else [])
+    return " ".join(parts)
+
+
 def run_provider(case: Case, provider: Provider, ctx: RunContext) -> dict:
-    """One provider on one case -> a result record (status "ok" or "skipped", never silent)."""
+    """One provider on one case -> a result record (status "ok" or "skipped", never silent).
+    gptfast providers also record the config each autotuned kernel ran with ("autotuned")."""
     rec: dict = {"provider": provider.name, "kind": provider.kind, "status": "skipped", "reason": None}
+    tuners = _autotuners() if provider.kind == "gptfast" else []
+    for t in tuners:  # Autotuner.run sets best_config to the config of its latest launch
+        t.best_config = None
     if provider.compiled and ctx.compile_spent_s >= ctx.compile_budget_s:
         budget = f"is {ctx.compile_budget_s:.0f} s" if ctx.compile_budget_s == 0 else \
             f"of {ctx.compile_budget_s:.0f} s is spent"
@@ -266,6 +296,11 @@ def run_provider(case: Case, provider: Provider, ctx: RunContext) -> dict:
     finally:
         _free_memory()
     rec["status"] = "ok"
+    tuners = tuners or (_autotuners() if provider.kind == "gptfast" else [])  # imported by this run
+    tuned = {_kernel_name(t): config_label(t.best_config) for t in tuners
+             if getattr(t, "best_config", None) is not None}
+    if tuned:
+        rec["autotuned"] = tuned
     rec.update(accounting.summarize(times))
     rec.update(accounting.throughput(case.flops, case.bytes, rec["median_ms"]))
     rec["roofline_fraction"] = accounting.roofline_fraction(case.bound, rec, ctx.roofline)

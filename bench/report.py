@@ -73,6 +73,8 @@ def _extra(r: dict) -> str:
         parts.append(f"peak {m['peak_memory_gb']:.2f} GB")
     if r.get("first_call_s") is not None and (m or r["provider"].endswith("compile")):
         parts.append(f"first call {r['first_call_s']:.2g} s")
+    for kernel, config in (r.get("autotuned") or {}).items():  # what the autotuners chose
+        parts.append(f"{kernel.removesuffix('_kernel')}: {config}")
     return ", ".join(parts)
 
 

@@ -213,3 +213,39 @@ def test_full_attention_cases_time_the_tma_and_pointer_variants(monkeypatch):
             assert "GPTFAST_ATTN_TMA" not in os.environ
     quick = ops_attention.attention_cases("cuda", quick=True)
     assert all([p.name for p in c.providers if p.kind == "gptfast"] == ["gptfast"] for c in quick)
+
+
+def test_gptfast_providers_record_the_autotuned_configs(monkeypatch):
+    # which config (TMA or not) each autotuned kernel ran with lands in the result and the summary
+    import types
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    def fake_tuner(name):
+        t = object.__new__(Autotuner)  # no kernel behind it: only what the harness reads
+        t.fn = types.SimpleNamespace(__name__=name)
+        return t
+
+    fwd, dq, unused = fake_tuner("attn_fwd_kernel"), fake_tuner("attn_bwd_dq_kernel"), fake_tuner("other_kernel")
+    unused.best_config = triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)  # stale: from an earlier run
+    module = types.ModuleType("gptfast.kernels._bench_fake")
+    module.a, module.b, module.c = fwd, dq, unused
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def run(_inputs):
+        def thunk():
+            fwd.best_config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TMA": True}, num_warps=4, num_stages=3)
+            dq.best_config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TMA": False}, num_warps=8, num_stages=3)
+        return thunk
+
+    x = torch.randn(8)
+    case = harness.Case(op="toy", name="n", shape={}, dtype="fp32", make_inputs=lambda d: {"x": x},
+                        providers=[harness.Provider("mine", "gptfast", run),
+                                   harness.Provider("peer", "peer", lambda i: (lambda: i["x"] + 1))], bytes=64)
+    ctx = harness.RunContext(device=torch.device("cpu"), cpu_min_run_time_s=0.01)
+    rec = harness.run_case(case, ctx)
+    mine, peer = rec["results"]
+    assert mine["autotuned"] == {"attn_fwd_kernel": "M=128 N=64 w4 s3 tma", "attn_bwd_dq_kernel": "M=128 N=32 w8 s3"}
+    assert "autotuned" not in peer
+    row = next(r for r in report._rows(rec) if r[0] == "mine")
+    assert "attn_fwd: M=128 N=64 w4 s3 tma" in row[-1] and "attn_bwd_dq: M=128 N=32 w8 s3" in row[-1]
