@@ -283,7 +283,8 @@ def test_attention_fwd_bwd_full(T, D, dtype, causal, poisoned, monkeypatch):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [FP16, BF16, FP32], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
-def test_attention_fwd_bwd_autotuned(D, dtype, causal, poisoned):
+def test_attention_fwd_bwd_autotuned(D, dtype, causal, poisoned, monkeypatch):
+    monkeypatch.setenv("GPTFAST_ATTN_AUTOTUNE", "1")  # whatever the environment says (.ci/gpu-check: 0)
     torch.manual_seed(D)
     for T in (77, 1000, 2048):
         _run_fwd_bwd(2, 12, T, D, dtype, causal, None)
