@@ -405,7 +405,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from .tokenizer import Tokenizer
-    from .train import (_barrier, _checkpoint, _mean_over_ranks, finish_run, latest_checkpoint, make_optimizer,
+    from .train import (_checkpoint, _mean_over_ranks, finish_run, latest_checkpoint, log_step, make_optimizer,
                         seed_step, setup_device, wrap_ddp)
 
     _check_args(args)
@@ -468,21 +468,18 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
                  "task_loss": _mean_over_ranks(out.task_loss.detach(), world), "lr": lr}
         if out.lm_loss is not None:
             entry["lm_loss"] = _mean_over_ranks(out.lm_loss.detach(), world)
-        if step % eval_every == 0 or step == total:
-            if rank == 0:
-                with autocast:
-                    val = evaluate(raw_model, val_set, args.batch_size, args.lm_coef)
-                entry.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
-                if "lm_loss" in val:
-                    entry["val_lm_loss"] = val["lm_loss"]
-                if progress:
-                    bar.write(f"step {step} (epoch {entry['epoch']:.2f}): train loss {loss_f:.3f}, "
-                              f"val accuracy {val['accuracy']:.4f}, val task loss {val['loss']:.4f}", file=sys.stderr)
-                log.append(entry)
-                _checkpoint(raw_model, tokenizer, opt, step, log, args)
-            _barrier(world)
-        elif step % 10 == 0:
-            log.append(entry)
+
+        def validate():
+            with autocast:
+                val = evaluate(raw_model, val_set, args.batch_size, args.lm_coef)
+            entry.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+            if "lm_loss" in val:
+                entry["val_lm_loss"] = val["lm_loss"]
+            return (f"step {step} (epoch {entry['epoch']:.2f}): train loss {loss_f:.3f}, "
+                    f"val accuracy {val['accuracy']:.4f}, val task loss {val['loss']:.4f}")
+
+        log_step(entry, step % eval_every == 0 or step == total, validate,
+                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args), log, bar, progress, rank, world)
     bar.close()
     finish_run(raw_model, tokenizer, log, args.out, rank, world)
     vals = [e for e in log if "val_accuracy" in e]

@@ -231,26 +231,40 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_f:.3f}")
         entry = {"step": step, "loss": loss_f, "lr": lr_at(step - 1, args)}
-        if step % args.eval_every == 0 or step == args.steps:
-            if rank == 0:
-                with autocast:
-                    entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
-                                                      torch.Generator().manual_seed(args.seed))
-                entry["val_ppl"] = math.exp(entry["val_loss"])
-                if progress:
-                    bar.write(f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
-                              f"val ppl {entry['val_ppl']:.1f}", file=sys.stderr)
-                log.append(entry)
-                _checkpoint(raw_model, tokenizer, opt, step, log, args)
-            _barrier(world)
-        elif step % 10 == 0:
-            log.append(entry)
+
+        def validate():
+            with autocast:
+                entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
+                                                  torch.Generator().manual_seed(args.seed))
+            entry["val_ppl"] = math.exp(entry["val_loss"])
+            return (f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
+                    f"val ppl {entry['val_ppl']:.1f}")
+
+        log_step(entry, step % args.eval_every == 0 or step == args.steps, validate,
+                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args), log, bar, progress, rank, world)
     bar.close()
     finish_run(raw_model, tokenizer, log, args.out, rank, world)
     vals = [e for e in log if "val_loss" in e]
     return {"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
             "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
             "world_size": world}
+
+
+def log_step(entry: dict, eval_now: bool, validate, checkpoint, log: list, bar, progress: bool,
+             rank: int, world: int) -> None:
+    """The end of a training step. On an evaluation step rank 0 runs validate() (it adds the
+    validation figures to entry and returns the progress line), logs the entry and checkpoints,
+    and every rank waits for it; otherwise every 10th step's entry is logged."""
+    if eval_now:
+        if rank == 0:
+            line = validate()
+            if progress:
+                bar.write(line, file=sys.stderr)
+            log.append(entry)
+            checkpoint()
+        _barrier(world)
+    elif entry["step"] % 10 == 0:
+        log.append(entry)
 
 
 def finish_run(model, tokenizer, log: list, out: str, rank: int, world: int) -> None:
