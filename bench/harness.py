@@ -29,6 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+from unittest import mock
 
 import torch
 
@@ -214,6 +215,11 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def env_context(**values: str):
+    """A Provider.context setting environment variables around the provider's calls."""
+    return lambda: mock.patch.dict(os.environ, values)
 
 
 def _autotuners() -> list:

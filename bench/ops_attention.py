@@ -5,16 +5,13 @@ Peers: PyTorch SDPA with each backend forced through torch.nn.attention.sdpa_ker
 """
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 import torch
 import torch.nn.functional as F
 
 from gptfast import ops
 
 from . import accounting
-from .harness import Case, Provider, Skip, compiled, no_interpreter, optional_import
+from .harness import Case, Provider, Skip, compiled, env_context, no_interpreter, optional_import
 
 D = 64
 H = 12
@@ -94,17 +91,11 @@ def _setup(fn, check_kernel=False):
     return setup
 
 
-def _tma_context(mode):
-    """GPTFAST_ATTN_TMA=mode around the timed loop: the forward with TMA only ("1") or with
-    pointer loads only ("0"); plain "gptfast" lets the autotuner pick (each mode tunes apart)."""
-    return lambda: mock.patch.dict(os.environ, {"GPTFAST_ATTN_TMA": mode})
-
-
 def attention_providers(variants=False):
     providers = [Provider("gptfast", "gptfast", _setup(_kernel, check_kernel=True))]
-    if variants:
+    if variants:  # each half of the autotuner's choice on its own (each mode tunes apart)
         providers += [Provider(f"gptfast-{name}", "gptfast", _setup(_kernel, check_kernel=True),
-                               context=_tma_context(mode)) for name, mode in (("tma", "1"), ("ptr", "0"))]
+                               context=env_context(GPTFAST_TMA=mode)) for name, mode in (("tma", "1"), ("ptr", "0"))]
     providers += [
         Provider("reference", "reference", _setup(_reference)),
         Provider("reference+compile", "peer", lambda i: _setup(compiled(_reference))(i), compiled=True),

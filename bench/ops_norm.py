@@ -7,13 +7,15 @@ torch.autograd.grad(..., retain_graph=True).
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 
 from gptfast import ops
 
 from . import accounting
-from .harness import Case, Provider, Skip, compiled, no_interpreter, optional_import
+from .harness import Case, Provider, Skip, compiled, env_context, no_interpreter, optional_import
 
 EPS = 1e-5
 
@@ -200,10 +202,21 @@ def _mlp_setup(fn, kernel=False):
     return setup
 
 
+def _split_path():
+    """The MLP front as torch.mm (cuBLAS) + the fused bias+GELU kernel instead of the epilogue."""
+    from gptfast.ops import _norm_triton
+    return mock.patch.object(_norm_triton, "MLP_FRONT", "split")
+
+
 def mlp_cases(device_kind: str, quick: bool) -> list[Case]:
     M, K, N = (16384, 768, 3072) if device_kind == "cuda" else (256, 768, 3072)
-    providers = [
-        Provider("gptfast", "gptfast", _mlp_setup(_mlp_kernel, kernel=True)),
+    ours = _mlp_setup(_mlp_kernel, kernel=True)
+    providers = [Provider("gptfast", "gptfast", ours)]
+    if not quick:  # the epilogue's matmul with TMA only / pointers only, and the other split
+        providers += [Provider("gptfast-tma", "gptfast", ours, context=env_context(GPTFAST_TMA="1")),
+                      Provider("gptfast-ptr", "gptfast", ours, context=env_context(GPTFAST_TMA="0")),
+                      Provider("gptfast-split", "gptfast", ours, context=_split_path)]
+    providers += [
         Provider("reference", "reference", _mlp_setup(_mlp_reference)),
         Provider("reference+compile", "peer", lambda i: _mlp_setup(compiled(_mlp_reference))(i), compiled=True),
         Provider("torch", "peer", _mlp_setup(_mlp_torch)),

@@ -119,21 +119,21 @@ def _env(**values):
 @contextlib.contextmanager
 def _recording(launches, mode: str):
     """mode: "autotune" (GPTFAST_ATTN_AUTOTUNE=1), "fixed" (=0), or "fixed-tma" (=0 with
-    GPTFAST_ATTN_TMA=1). The launchers see a TMA-capable device (the target is sm_90), so the
-    autotuned forward gets its descriptors and TMA configs as on an H100."""
+    GPTFAST_TMA=1). The launchers see a TMA-capable device (the target is sm_90), so the
+    autotuned kernels get their descriptors and TMA configs as on an H100."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
-    attn, _ = _launchers()
-    saved = [(attn, "_tma_capable", attn._tma_capable)]
+    from gptfast.ops import _tma
+    saved = [(_tma, "capable", _tma.capable)]
     for mod in _kernel_modules():
         for name, obj in list(vars(mod).items()):
             if isinstance(obj, (JITFunction, Autotuner)):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, launches))
-    attn._tma_capable = lambda device: True
+    _tma.capable = lambda device: True
     try:
         with _env(GPTFAST_ATTN_AUTOTUNE="1" if mode == "autotune" else "0",
-                  GPTFAST_ATTN_TMA="1" if mode == "fixed-tma" else "auto"):
+                  GPTFAST_TMA="1" if mode == "fixed-tma" else "auto"):
             yield
     finally:
         for mod, name, obj in saved:
@@ -192,7 +192,7 @@ def _cases(quick: bool):
         for D in (64,) if quick else attn._HEAD_DIMS:
             for causal in (True,) if quick else (True, False):
                 # every path: autotuned (each config the pruner keeps), GPTFAST_ATTN_AUTOTUNE=0, and
-                # that with GPTFAST_ATTN_TMA=1
+                # that with GPTFAST_TMA=1
                 yield dn, f"D={D} {'causal' if causal else 'full'}", \
                     ("fixed", "fixed-tma") if quick else ("autotune", "fixed", "fixed-tma"), \
                     partial(flash, dtype, D, causal)

@@ -430,7 +430,7 @@ FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(k, t) for k, t in
 # The leading tiles again with every Q/K/V/O/dO/gradient tile moved by TMA (Hopper's copy
 # engine: no address arithmetic or bounds masks in the loop; rows past T are zero-filled on
 # load and clipped on store by the descriptor). Timed beside the pointer configs where the
-# launcher gives descriptors (TMA_OK; GPTFAST_ATTN_TMA), so TMA runs where it pays.
+# launcher gives descriptors (TMA_OK; GPTFAST_TMA), so TMA runs where it pays.
 FWD_CONFIGS_TMA = _configs("fwd", FWD_TILES[:6], tma=True)
 DKDV_CONFIGS_TMA = _configs("dkdv", DKDV_TILES[:4], tma=True)
 DQ_CONFIGS_TMA = _configs("dq", DQ_TILES[:4], tma=True)

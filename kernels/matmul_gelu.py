@@ -13,6 +13,11 @@ Backward (in the launcher): dU = dC * gelu'(U) with the fused kernels/gelu.py
 backward (it also reduces db), then dA = dU @ W and dW = dU^T @ A with torch (cuBLAS):
 they have no elementwise epilogue to fuse, and cuBLAS is the faster plain matmul.
 
+TMA (Hopper): with TMA on, A, W, C (and T) move through 2-D host tensor descriptors
+(gptfast/ops/_tma.py): no address arithmetic in the K loop, and rows / columns past M, N, K
+are zero-filled on load and clipped on store by the descriptors. The autotuner times the TMA
+configs beside the pointer ones where the launcher gives descriptors (TMA_OK).
+
 Only APIs present in Triton 3.6 and 3.9 (and the interpreter) are used.
 """
 import triton
@@ -31,10 +36,13 @@ def matmul_bias_gelu_kernel(
     M, N, K,
     stride_am, stride_ak, stride_wn, stride_wk, stride_cm,
     M_BUCKET,  # unused in the body: an autotune key, so a new row count within a bucket reuses the tuned config
+    TMA_OK,    # unused in the body: an autotune key (0: no descriptors, 1: TMA configs timed too, 2: TMA only)
+    A_desc, W_desc, C_desc, T_desc,  # TMA descriptors of A, W, C, T (blocks [BLOCK_M|N, BLOCK_K|N]) or None
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, STORE_PRE: tl.constexpr,
     # "ieee" for fp32 inputs (as torch's default fp32 matmul), "tf32" otherwise (ignored for 16-bit)
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw uint16 bits, so feed it fp32
+    TMA: tl.constexpr,  # move the tiles with TMA through the descriptors
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their A rows and
@@ -60,9 +68,13 @@ def matmul_bias_gelu_kernel(
     w_ptrs = W + ks[:, None] * stride_wk + cols_w[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] tile of W^T
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        if TMA:
+            a = A_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = tl.trans(W_desc.load([pid_n * BLOCK_N, k * BLOCK_K]))
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
         if UPCAST_DOT:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -74,31 +86,53 @@ def matmul_bias_gelu_kernel(
     c_offs = rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
     if STORE_PRE:
         # Saved for the backward's gelu'(t + b), rounded as the unfused path's matmul output is.
-        tl.store(T + c_offs, acc.to(T.dtype.element_ty), mask=mask)
+        if TMA:
+            T_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(T.dtype.element_ty))
+        else:
+            tl.store(T + c_offs, acc.to(T.dtype.element_ty), mask=mask)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + c_offs, gelu_fp32(acc, APPROX_TANH).to(C.dtype.element_ty), mask=mask)
+    c = gelu_fp32(acc, APPROX_TANH).to(C.dtype.element_ty)
+    if TMA:  # rows / columns past M, N are clipped by the descriptor
+        C_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], c)
+    else:
+        tl.store(C + c_offs, c, mask=mask)
 
 
-def _hopper_configs():
-    # H100 bf16/fp16: 128-wide tiles feed wgmma (BLOCK_M multiple of 64, 4 or 8 warps);
-    # 3-4 stages of (BLOCK_M + BLOCK_N) x BLOCK_K x 2 bytes fit in 228 KB of shared memory.
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
-        (256, 128, 64, 3, 8),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=stages, num_warps=warps)
-            for bm, bn, bk, stages, warps in shapes]
+def set_tma_block_shapes(nargs):
+    """pre_hook of the TMA configs (the launcher calls it for a forced TMA launch too): a host
+    descriptor's block shape is part of the kernel's signature, so it follows the tile."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    for name, shape in (("A_desc", [bm, bk]), ("W_desc", [bn, bk]), ("C_desc", [bm, bn]), ("T_desc", [bm, bn])):
+        if nargs[name] is not None:
+            nargs[name].block_shape = shape
+
+
+# H100 bf16/fp16: 128-wide tiles feed wgmma (BLOCK_M multiple of 64, 4 or 8 warps);
+# 3-4 stages of (BLOCK_M + BLOCK_N) x BLOCK_K x 2 bytes fit in 228 KB of shared memory.
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+HOPPER_TILES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (256, 128, 64, 3, 8),
+                (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+
+
+def _configs(tiles, tma):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma},
+                          num_stages=stages, num_warps=warps, pre_hook=set_tma_block_shapes if tma else None)
+            for bm, bn, bk, stages, warps in tiles]
+
+
+def _prune(configs, named_args, **kwargs):
+    """TMA configs only where the launcher gave descriptors (TMA_OK 1: beside the pointer ones,
+    2: instead of them)."""
+    tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK", 0))
+    kept = [c for c in configs if (c.kwargs["TMA"] if tma_ok == 2 else tma_ok == 1 or not c.kwargs["TMA"])]
+    return kept or configs[:1]
 
 
 # The GPU entry point; the interpreter calls matmul_bias_gelu_kernel with one small fixed
 # config instead (benchmarking configs on the interpreter would take minutes).
-matmul_bias_gelu_autotuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K"])(
-    matmul_bias_gelu_kernel)
+matmul_bias_gelu_autotuned = triton.autotune(
+    configs=_configs(HOPPER_TILES, False) + _configs(HOPPER_TILES, True), key=["M_BUCKET", "N", "K", "TMA_OK"],
+    prune_configs_by={"early_config_prune": _prune})(matmul_bias_gelu_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}

@@ -154,9 +154,9 @@ TMA_CASES = [c for c in CPU_CASES if c[4] != FP32]  # fp32 never takes TMA (FMA 
 
 @pytest.fixture
 def tma_forced(monkeypatch):
-    """GPTFAST_ATTN_TMA=1, and a record of (kernel, TMA_OK) per launch: did TMA really run?"""
+    """GPTFAST_TMA=1, and a record of (kernel, TMA_OK) per launch: did TMA really run?"""
     from gptfast.ops import _attention_triton as at
-    monkeypatch.setenv("GPTFAST_ATTN_TMA", "1")
+    monkeypatch.setenv("GPTFAST_TMA", "1")
     seen = []
     real = at._tma
 
@@ -191,8 +191,8 @@ def test_attention_tma_fewer_queries_than_keys(poisoned, tma_forced, causal):
 
 def test_attention_tma_unaddressable_layout_falls_back(poisoned, tma_forced, caplog):
     # head dim not unit-stride: TMA cannot address it; pointer loads, with the reason logged once
-    from gptfast.ops import _attention_triton as at
-    at._tma_logged.clear()
+    from gptfast.ops import _tma
+    _tma._logged.clear()
     torch.manual_seed(5)
     q, k, v = (torch.randn(2, 2, 32, 40, dtype=FP16, device=DEV).transpose(-1, -2) for _ in range(3))
     with caplog.at_level("WARNING", logger="gptfast"):
@@ -203,14 +203,14 @@ def test_attention_tma_unaddressable_layout_falls_back(poisoned, tma_forced, cap
     _check("out", out, ref, base, FP16)
     assert tma_forced == [("fwd", 0), ("fwd", 0)]
     msgs = [r.getMessage() for r in caplog.records if "not TMA" in r.getMessage()]
-    assert len(msgs) == 1 and "q's head dim is not contiguous (stride 40)" in msgs[0], msgs
+    assert len(msgs) == 1 and "q's last dim is not contiguous (stride 40)" in msgs[0], msgs
 
 
 def test_attention_tma_mode_is_validated(monkeypatch):
     from gptfast.ops import _attention_triton as at
-    monkeypatch.setenv("GPTFAST_ATTN_TMA", "yes")
+    monkeypatch.setenv("GPTFAST_TMA", "yes")
     q = torch.randn(1, 1, 8, 16, dtype=FP16)
-    with pytest.raises(ValueError, match="GPTFAST_ATTN_TMA must be one of auto, 0, 1; got 'yes'"):
+    with pytest.raises(ValueError, match="GPTFAST_TMA must be one of auto, 0, 1; got 'yes'"):
         at._tma("fwd", dict(Q_desc=q, K_desc=q, V_desc=q, O_desc=q))
 
 
@@ -232,19 +232,19 @@ def test_attention_autotune_tma_candidates(kernel, tma_ok, expect):
 def test_attention_tma_auto_needs_hopper(monkeypatch):
     # auto: descriptors only on a TMA-capable device (never on CPU, where only "1" emulates it)
     from gptfast.ops import _attention_triton as at
-    monkeypatch.delenv("GPTFAST_ATTN_TMA", raising=False)
+    monkeypatch.delenv("GPTFAST_TMA", raising=False)
     q = torch.randn(1, 1, 8, 16, dtype=BF16)
 
     def tma(t):
         return at._tma("dq", dict(Q_desc=t, K_desc=t, V_desc=t, DO_desc=t, DQ_desc=t))
 
     assert tma(q)[0] == 0
-    monkeypatch.setattr(at, "_tma_capable", lambda device: True)
+    monkeypatch.setattr(at._tma_mod, "capable", lambda device: True)
     ok, descs = tma(q)
     assert ok == 1 and list(descs) == ["Q_desc", "K_desc", "V_desc", "DO_desc", "DQ_desc"]
     assert all(d.base is q and d.shape == [1, 1, 8, 16] for d in descs.values())
     assert tma(q.float())[0] == 0
-    monkeypatch.setenv("GPTFAST_ATTN_TMA", "0")
+    monkeypatch.setenv("GPTFAST_TMA", "0")
     assert tma(q)[0] == 0
 
 

@@ -202,17 +202,36 @@ def test_quick_run_writes_valid_json_and_markdown(tmp_path, capsys):
 def test_full_attention_cases_time_the_tma_and_pointer_variants(monkeypatch):
     # the full run times each half of the forward/backward autotuner's choice on its own
     from gptfast.bench import ops_attention
-    monkeypatch.delenv("GPTFAST_ATTN_TMA", raising=False)
+    monkeypatch.delenv("GPTFAST_TMA", raising=False)
     for case in ops_attention.attention_cases("cuda", quick=False):
         ours = [p for p in case.providers if p.kind == "gptfast"]
         assert [p.name for p in ours] == ["gptfast", "gptfast-tma", "gptfast-ptr"], case.name
         assert ours[0].context is None
         for provider, mode in zip(ours[1:], ("1", "0")):
             with provider.context():
-                assert os.environ["GPTFAST_ATTN_TMA"] == mode
-            assert "GPTFAST_ATTN_TMA" not in os.environ
+                assert os.environ["GPTFAST_TMA"] == mode
+            assert "GPTFAST_TMA" not in os.environ
     quick = ops_attention.attention_cases("cuda", quick=True)
     assert all([p.name for p in c.providers if p.kind == "gptfast"] == ["gptfast"] for c in quick)
+
+
+def test_full_mlp_case_times_tma_pointer_and_split_variants(monkeypatch):
+    # the MLP front: the epilogue matmul with TMA only / pointers only, and the cuBLAS split path
+    pytest.importorskip("triton")
+    from gptfast.bench import ops_norm
+    from gptfast.ops import _norm_triton
+    monkeypatch.delenv("GPTFAST_TMA", raising=False)
+    (case,) = ops_norm.mlp_cases("cuda", quick=False)
+    ours = {p.name: p for p in case.providers if p.kind == "gptfast"}
+    assert list(ours) == ["gptfast", "gptfast-tma", "gptfast-ptr", "gptfast-split"]
+    for name, mode in (("gptfast-tma", "1"), ("gptfast-ptr", "0")):
+        with ours[name].context():
+            assert os.environ["GPTFAST_TMA"] == mode
+    with ours["gptfast-split"].context():
+        assert _norm_triton.MLP_FRONT == "split"
+    assert _norm_triton.MLP_FRONT == "epilogue" and "GPTFAST_TMA" not in os.environ
+    (quick,) = ops_norm.mlp_cases("cuda", quick=True)
+    assert [p.name for p in quick.providers if p.kind == "gptfast"] == ["gptfast"]
 
 
 def test_gptfast_providers_record_the_autotuned_configs(monkeypatch):

@@ -194,6 +194,62 @@ def test_linear_bias_gelu_without_saved_preactivation(monkeypatch, path):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """GPTFAST_TMA=1 and the epilogue path; records each matmul launch's TMA_OK."""
+    monkeypatch.setenv("GPTFAST_TMA", "1")
+    monkeypatch.setattr(NT, "EPILOGUE_MIN_ROWS", 0)
+    seen, real = [], NT._tma.descriptors
+
+    def spy(what, tensors, eligible=True):
+        got = real(what, tensors, eligible)
+        seen.append(got[0])
+        return got
+
+    monkeypatch.setattr(NT._tma, "descriptors", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("approximate,has_bias", [("tanh", True), ("none", False)])
+def test_linear_bias_gelu_tma(tma_launches, dtype, approximate, has_bias):
+    # M, N, K not multiples of the tiles: the descriptors zero-fill past M, N, K and clip the stores
+    x = rand(37, 40, dtype=dtype)
+    w = rand(72, 40, dtype=dtype, scale=40 ** -0.5 * 1.5)
+    b = rand(72, dtype=dtype, scale=0.5) if has_bias else None
+    compare(lambda *a: ops.linear_bias_gelu(*a, backend="kernel"), ops.linear_bias_gelu_reference,
+            [x, w, b, approximate], ["y", "dx", "dweight"] + (["dbias"] if has_bias else []))
+    with torch.no_grad():  # no pre-activation saved: T's descriptor is absent
+        y = ops.linear_bias_gelu(x, w, b, approximate, backend="kernel")
+        in_dtype = ops.linear_bias_gelu_reference(x, w, b, approximate)
+        ref64 = ops.linear_bias_gelu_reference(*as64([x, w, b]), approximate)
+    check("y (no grad)", y, ref64, in_dtype)
+    assert tma_launches and all(ok == 2 for ok in tma_launches), tma_launches
+
+
+def test_linear_bias_gelu_tma_unaddressable_falls_back(tma_launches, caplog):
+    # K = 77 halves: rows of 154 bytes, not a multiple of 16; pointer loads, the reason logged once
+    from gptfast.ops import _tma
+    _tma._logged.clear()
+    x, w = rand(9, 77, dtype=torch.float16), rand(64, 77, dtype=torch.float16, scale=0.1)
+    with caplog.at_level("WARNING", logger="gptfast"), torch.no_grad():
+        y = ops.linear_bias_gelu(x, w, None, backend="kernel")
+        ops.linear_bias_gelu(x, w, None, backend="kernel")
+    assert tma_launches == [0, 0]
+    msgs = [r.getMessage() for r in caplog.records if "not TMA" in r.getMessage()]
+    assert len(msgs) == 1 and "matmul+bias+GELU" in msgs[0] and "x's strides (77, 1)" in msgs[0], msgs
+    assert not torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("tma_ok,expect", [(0, {False}), (1, {False, True}), (2, {True})])
+def test_matmul_autotune_tma_candidates(tma_ok, expect):
+    from gptfast.kernels import matmul_gelu as MK
+    tuner = MK.matmul_bias_gelu_autotuned
+    kept = tuner.early_config_prune(tuner.configs, {"TMA_OK": tma_ok})
+    assert {c.kwargs["TMA"] for c in kept} == expect
+    assert all((c.pre_hook is not None) == c.kwargs["TMA"] for c in kept)
+
+
 # ---- custom-op registration, torch.compile, backend selection -------------------------------
 
 def _opcheck_samples():

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import triton
 
-from ._dispatch import import_source_package, logger, triton_interpret
+from . import _tma as _tma_mod
+from ._dispatch import import_source_package, triton_interpret
 
 
 import_source_package("kernels", "kernels")
@@ -114,64 +115,15 @@ def _autotune() -> bool:
     return os.environ.get("GPTFAST_ATTN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _tma_mode() -> str:
-    """GPTFAST_ATTN_TMA: "auto" (default; on sm_90+ the autotuners time TMA configs beside the
-    pointer ones and keep the faster), "1" (TMA wherever the layout allows: every config, the
-    fixed and interpreter ones too), "0" (never)."""
-    mode = os.environ.get("GPTFAST_ATTN_TMA", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"GPTFAST_ATTN_TMA must be one of auto, 0, 1; got {mode!r}")
-    return mode
-
-
-def _tma_layout_reason(names, tensors) -> Optional[str]:
-    """Why these [B, H, T, D] tensors cannot be TMA descriptors (TMA's rules), or None."""
-    for name, t in zip(names, tensors):
-        size = t.element_size()
-        if t.stride(-1) != 1:
-            return f"{name}'s head dim is not contiguous (stride {t.stride(-1)})"
-        if t.data_ptr() % 16:
-            return f"{name}'s data is not 16-byte aligned"
-        if any(st * size % 16 for st in t.stride()[:-1]):
-            return f"{name}'s strides {tuple(t.stride())} are not multiples of 16 bytes"
-    return None
-
-
-_tma_logged: set[tuple[str, str]] = set()
-
-
-def _tma_capable(device: torch.device) -> bool:
-    """TMA exists here: a CUDA device of compute capability 9.0 (Hopper) or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _tma(kind: str, tensors: dict):
-    """(TMA_OK, {descriptor name: descriptor or None}) for kernel `kind` ("fwd", "dkdv", "dq").
-    tensors: descriptor name -> its [B, H, T, D] tensor. TMA_OK: 0 no descriptors (fp32, no TMA
-    here, a layout TMA cannot address, or GPTFAST_ATTN_TMA=0); 1 descriptors, the autotuner
-    weighs TMA configs against pointer ones; 2 descriptors, TMA always (GPTFAST_ATTN_TMA=1,
-    also under the interpreter, which emulates TMA on CPU)."""
-    mode = _tma_mode()
-    q = tensors["Q_desc"]
-    none = (0, dict.fromkeys(tensors))
-    if mode == "0" or q.dtype == torch.float32 or (mode == "auto" and not _tma_capable(q.device)):
-        return none
-    if q.is_cuda and not _tma_capable(q.device):
-        cc = torch.cuda.get_device_capability(q.device)
-        reason = f"TMA needs compute capability 9.0 or newer (this GPU has {cc[0]}.{cc[1]})"
-    else:
-        names = [{"O": "out", "DO": "dout"}.get(n[:-len("_desc")], n[:-len("_desc")].lower()) for n in tensors]
-        reason = _tma_layout_reason(names, tensors.values())
-    if reason is not None:
-        if mode == "1" and (kind, reason) not in _tma_logged:  # asked for and not given: say why, once
-            _tma_logged.add((kind, reason))
-            logger.warning("gptfast: flash-attention %s kernel uses pointer loads, not TMA: %s", kind, reason)
-        return none
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    D = q.shape[-1]
-    # block shapes are placeholders: kernels/attention.py's set_tma_block_shapes sets them per config
-    descs = {n: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, D]) for n, t in tensors.items()}
-    return (2 if mode == "1" else 1), descs
+    """(TMA_OK, descriptors) for attention kernel `kind` ("fwd", "dkdv", "dq"): gptfast/ops/_tma.py.
+    tensors: descriptor argument name -> its [B, H, T, D] tensor. fp32 inputs keep to pointers
+    (their FMA configs gain nothing from TMA)."""
+    names = {"O_desc": "out", "DO_desc": "dout"}
+    named = {names.get(n, n[:-len("_desc")].lower()): t for n, t in tensors.items()}
+    ok, descs = _tma_mod.descriptors(f"flash-attention {kind} kernel", named,
+                                     eligible=tensors["Q_desc"].dtype != torch.float32)
+    return ok, dict(zip(tensors, descs.values()))
 
 
 def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype, tma_tensors):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from . import _tma
 from ._dispatch import import_source_package
 
 import_source_package("kernels", "kernels")
@@ -238,14 +239,20 @@ def _linear_bias_gelu_fwd_launch(x, weight, bias, approximate, save_pre):
         return y.view(out_shape), (t.view(out_shape) if save_pre else _new_empty((0,), x.dtype, x.device))
     y = _new_empty((M, N), x.dtype, x.device)
     t = _new_empty((M, N), x.dtype, x.device) if save_pre else y
+    # TMA descriptors (Hopper; fp32 keeps to pointers): gptfast/ops/_tma.py
+    tma_ok, descs = _tma.descriptors("matmul+bias+GELU", dict(x=x2, weight=weight, out=y,
+                                                               pre=t if save_pre else None),
+                                     eligible=x.dtype != torch.float32)
     args = (x2, weight, bias if bias is not None else weight, y, t, M, N, K,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-            min(triton.next_power_of_2(M), 1 << 16))
+            min(triton.next_power_of_2(M), 1 << 16), tma_ok, *descs.values())
     flags = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", STORE_PRE=save_pre,
                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                  UPCAST_DOT=triton_interpret() and x.dtype == torch.bfloat16)
     if triton_interpret():
-        cfg = _mm_k.INTERPRETER_CONFIG
+        cfg = {**_mm_k.INTERPRETER_CONFIG, "TMA": tma_ok == 2}
+        if cfg["TMA"]:
+            _mm_k.set_tma_block_shapes({**dict(zip(("A_desc", "W_desc", "C_desc", "T_desc"), descs.values())), **cfg})
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _mm_k.matmul_bias_gelu_kernel[grid](*args, **flags, **cfg)
     else:
