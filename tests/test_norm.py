@@ -356,10 +356,11 @@ def test_bias_gelu_full_size(approximate):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["epilogue", "split"])
+@pytest.mark.parametrize("path,tma", [("epilogue", "auto"), ("epilogue", "1"), ("epilogue", "0"), ("split", "auto")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_linear_bias_gelu_full_size(monkeypatch, path, dtype):
+def test_linear_bias_gelu_full_size(monkeypatch, path, tma, dtype):
     monkeypatch.setattr(NT, "MLP_FRONT", path)
+    monkeypatch.setenv("GPTFAST_TMA", tma)  # 1: only TMA configs (sm_90+), 0: only pointer ones
     x = rand(16384, 768, dtype=dtype)
     w, b = rand(3072, 768, dtype=dtype, scale=0.05), rand(3072, dtype=dtype, scale=0.5)
     compare(lambda *a: ops.linear_bias_gelu(*a, backend="kernel"), ops.linear_bias_gelu_reference,
