@@ -9,3 +9,10 @@ imports nothing from Triton: each kernel module does, when it is used.
 # (the kernels were tuned and tested so); Triton 3.9 warns at each compile that leaves it
 # unset, as its default turns to off in 3.10. The interpreter ignores it.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def tma_placeholder_block(rank: int, element_size: int) -> list:
+    """The block shape a host TMA descriptor carries where the config leaves it unused. Triton
+    encodes every descriptor argument at each launch (cuTensorMapEncodeTiled), used or not, and
+    that refuses boxes whose inner dim is not a multiple of 16 bytes: so ones, then 16 bytes."""
+    return [1] * (rank - 1) + [max(1, 16 // element_size)]

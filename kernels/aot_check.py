@@ -343,6 +343,10 @@ def compile_job(job: Job, arch: int, max_shared: Optional[int]) -> Result:
         r.tma_copies = compiled.asm["ptx"].count("cp.async.bulk.tensor")
         if job.config.endswith("tma") and not r.tma_copies:
             raise RuntimeError("a TMA config compiled without a single TMA copy (cp.async.bulk.tensor)")
+        for i, meta in enumerate(getattr(compiled.metadata, "tensordesc_meta", None) or []):
+            why = tma_box_error(meta["block_size"], meta["elem_size"])
+            if why:  # the launch would fail in cuTensorMapEncodeTiled, used descriptor or not
+                raise RuntimeError(f"tensor descriptor argument {i}: {why}")
     except Exception as exc:  # noqa: BLE001 - every failure is a result to report
         r.status, r.error = "error", f"{type(exc).__name__}: {exc}".strip()
     r.seconds = time.perf_counter() - t0
@@ -351,6 +355,18 @@ def compile_job(job: Job, arch: int, max_shared: Optional[int]) -> Result:
     if job.pruned:
         r.status = "pruned" if r.status != "error" else "pruned (error)"
     return r
+
+
+def tma_box_error(block, elem_size: int) -> str:
+    """Why cuTensorMapEncodeTiled would refuse this box (Triton encodes every host descriptor
+    argument at each launch, even one the kernel leaves unused), or ""."""
+    if not 1 <= len(block) <= 5:
+        return f"rank {len(block)} outside 1..5"
+    if any(not 1 <= b <= 256 for b in block):
+        return f"box {list(block)}: every dim must be in 1..256"
+    if block[-1] * elem_size % 16:
+        return f"box {list(block)}: the inner dim is {block[-1] * elem_size} bytes, not a multiple of 16"
+    return ""
 
 
 _JOBS: list[Job] = []  # read by forked workers: jobs hold kernels, which are not picklable

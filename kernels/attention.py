@@ -19,6 +19,8 @@ import functools
 import triton
 import triton.language as tl
 
+from . import tma_placeholder_block
+
 LOG2E = 1.4426950408889634
 
 
@@ -405,15 +407,21 @@ TMA_DESCRIPTORS = {
 
 
 def set_tma_block_shapes(kind, nargs):
-    """pre_hook of the TMA configs (the launcher calls it for a fixed one too): a host
-    descriptor's block shape is part of the kernel's signature, so it follows the tile."""
+    """pre_hook of every config (the launcher calls it for a forced fixed one): a host
+    descriptor's block shape is part of the kernel's signature. Under a TMA config it follows
+    the tile; under a pointer config (descriptors given but unused) it goes back to the
+    launcher's placeholder (tma_placeholder_block), so that config compiles once whatever ran
+    before it."""
     for desc, rows in TMA_DESCRIPTORS[kind].items():
-        nargs[desc].block_shape = [1, 1, nargs[rows], nargs["HEAD_DIM"]]
+        d = nargs[desc]
+        if d is not None:
+            d.block_shape = ([1, 1, nargs[rows], nargs["HEAD_DIM"]] if nargs["TMA"]
+                             else tma_placeholder_block(4, d.base.element_size()))
 
 
 def _configs(kind, tiles, tma=False):
     """Configs of kernel `kind` ("fwd", "dkdv", "dq"), one per (BLOCK_M, BLOCK_N, warps, stages)."""
-    hook = functools.partial(set_tma_block_shapes, kind) if tma else None
+    hook = functools.partial(set_tma_block_shapes, kind)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=w, num_stages=st, pre_hook=hook)
             for bm, bn, w, st in tiles]
 

@@ -23,6 +23,7 @@ Only APIs present in Triton 3.6 and 3.9 (and the interpreter) are used.
 import triton
 import triton.language as tl
 
+from . import tma_placeholder_block
 from .gelu import gelu_fp32
 
 
@@ -100,12 +101,16 @@ def matmul_bias_gelu_kernel(
 
 
 def set_tma_block_shapes(nargs):
-    """pre_hook of the TMA configs (the launcher calls it for a forced TMA launch too): a host
-    descriptor's block shape is part of the kernel's signature, so it follows the tile."""
+    """pre_hook of every config (the launcher calls it for a forced TMA launch too): a host
+    descriptor's block shape is part of the kernel's signature. Under a TMA config it follows
+    the tile; under a pointer config (descriptors given but unused) it goes back to the
+    launcher's placeholder (tma_placeholder_block), so that config compiles once whatever ran
+    before it."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     for name, shape in (("A_desc", [bm, bk]), ("W_desc", [bn, bk]), ("C_desc", [bm, bn]), ("T_desc", [bm, bn])):
-        if nargs[name] is not None:
-            nargs[name].block_shape = shape
+        d = nargs[name]
+        if d is not None:
+            d.block_shape = shape if nargs["TMA"] else tma_placeholder_block(2, d.base.element_size())
 
 
 # H100 bf16/fp16: 128-wide tiles feed wgmma (BLOCK_M multiple of 64, 4 or 8 warps);
@@ -117,7 +122,7 @@ HOPPER_TILES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4)
 
 def _configs(tiles, tma):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma},
-                          num_stages=stages, num_warps=warps, pre_hook=set_tma_block_shapes if tma else None)
+                          num_stages=stages, num_warps=warps, pre_hook=set_tma_block_shapes)
             for bm, bn, bk, stages, warps in tiles]
 
 

@@ -75,3 +75,22 @@ def test_attention_pruner_drops_configs_over_shared_memory():
     assert (128, 128, 8, 4) in kept(K.attn_fwd_autotuned, 64)
     assert (128, 128, 8, 4) not in kept(K.attn_fwd_autotuned, 128)
     assert (128, 128, 8, 3) in kept(K.attn_fwd_autotuned, 128)
+
+
+def test_tma_box_rules_and_the_placeholder():
+    """Triton encodes every host descriptor argument at each launch with cuTensorMapEncodeTiled,
+    even one the kernel's config leaves unused; that refuses boxes over 256 or whose inner dim is
+    not a multiple of 16 bytes. The check (run on every compiled build) and the placeholder the
+    launchers give unused descriptors follow that rule. No compile needed."""
+    pytest.importorskip("triton")
+    from gptfast.ops._dispatch import import_source_package
+    import_source_package("kernels", "kernels")
+    from gptfast.kernels import aot_check, tma_placeholder_block
+    assert aot_check.tma_box_error([1, 1, 1, 1], 2) == \
+        "box [1, 1, 1, 1]: the inner dim is 2 bytes, not a multiple of 16"
+    assert "1..256" in aot_check.tma_box_error([512, 64], 2)
+    assert aot_check.tma_box_error([1, 1, 128, 64], 2) == "" and aot_check.tma_box_error([128, 16], 2) == ""
+    for rank in (2, 4):
+        for size in (1, 2, 4, 8):
+            block = tma_placeholder_block(rank, size)
+            assert len(block) == rank and aot_check.tma_box_error(block, size) == "", (rank, size, block)

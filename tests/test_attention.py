@@ -224,9 +224,26 @@ def test_attention_autotune_tma_candidates(kernel, tma_ok, expect):
         kept = tuner.early_config_prune(tuner.configs, {"TMA_OK": tma_ok, "HEAD_DIM": D, "DOT_PRECISION": "tf32"})
         tma = {c.kwargs["TMA"] for c in kept}
         assert tma == {"ptr": {False}, "both": {False, True}, "tma": {True}}[expect], (D, tma)
-        assert all((c.pre_hook is not None) == c.kwargs["TMA"] for c in kept)
+        assert all(c.pre_hook is not None for c in kept)  # block shapes follow the config
     fp32 = tuner.early_config_prune(tuner.configs, {"TMA_OK": 0, "HEAD_DIM": 64, "DOT_PRECISION": "ieee"})
     assert [c.kwargs["TMA"] for c in fp32] == [False]
+
+
+def test_attention_tma_block_shapes_follow_the_config():
+    # a descriptor's block shape is part of the kernel signature: TMA configs set the tile's,
+    # pointer configs put back the launcher's placeholder (one compile per config, whatever ran
+    # before; a box TMA accepts, as Triton encodes unused descriptors too), and absent
+    # descriptors (no TMA here) are left alone
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from gptfast.kernels import attention as K
+    t = torch.randn(1, 2, 8, 32, dtype=BF16)
+    descs = {n: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 8])
+             for n in ("Q_desc", "K_desc", "V_desc")}
+    nargs = dict(descs, O_desc=None, BLOCK_M=64, BLOCK_N=16, HEAD_DIM=32, TMA=True)
+    K.set_tma_block_shapes("fwd", nargs)
+    assert [d.block_shape for d in descs.values()] == [[1, 1, 64, 32], [1, 1, 16, 32], [1, 1, 16, 32]]
+    K.set_tma_block_shapes("fwd", dict(nargs, TMA=False))  # 8 bf16 = 16 bytes: a box TMA accepts
+    assert all(d.block_shape == [1, 1, 1, 8] for d in descs.values())
 
 
 def test_attention_tma_auto_needs_hopper(monkeypatch):

@@ -247,7 +247,7 @@ def test_matmul_autotune_tma_candidates(tma_ok, expect):
     tuner = MK.matmul_bias_gelu_autotuned
     kept = tuner.early_config_prune(tuner.configs, {"TMA_OK": tma_ok})
     assert {c.kwargs["TMA"] for c in kept} == expect
-    assert all((c.pre_hook is not None) == c.kwargs["TMA"] for c in kept)
+    assert all(c.pre_hook is not None for c in kept)  # block shapes follow the config
 
 
 # ---- custom-op registration, torch.compile, backend selection -------------------------------

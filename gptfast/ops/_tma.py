@@ -50,7 +50,8 @@ def descriptors(what: str, tensors: dict, eligible: bool = True):
     their tensors, in the kernel's order (None: an unused argument, passed as None); eligible:
     False where the caller keeps to pointers (e.g. fp32 inputs). TMA_OK: 0 no descriptors;
     1 descriptors, the autotuner weighs TMA configs against pointer ones; 2 descriptors, TMA
-    always. Block shapes are placeholders (all ones): the kernels' config pre_hooks set them.
+    always. Block shapes are placeholders (gptfast.kernels.tma_placeholder_block, valid for
+    TMA though unused): the kernels' config pre_hooks set the real ones.
     """
     m = mode()
     present = {n: t for n, t in tensors.items() if t is not None}
@@ -69,6 +70,9 @@ def descriptors(what: str, tensors: dict, eligible: bool = True):
             logger.warning("gptfast: %s uses pointer loads, not TMA: %s", what, reason)
         return none
     from triton.tools.tensor_descriptor import TensorDescriptor
-    descs = {n: None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * t.dim())
+
+    from gptfast.kernels import tma_placeholder_block
+    descs = {n: None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                                         tma_placeholder_block(t.dim(), t.element_size()))
              for n, t in tensors.items()}
     return (2 if m == "1" else 1), descs
