@@ -16,3 +16,10 @@ def tma_placeholder_block(rank: int, element_size: int) -> list:
     encodes every descriptor argument at each launch (cuTensorMapEncodeTiled), used or not, and
     that refuses boxes whose inner dim is not a multiple of 16 bytes: so ones, then 16 bytes."""
     return [1] * (rank - 1) + [max(1, 16 // element_size)]
+
+
+def tma_config_allowed(config, tma_ok: int) -> bool:
+    """Whether the autotuner may time this config (its "TMA" meta-parameter) for a launch whose
+    TMA_OK is 0 (no descriptors: pointer configs only), 1 (both) or 2 (TMA configs only)."""
+    tma = config.kwargs.get("TMA", False)
+    return tma if tma_ok == 2 else tma_ok == 1 or not tma

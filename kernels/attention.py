@@ -19,7 +19,7 @@ import functools
 import triton
 import triton.language as tl
 
-from . import tma_placeholder_block
+from . import tma_config_allowed, tma_placeholder_block
 
 LOG2E = 1.4426950408889634
 
@@ -488,8 +488,7 @@ def _pruner(kind, fp32_elements, limit, staged_elements):
                     and 2 * staged_elements(m, n, d, c.num_stages) + SHARED_SLACK_BYTES <= MAX_SHARED_BYTES)
         # TMA configs only with descriptors (TMA_OK 1: beside the pointer ones, 2: instead of them)
         tma_ok = arg("TMA_OK", 0)
-        kept = [c for c in configs if all(c is not f for f in fp32) and fits(c)
-                and (c.kwargs.get("TMA", False) if tma_ok == 2 else tma_ok == 1 or not c.kwargs.get("TMA", False))]
+        kept = [c for c in configs if all(c is not f for f in fp32) and fits(c) and tma_config_allowed(c, tma_ok)]
         return kept or [configs[0]]
     return {"early_config_prune": prune}
 

@@ -23,7 +23,7 @@ Only APIs present in Triton 3.6 and 3.9 (and the interpreter) are used.
 import triton
 import triton.language as tl
 
-from . import tma_placeholder_block
+from . import tma_config_allowed, tma_placeholder_block
 from .gelu import gelu_fp32
 
 
@@ -130,7 +130,7 @@ def _prune(configs, named_args, **kwargs):
     """TMA configs only where the launcher gave descriptors (TMA_OK 1: beside the pointer ones,
     2: instead of them)."""
     tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK", 0))
-    kept = [c for c in configs if (c.kwargs["TMA"] if tma_ok == 2 else tma_ok == 1 or not c.kwargs["TMA"])]
+    kept = [c for c in configs if tma_config_allowed(c, tma_ok)]
     return kept or configs[:1]
 
 
