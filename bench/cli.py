@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or f"{report.RESULTS_DIR}/{harness.device_slug(env['device_name'])}"
     paths = report.write_all(doc, out_dir, charts=not args.no_charts)
     print(f"\nwrote {paths['json']}\n      {paths['markdown']}" + "".join(f"\n      {c}" for c in paths["charts"]))
+    if paths.get("charts_skipped"):
+        print(paths["charts_skipped"], file=sys.stderr)
     for note in ctx.notes:
         print(f"note: {note}")
     return 0

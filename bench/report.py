@@ -191,7 +191,12 @@ def write_all(doc: dict, out_dir: str, charts: bool = True) -> dict:
         json.dump(doc, f, indent=1, allow_nan=False)
     with open(paths["markdown"], "w") as f:
         f.write(format_markdown(doc))
-    paths["charts"] = write_charts(doc, out_dir) if charts else []
+    paths["charts"] = []
+    if charts:
+        try:
+            paths["charts"] = write_charts(doc, out_dir)
+        except ImportError as exc:  # results and summary are written; only the pictures are lost
+            paths["charts_skipped"] = f"charts skipped: matplotlib is not importable ({exc})"
     return paths
 
 

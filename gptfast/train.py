@@ -329,7 +329,9 @@ def plot_losses(log: list, path: str) -> Optional[str]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError as exc:
+        from .ops._dispatch import logger
+        logger.warning("gptfast: no loss plot (%s): matplotlib is not importable (%s)", path, exc)
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [e["step"] for e in log]

@@ -179,6 +179,14 @@ def test_latest_summary(tmp_path):
         report.latest_summary(str(tmp_path / "empty"))
 
 
+def test_results_are_written_without_matplotlib(tmp_path, monkeypatch):
+    # a machine without matplotlib (the GPU machine may lack it) still gets its JSON and summary
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    paths = report.write_all(_doc(), str(tmp_path / "dev"))
+    assert os.path.exists(paths["json"]) and os.path.exists(paths["markdown"])
+    assert paths["charts"] == [] and paths["charts_skipped"].startswith("charts skipped: matplotlib")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quick run; a GPU runs the GPU suite instead")
 def test_quick_run_writes_valid_json_and_markdown(tmp_path, capsys):
     assert cli.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0

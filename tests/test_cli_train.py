@@ -185,3 +185,11 @@ def test_torchrun_two_processes(tmp_path):
     model = GPT.from_pretrained(str(out))
     assert model.config.n_layer == 1
     assert latest_checkpoint(str(out)).endswith("step-0000004")
+
+
+def test_loss_plot_without_matplotlib_says_so(tmp_path, monkeypatch, caplog):
+    from gptfast.train import plot_losses
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with caplog.at_level("WARNING", logger="gptfast"):
+        assert plot_losses([{"step": 1, "loss": 2.0}], str(tmp_path / "loss.png")) is None
+    assert any("no loss plot" in r.getMessage() and "matplotlib" in r.getMessage() for r in caplog.records)
