@@ -110,7 +110,7 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, Tq, Tk,
     T_BUCKET,  # next_pow2(max(Tq, Tk)): the autotune key (unused in the body)
-    TMA_OK,    # 1 when the four descriptors below are given: the autotune key (unused in the body)
+    TMA_OK,    # 0 no descriptors, 1 TMA configs timed too, 2 TMA only: an autotune key (unused in the body)
     Q_desc, K_desc, V_desc, O_desc,  # TMA tensor descriptors of Q, K, V, O ([B, H, T, D], blocks
                                      # [1, 1, BLOCK_M or BLOCK_N, D]), or None
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,

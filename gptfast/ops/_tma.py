@@ -46,8 +46,9 @@ def layout_reason(tensors: dict) -> Optional[str]:
 def descriptors(what: str, tensors: dict, eligible: bool = True):
     """(TMA_OK, {argument name: descriptor or None}) for one kernel launch.
 
-    what: names the kernel in the log line; tensors: the kernel's descriptor argument names ->
-    their tensors, in the kernel's order (None: an unused argument, passed as None); eligible:
+    what: names the kernel in the log line; tensors: one entry per descriptor argument, in the
+    kernel's order, a name for the log line -> its tensor (None: an unused argument, passed as
+    None); the result keeps those keys and that order; eligible:
     False where the caller keeps to pointers (e.g. fp32 inputs). TMA_OK: 0 no descriptors;
     1 descriptors, the autotuner weighs TMA configs against pointer ones; 2 descriptors, TMA
     always. Block shapes are placeholders (gptfast.kernels.tma_placeholder_block, valid for
