@@ -7,6 +7,11 @@ vs the nanoGPT-style reference, eager and compiled. Both sides use bf16 paramete
 (fp32 on CPU). MFU divides by the bf16 matmul rate measured at the start of the same run, not
 by a datasheet figure. First-call time (compilation, CUDA-graph capture, autotuning) is
 reported apart from the timed runs.
+
+Speculative decoding (full runs): GPT-2 1.5B shape drafted by the GPT-2 124M shape. A round's
+time does not depend on how many drafts are accepted (static shapes, one graph), so the case
+measures the round and the plain decode step and projects the speed at given acceptance rates;
+random weights agree too rarely for their own acceptance rate to mean anything (it is reported).
 """
 from __future__ import annotations
 
@@ -224,5 +229,81 @@ def training_cases(device_kind: str, quick: bool) -> list[Case]:
     return cases
 
 
+# ---- speculative decoding -----------------------------------------------------------------
+
+SPEC_ALPHAS = (0.6, 0.8, 0.9)  # acceptance rates the projection is given at
+
+
+def expected_tokens_per_round(alpha: float, g: int) -> float:
+    """Tokens a round gives when each draft is accepted with probability alpha independently:
+    1 + alpha + ... + alpha^g (Leviathan et al. 2023, eq. 1)."""
+    return float(g + 1) if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
+
+
+def _spec_setup(name: str):
+    def setup(a):
+        spec, ctx, dtype = a["spec"], a["ctx"], a["dtype"]
+        model = _build("gptfast", spec, ctx.device, dtype).eval()
+        draft = None
+        if name != "gptfast":
+            draft = _build("gptfast", {"preset": spec["draft_preset"], "overrides": spec.get("draft_overrides")},
+                           ctx.device, dtype).eval()
+
+        def generate(ids, n, stats=None):
+            return model.generate(ids, max_new_tokens=n, temperature=0.0, ignore_eos=True, draft_model=draft,
+                                  num_draft_tokens=spec["draft_tokens"], stats=stats)
+        return generate, model
+    return setup
+
+
+def _measure_speculative(spec: dict):
+    def measure(provider: Provider, ctx: RunContext) -> dict:
+        dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
+        generate, model = provider.setup({"spec": spec, "ctx": ctx, "dtype": dtype})
+        B, P, N, g = spec["batch"], spec["prompt"], spec["new_tokens"], spec["draft_tokens"]
+        ids = torch.randint(0, 50000, (B, P), device=ctx.device)
+        first = _timed(lambda: generate(ids, N), ctx)
+        stats = {}
+        full = [_timed(lambda: generate(ids, N, stats), ctx) for _ in range(spec["reps"])]
+        one = [_timed(lambda: generate(ids, 1), ctx) for _ in range(spec["reps"])]
+        t_full, t_one = statistics.median(full), statistics.median(one)
+        metrics = {"tokens_per_s": B * N / t_full, "ms_per_token": t_full / N * 1e3, "warmup_s": first}
+        if provider.name == "gptfast":
+            metrics["decode_ms_per_token"] = (t_full - t_one) / (N - 1) * 1e3
+        else:
+            step = [_timed(lambda: model.generate(ids, max_new_tokens=N, temperature=0.0, ignore_eos=True), ctx)
+                    for _ in range(spec["reps"])]
+            step_ms = (statistics.median(step) - t_one) / (N - 1) * 1e3  # the model's plain decode step
+            round_ms = (t_full - t_one) / stats["rounds"] * 1e3
+            metrics.update(round_ms=round_ms, plain_step_ms=step_ms, round_over_step=round_ms / step_ms,
+                           draft_tokens=g, acceptance_rate_random_weights=stats["acceptance_rate"])
+            for alpha in SPEC_ALPHAS:
+                metrics[f"projected_speedup_at_acceptance_{alpha}"] = \
+                    expected_tokens_per_round(alpha, g) * step_ms / round_ms
+        return {"times_s": full, "metrics": metrics, "first_call_s": first}
+    return measure
+
+
+def speculative_cases(device_kind: str, quick: bool) -> list[Case]:
+    if device_kind == "cuda":
+        if quick:
+            return []
+        spec = {"preset": "gpt2-xl", "draft_preset": "gpt2", "batch": 1, "prompt": 128, "new_tokens": 128,
+                "draft_tokens": 4, "reps": 3}
+    else:
+        spec = {"preset": "gpt2", "overrides": CPU_TINY, "draft_preset": "gpt2",
+                "draft_overrides": {"n_layer": 1, "n_head": 2, "n_embd": 64}, "batch": 1, "prompt": 16,
+                "new_tokens": 8, "draft_tokens": 3, "reps": 2}
+    providers = [Provider(n, "gptfast" if n == "gptfast" else "reference", _spec_setup(n))
+                 for n in ("gptfast", f"gptfast-spec{spec['draft_tokens']}")]
+    name = (f"speculative {_label(spec['preset'], spec.get('overrides'))} drafted by "
+            f"{_label(spec['draft_preset'], spec.get('draft_overrides'))} B={spec['batch']} "
+            f"prompt={spec['prompt']} new={spec['new_tokens']}")
+    return [Case(op="e2e", name=name, shape=dict(spec, task="speculative"),
+                 dtype="bf16" if device_kind == "cuda" else "fp32", make_inputs=lambda d: {},
+                 providers=providers, measure=_measure_speculative(spec))]
+
+
 def e2e_cases(device_kind: str, quick: bool) -> list[Case]:
-    return generation_cases(device_kind, quick) + training_cases(device_kind, quick)
+    return generation_cases(device_kind, quick) + speculative_cases(device_kind, quick) + \
+        training_cases(device_kind, quick)

@@ -67,6 +67,12 @@ def _extra(r: dict) -> str:
         parts.append(f"{m['ms_per_token']:.3g} ms/tok")
     if m.get("decode_ms_per_token") is not None:
         parts.append(f"decode {m['decode_ms_per_token']:.3g} ms/tok")
+    if m.get("round_ms") is not None:  # speculative: a round against the plain step, and the projection
+        parts.append(f"round {m['round_ms']:.3g} ms = {m['round_over_step']:.2f} plain steps "
+                     f"({m['draft_tokens']} drafts), accepted {100 * m['acceptance_rate_random_weights']:.0f}% "
+                     "(random weights)")
+        parts.append("projected " + " / ".join(f"{m[k]:.2f}x at {k.rsplit('_', 1)[1]}" for k in sorted(m)
+                                               if k.startswith("projected_speedup_at_acceptance_")))
     if m.get("mfu_vs_measured_matmul") is not None:
         parts.append(f"MFU {100 * m['mfu_vs_measured_matmul']:.1f}%")
     if m.get("peak_memory_gb") is not None:

@@ -58,6 +58,7 @@ def cmd_generate(args) -> int:
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
+    draft = _load_draft(args, tok, prompt, device) if args.draft else None
     if args.verbose:
         print(f"[gptfast] loaded {path} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} "
               f"in {time.perf_counter() - t0:.2f}s; prompt {len(ids)} tokens", file=sys.stderr)
@@ -75,13 +76,14 @@ def cmd_generate(args) -> int:
         out.write(prompt)
         out.flush()
         stream = tok.stream_decoder()
-        text, t1, count = "", time.perf_counter(), 0
+        text, t1, count, stats = "", time.perf_counter(), 0, {}
         seed = None if args.seed is None else args.seed + n
         for toks in model.generate_stream(ids, max_new_tokens=max_new, temperature=args.temperature,
                                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seed,
                                           stop_strings=args.stop or None, tokenizer=tok,
                                           ignore_eos=args.ignore_eos,
-                                          cuda_graph=False if args.no_cuda_graph else None):
+                                          cuda_graph=False if args.no_cuda_graph else None,
+                                          draft_model=draft, num_draft_tokens=args.draft_tokens, stats=stats):
             if toks[0] is None:
                 break
             count += 1
@@ -98,7 +100,27 @@ def cmd_generate(args) -> int:
         if args.verbose:
             dt = time.perf_counter() - t1
             print(f"[gptfast] {count} tokens in {dt:.2f}s ({count / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+            if draft is not None and stats.get("rounds"):
+                print(f"[gptfast] speculative: {stats['rounds']} rounds, {stats['accepted']}/{stats['drafted']} "
+                      f"drafts accepted ({stats['acceptance_rate']:.0%})", file=sys.stderr)
     return 0
+
+
+def _load_draft(args, tok, prompt: str, device):
+    """The --draft model; its tokenizer, where it has one, must encode the prompt as the model's does."""
+    import gptfast
+    from gptfast.checkpoint import resolve_path
+
+    path = resolve_path(args.draft)
+    draft = gptfast.GPT.from_pretrained(path, device=device, dtype=_dtype(args.dtype))
+    try:
+        draft_tok = gptfast.Tokenizer.from_pretrained(path)
+    except FileNotFoundError:
+        draft_tok = None  # a bare checkpoint: the vocabulary size is still checked
+    if draft_tok is not None and draft_tok.encode(prompt) != tok.encode(prompt):
+        raise ValueError(f"--draft {args.draft}: its tokenizer encodes the prompt differently from the model's; "
+                         "a draft must share the model's tokenizer")
+    return draft
 
 
 def _stop_cut(text: str, stops) -> int | None:
@@ -248,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=["auto", "kernel", "torch"])
     g.add_argument("--no-cuda-graph", action="store_true",
                    help="run each decode step eagerly instead of replaying a captured CUDA graph")
+    g.add_argument("--draft", help="speculative decoding: a smaller model with the same tokenizer (e.g. gpt2 "
+                                   "drafting for gpt2-xl); greedy output is unchanged, samples keep the "
+                                   "model's distribution")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     g.add_argument("--verbose", "-v", action="store_true", help="timings and load info on stderr")
     g.set_defaults(func=cmd_generate)
 

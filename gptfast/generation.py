@@ -102,21 +102,43 @@ def _eos_ids(model, eos_token_id, ignore_eos: bool) -> list[int]:
 def generate_stream(model, input_ids: Prompt, max_new_tokens: int = 32, *, temperature=1.0, top_k=0,
                     top_p=1.0, min_p=0.0, eos_token_id=None, ignore_eos: bool = False,
                     stop_strings: Optional[Sequence[str]] = None, tokenizer=None, seed=None,
-                    attention_mask=None, cuda_graph: Optional[bool] = None) -> Iterator[list[Optional[int]]]:
+                    attention_mask=None, cuda_graph: Optional[bool] = None, draft_model=None,
+                    num_draft_tokens: int = 4, stats: Optional[dict] = None) -> Iterator[list[Optional[int]]]:
     """Yield, per step, one new token per row (None for rows that already stopped).
 
     A row stops after emitting an eos token (the eos token is yielded) or once the text of
     its new tokens contains one of stop_strings (needs tokenizer).
     cuda_graph: replay the decode step as a CUDA graph (None: on CUDA when max_new_tokens >=
     GRAPH_MIN_NEW_TOKENS); the tokens are the same either way.
+    draft_model: a smaller GPT with the same vocabulary for speculative decoding
+    (gptfast.speculative): it proposes num_draft_tokens tokens a round, the model verifies them
+    in one pass. Greedy output is unchanged; sampled tokens keep the model's distribution.
+    stats: a dict that receives the rounds, drafted and accepted counts and the acceptance rate.
     """
     prompts = _unpack(input_ids, attention_mask)
     yield from _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                       _eos_ids(model, eos_token_id, ignore_eos), stop_strings, tokenizer, seed, cuda_graph)
+                       _eos_ids(model, eos_token_id, ignore_eos), stop_strings, tokenizer, seed, cuda_graph,
+                       draft_model, num_draft_tokens, stats)
+
+
+class _Stops:
+    """Whether a row stops after a token: an eos id, or a stop string in the text of its new tokens."""
+
+    def __init__(self, batch: int, eos, stop_strings, tokenizer):
+        self.eos, self.strings, self.tokenizer = set(eos), stop_strings, tokenizer
+        self.texts = [[] for _ in range(batch)] if stop_strings else None
+
+    def push(self, row: int, token: int) -> bool:
+        if token in self.eos:
+            return True
+        if self.texts is None:
+            return False
+        self.texts[row].append(token)
+        return any(s in self.tokenizer.decode(self.texts[row]) for s in self.strings)
 
 
 def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos, stop_strings,
-            tokenizer, seed, cuda_graph=None):
+            tokenizer, seed, cuda_graph=None, draft=None, num_draft_tokens=4, stats=None):
     cfg, device = model.config, model.device
     rows = prompts.rows
     B, lens = len(rows), [len(r) for r in rows]
@@ -133,6 +155,9 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
     use_graph = _use_cuda_graph(cuda_graph, device, max_new_tokens)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer= to decode the generated text")
+    if draft is not None:
+        from .speculative import check_draft
+        check_draft(model, draft, num_draft_tokens, total)
     # validate sampling parameters once, on a dummy row set (scalars: no device work)
     check_sample_args(torch.zeros(B, 1), temperature, top_k, top_p, min_p)
     if max_new_tokens == 0:
@@ -142,9 +167,13 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
         ids[b, :len(r)] = torch.tensor(r)
     ids, lens_t = ids.to(device), torch.tensor(lens, device=device)
     seeds = _row_seeds(seed, B).to(device)
-    eos_set = set(eos)
+    stops = _Stops(B, eos, stop_strings, tokenizer)
+    if draft is not None:
+        from .speculative import speculative_stream
+        yield from speculative_stream(model, draft, ids, lens_t, seeds, (temperature, top_k, top_p, min_p), stops,
+                                      max_new_tokens, _cache_len(model, total), num_draft_tokens, use_graph, stats)
+        return
     finished = [False] * B  # host state: the loop reads every token on the host anyway (streaming)
-    texts = [[] for _ in range(B)] if stop_strings else None
 
     decode = _decode_step(model, B, total, use_graph)
     decode.cache.reset()
@@ -157,12 +186,8 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
                 decode(model)
             out = [None if done else t for done, t in zip(finished, decode.tokens.tolist())]  # the step's one sync
             for b, t in enumerate(out):
-                if t is None:
-                    continue
-                finished[b] = t in eos_set
-                if texts is not None:
-                    texts[b].append(t)
-                    finished[b] = finished[b] or any(s in tokenizer.decode(texts[b]) for s in stop_strings)
+                if t is not None:
+                    finished[b] = stops.push(b, t)
             yield out
             if all(finished):
                 return
@@ -187,6 +212,10 @@ CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up to this, so one capture
 _graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its last DecodeStep with a graph
 
 
+def _cache_len(model, total: int) -> int:
+    return min(model.config.n_positions, -(-total // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
+
+
 def _decode_step(model, batch: int, total: int, cuda_graph: bool) -> "DecodeStep":
     """A DecodeStep for this call: the model's captured one when it fits, else a new one.
 
@@ -195,7 +224,7 @@ def _decode_step(model, batch: int, total: int, cuda_graph: bool) -> "DecodeStep
     It is reused only while everything the graph baked in is unchanged: batch, cache
     length, the parameters' storage (model.to(...) reallocates them), the backend, the mode.
     """
-    max_len = min(model.config.n_positions, -(-total // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
+    max_len = _cache_len(model, total)
     if not cuda_graph:
         return DecodeStep(model.setup_cache(batch, max_len), cuda_graph=False)
     key = (batch, max_len, model.training, ops.current_backend(), torch.is_autocast_enabled("cuda"),
@@ -278,16 +307,22 @@ class DecodeStep:
         return self.tokens
 
     def _capture(self, model) -> None:
-        main = torch.cuda.current_stream(self.tokens.device)
-        side = torch.cuda.Stream(self.tokens.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            self._run(model)  # this step, for real: warms up every kernel before the capture
-        main.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the step; nothing runs
-            self._run(model)
-        self.graph = graph
+        self.graph = capture_graph(lambda: self._run(model), self.tokens.device)
+
+
+def capture_graph(run, device) -> "torch.cuda.CUDAGraph":
+    """Run ``run()`` once for real on a side stream (compiling and autotuning every kernel for
+    these shapes), then record it into a CUDA graph; the recording itself runs nothing."""
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        run()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
 
 
 def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id: Optional[int] = None,
@@ -302,23 +337,26 @@ def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id
     Stopping: eos_token_id (int or list; default config.eos_token_id), ignore_eos,
       stop_strings with tokenizer=. seed: int (row b uses seed + b), per-row list, or None.
     cuda_graph: None (auto), True or False; see generate_stream.
+    draft_model, num_draft_tokens, stats: speculative decoding; see generate_stream.
     progress: a callable(step, tokens_of_step) called after every step (used by the CLI).
     """
     prompts = _unpack(input_ids, kwargs.get("attention_mask"))
     kwargs.pop("attention_mask", None)
     eos = _eos_ids(model, kwargs.pop("eos_token_id", None), kwargs.pop("ignore_eos", False))
-    names = ("temperature", "top_k", "top_p", "min_p", "stop_strings", "tokenizer", "seed", "cuda_graph")
+    names = ("temperature", "top_k", "top_p", "min_p", "stop_strings", "tokenizer", "seed", "cuda_graph",
+             "draft_model", "num_draft_tokens", "stats")
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")
     opts = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, stop_strings=None, tokenizer=None, seed=None,
-                cuda_graph=None)
+                cuda_graph=None, draft_model=None, num_draft_tokens=4, stats=None)
     opts.update(kwargs)
     new = [[] for _ in prompts.rows]
     with torch.inference_mode():
         for step, toks in enumerate(_stream(model, prompts, max_new_tokens, opts["temperature"], opts["top_k"],
                                             opts["top_p"], opts["min_p"], eos, opts["stop_strings"],
-                                            opts["tokenizer"], opts["seed"], opts["cuda_graph"])):
+                                            opts["tokenizer"], opts["seed"], opts["cuda_graph"],
+                                            opts["draft_model"], opts["num_draft_tokens"], opts["stats"])):
             for b, t in enumerate(toks):
                 if t is not None:
                     new[b].append(t)

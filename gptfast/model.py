@@ -30,19 +30,25 @@ class KVCache:
     v: list[torch.Tensor]
     seqlens: torch.Tensor
     empty: bool = True
+    slack: int = 0  # scratch slots past max_seq_len (see allocate)
 
     @classmethod
-    def allocate(cls, config: GPTConfig, batch_size: int, max_seq_len: int, device, dtype) -> "KVCache":
+    def allocate(cls, config: GPTConfig, batch_size: int, max_seq_len: int, device, dtype,
+                 slack: int = 0) -> "KVCache":
+        """slack: extra slots past max_seq_len for the scratch keys/values of tokens that are
+        computed and thrown away (speculative decoding's drafts past a row's context end)."""
         if max_seq_len > config.n_positions:
             raise ValueError(f"max_seq_len must be <= n_positions ({config.n_positions}), got {max_seq_len}")
-        shape = (batch_size, config.n_head, max_seq_len, config.head_dim)
+        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
+            raise ValueError(f"slack must be an int >= 0, got {slack!r}")
+        shape = (batch_size, config.n_head, max_seq_len + slack, config.head_dim)
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        return cls(k, v, torch.zeros(batch_size, dtype=torch.long, device=device))
+        return cls(k, v, torch.zeros(batch_size, dtype=torch.long, device=device), slack=slack)
 
     @property
     def max_seq_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[2] - self.slack
 
     def reset(self) -> None:
         self.seqlens.zero_()
@@ -205,10 +211,11 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None) -> KVCache:
+    def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None,
+                    slack: int = 0) -> KVCache:
         max_seq_len = self.config.n_positions if max_seq_len is None else max_seq_len
         return KVCache.allocate(self.config, batch_size, max_seq_len, self.device,
-                                dtype or self.transformer.wte.weight.dtype)
+                                dtype or self.transformer.wte.weight.dtype, slack=slack)
 
     # ---- forward -------------------------------------------------------------
     def _check_input_ids(self, input_ids):
@@ -255,7 +262,9 @@ class GPT(nn.Module):
         else:
             positions = cache.seqlens.view(B, 1) + torch.arange(T, device=input_ids.device)  # (B, T)
             attend_lens = cache.seqlens + T
-            pos = positions
+            # scratch tokens past the context (speculative drafts, in the cache's slack) take the
+            # last position embedding; their outputs are discarded. Real tokens are checked above.
+            pos = positions.clamp(max=self.config.n_positions - 1)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
         pending = None
         for i, block in enumerate(self.transformer.h):

@@ -123,6 +123,13 @@ def test_run_case_records_every_provider():
     assert rec["best_peer"] == "peer"
 
 
+def test_speculative_projection():
+    from gptfast.bench.e2e import expected_tokens_per_round
+    assert expected_tokens_per_round(0.0, 4) == 1.0
+    assert expected_tokens_per_round(1.0, 4) == 5.0
+    assert abs(expected_tokens_per_round(0.5, 2) - 1.75) < 1e-12  # 1 + 0.5 + 0.25
+
+
 def test_device_slug():
     assert harness.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert harness.device_slug("  ") == "unknown-device"

@@ -84,6 +84,20 @@ def test_cli_generate_on_tiny_model(run_dir, capsys):
     assert capsys.readouterr().out == out  # seeded: reproducible
 
 
+def test_cli_generate_with_a_draft(run_dir, capsys):
+    """--draft: the model as its own draft accepts every draft; greedy text is the plain text."""
+    args, _ = run_dir
+    base = ["generate", "In the beginning", "--model", args.out, "-n", "9", "-t", "0", "--ignore-eos"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--draft", args.out, "--draft-tokens", "3", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "speculative: 2 rounds, 6/6 drafts accepted (100%)" in captured.err  # 1 + 2 x 4 = 9 tokens
+    assert main(base + ["--draft", args.out, "--draft-tokens", "0"]) == 2
+    assert "num_draft_tokens must be an int in [1, 16], got 0" in capsys.readouterr().err
+
+
 def test_cli_generate_reads_stdin():
     default = default_model_path()
     if default is None:

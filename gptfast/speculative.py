@@ -1,0 +1,227 @@
+"""Speculative decoding: a small draft model proposes tokens, the model verifies them in one pass.
+
+Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), one round per row:
+- the draft samples g tokens d_1..d_g one at a time from its filtered distributions q_i (the
+  caller's temperature / top-k / top-p / min-p applied to the draft's logits);
+- the model runs once on the chunk [last token, d_1..d_g] over its KV cache and gives its own
+  filtered distributions p_1..p_{g+1};
+- d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) while every draft before it was;
+  at the first rejection the row draws from the residual max(0, p_i - q_i) renormalised, and
+  when all of them were accepted it draws a bonus token from p_{g+1}.
+The tokens are distributed exactly as the model's own sampling would give them, whatever the
+draft. With temperature 0 a draft is accepted when it is the model's argmax, so the output is
+plain greedy decoding's. A round gives each row 1 to g + 1 tokens.
+
+A round keeps everything on the device in static buffers: rows advance by different counts
+through their caches' per-row lengths, and the draft's cache catches up on the next round
+(a 2-token chunk for rows that accepted every draft). On CUDA a round is captured once per
+generation and replayed as a CUDA graph; the host reads the round's tokens and counts once.
+
+Randomness: row b's draws in round r use the keys seed_b + (slot << 32) with slots of their own
+per round, disjoint from the prefill's slot 0, so a row's tokens depend only on its own seed
+(never on its batch-mates). They differ from plain decoding's draws, so a seeded speculative
+sample is reproducible but is not the plain sample of the same seed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .ops.sampling import check_sample_args, uniform_from_key
+
+MAX_DRAFT_TOKENS = 16
+
+
+def check_draft(model, draft, num_draft_tokens, total: int) -> None:
+    """Validate a draft model against the model and the generation's length."""
+    from .model import GPT
+
+    if not isinstance(draft, GPT):
+        raise TypeError(f"draft_model must be a gptfast GPT, got {type(draft).__name__}")
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
+            or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens!r}")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft_model must share the model's vocabulary: vocab_size {model.config.vocab_size} "
+                         f"expected, got {draft.config.vocab_size}")
+    if draft.device != model.device:
+        raise ValueError(f"draft_model must be on the model's device {model.device}, got {draft.device}")
+    if total > draft.config.n_positions:
+        raise ValueError(f"prompt + max_new_tokens = {total} exceeds the draft model's context of "
+                         f"{draft.config.n_positions} positions")
+
+
+class SpecRound:
+    """One round of speculative decoding over static buffers (see the module docstring).
+
+    In: ``active`` [B] (rows still generating; stopped rows keep their caches as they are).
+    Out: ``tokens`` [B, g + 1] and ``counts`` [B]: row b's new tokens are tokens[b, :counts[b]].
+    State: the model's cache holds every committed token but the last; the draft's cache lags
+    by ``pend`` [B] (1 or 2) tokens, kept in ``tail`` [B, 2]. The cache slack of 2g slots
+    takes the scratch keys/values of drafts past a row's context end and of stopped rows. Such
+    drafts need no guard: a row's last token (prompt + max_new_tokens <= the context) comes
+    before them, so whatever the round makes of them is cut off with the row's surplus.
+    """
+
+    def __init__(self, model, draft, batch: int, max_len: int, num_draft_tokens: int, cuda_graph: bool):
+        g = self.g = num_draft_tokens
+        self.cache = model.setup_cache(batch, max_len, slack=2 * g)
+        self.dcache = draft.setup_cache(batch, min(max_len, draft.config.n_positions), slack=2 * g)
+        self.cuda_graph = cuda_graph
+        device = self.cache.seqlens.device
+        long = dict(dtype=torch.int64, device=device)
+        self.tail = torch.zeros(batch, 2, **long)
+        self.pend = torch.ones(batch, **long)
+        self.seeds = torch.zeros(batch, **long)
+        self.round = torch.zeros((), **long)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(batch, g + 1, **long)
+        self.counts = torch.zeros(batch, **long)
+        self._zero = torch.zeros(batch, **long)
+        self._slots = torch.arange(g + 1, **long)
+        self.sampling = None
+        self.graph = None
+
+    def prefill(self, model, draft, ids, lens, seeds, sampling) -> torch.Tensor:
+        """Both models read the prompts; returns the first new token per row (drawn as plain
+        generation draws it) and readies the first round."""
+        logits = model(ids, cache=self.cache, input_lengths=lens, logits_index=lens - 1, validate=False)
+        draft(ids, cache=self.dcache, input_lengths=lens, logits_index=lens - 1, validate=False)
+        first = ops.sample(logits, *sampling, generator=seeds)
+        self.tail.copy_(first.view(-1, 1).expand(-1, 2))
+        self.pend.fill_(1)
+        self.seeds.copy_(seeds)
+        self.round.zero_()
+        # per-row parameter tensors in both modes (a graph bakes buffers in, not Python scalars)
+        self.sampling = tuple(r.clone() for r in check_sample_args(logits, *sampling, check_values=False))
+        self.greedy_only = bool((self.sampling[0] == 0).all())  # then a round takes argmaxes, no distributions
+        return first
+
+    def _keys(self, slot) -> torch.Tensor:
+        """Row keys of a slot of this round (slot: an int, or a [S] tensor for [B, S] keys)."""
+        base = 1 + self.round * (2 * self.g + 3)  # 2g + 3 slots a round; slot 0 of round "-1" is the prefill
+        if isinstance(slot, torch.Tensor):
+            return self.seeds.view(-1, 1) + ((base + slot.view(1, -1)) << 32)
+        return self.seeds + ((base + slot) << 32)
+
+    def _draw(self, logits, params, keys):
+        """Tokens [N] and the filtered distributions [N, V] (None when every row is greedy)."""
+        if self.greedy_only:
+            return logits.argmax(dim=-1), None  # ops.sample's greedy: the lowest index on ties
+        return ops.sample(logits, *params, generator=keys, return_probs=True)
+
+    def _run(self, model, draft) -> None:
+        g, B = self.g, self.tokens.shape[0]
+        greedy = self.sampling[0] == 0
+        committed = self.cache.seqlens + 1  # the model's cache lacks the last committed token
+        draft_start, model_start = self.dcache.seqlens.clone(), self.cache.seqlens.clone()
+
+        # 1. the draft proposes g tokens; its first call also reads the tokens it lags by
+        logits = draft(self.tail, cache=self.dcache, input_lengths=self.pend, logits_index=self.pend - 1,
+                       validate=False)
+        drafts, qs = [], []
+        for i in range(g):
+            if i:
+                logits = draft(drafts[-1].view(B, 1), cache=self.dcache, logits_index=self._zero, validate=False)
+            d, q = self._draw(logits, self.sampling, self._keys(i))
+            drafts.append(d)
+            qs.append(q)
+        d = torch.stack(drafts, 1)  # [B, g]
+
+        # 2. the model on [last, d_1..d_g]: its distributions p_1..p_{g+1} and a draw from each
+        last = self.tail.gather(1, (self.pend - 1).view(B, 1))
+        logits = model(torch.cat([last, d], 1), cache=self.cache, validate=False)  # [B, g + 1, V]
+        V = logits.shape[-1]
+        per_position = [x.view(B, 1).expand(B, g + 1).reshape(-1) for x in self.sampling]
+        drawn, probs = self._draw(logits.reshape(B * (g + 1), V), per_position,
+                                  self._keys(g + self._slots).reshape(-1))
+        drawn = drawn.view(B, g + 1)
+
+        # 3. accept the longest prefix; then the residual draw, or the model's own draw after it
+        if probs is None:
+            n = (d == drawn[:, :g]).to(torch.int64).cumprod(1).sum(1)  # accepted drafts per row
+            nxt = drawn.gather(1, n.view(B, 1)).squeeze(1)
+        else:
+            n, nxt = self._accept(d, torch.stack(qs, 1), drawn, probs.view(B, g + 1, V), greedy)
+        out = torch.cat([d, d[:, :1]], 1).scatter_(1, n.view(B, 1), nxt.view(B, 1))
+        self.tokens.copy_(out)
+        self.counts.copy_(n + 1)
+
+        # 4. the caches keep what was accepted (stopped rows: what they had)
+        on = self.active
+        self.cache.seqlens.copy_(torch.where(on, model_start + n + 1, model_start))
+        self.dcache.seqlens.copy_(torch.where(on, committed + torch.clamp(n, max=g - 1), draft_start))
+        pend = n + 1 - torch.clamp(n, max=g - 1)  # 2 when every draft was accepted (d_g never went in)
+        first = torch.where(pend == 2, d[:, g - 1], nxt)
+        self.tail.copy_(torch.where(on.view(B, 1), torch.stack([first, nxt], 1), self.tail))
+        self.pend.copy_(torch.where(on, pend, self.pend))
+        self.round += 1
+
+    def _accept(self, d, q, drawn, probs, greedy):
+        """Accepted drafts n [B] and the token after them [B], from the drafts d [B, g], their
+        distributions q [B, g, V], the model's draws [B, g + 1] and distributions [B, g + 1, V]."""
+        (B, g), V = d.shape, q.shape[-1]
+        p_d = probs[:, :g].gather(2, d.unsqueeze(-1)).squeeze(-1)
+        q_d = q.gather(2, d.unsqueeze(-1)).squeeze(-1)
+        u = uniform_from_key(self._keys(2 * g + 1), g)  # [B, g]
+        ok = torch.where(greedy.view(B, 1), d == drawn[:, :g], u * q_d < p_d)  # u * q < p: u < p / q
+        n = ok.to(torch.int64).cumprod(1).sum(1)
+        p_n = probs.gather(1, n.view(B, 1, 1).expand(B, 1, V)).squeeze(1)
+        q_n = q.gather(1, n.clamp(max=g - 1).view(B, 1, 1).expand(B, 1, V)).squeeze(1)
+        residual = (p_n - q_n).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # rounding left no mass
+        redrawn = ops.sample(residual.log(), 1.0, 0, 1.0, 0.0, generator=self._keys(2 * g + 2))
+        after = drawn.gather(1, n.view(B, 1)).squeeze(1)  # greedy rows, and the bonus when all were accepted
+        return n, torch.where((n < g) & ~greedy, redrawn, after)
+
+    def __call__(self, model, draft) -> None:
+        if not self.cuda_graph:
+            self._run(model, draft)
+        elif self.graph is not None:
+            self.graph.replay()
+        else:
+            from .generation import capture_graph
+            self.graph = capture_graph(lambda: self._run(model, draft), self.tokens.device)
+
+
+def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_tokens: int, max_len: int,
+                       num_draft_tokens: int, cuda_graph: bool, stats: Optional[dict]):
+    """The rounds of a generation, yielded one step at a time as generation's stream does: per
+    step one token per row (None for rows that stopped). A row that ran ahead waits in a buffer."""
+    B = ids.shape[0]
+    rnd = SpecRound(model, draft, B, max_len, num_draft_tokens, cuda_graph)
+    first = rnd.prefill(model, draft, ids, lens, seeds, sampling).tolist()
+    new, done = [[] for _ in range(B)], [False] * B
+    rounds = drafted = accepted = 0
+
+    def take(rows_tokens):
+        for b, toks in enumerate(rows_tokens):
+            for tok in toks:
+                if done[b]:
+                    break
+                new[b].append(tok)
+                done[b] = stops.push(b, tok) or len(new[b]) == max_new_tokens
+
+    take([[tok] for tok in first])
+    step = 0
+    try:
+        while True:
+            while step < max(map(len, new)) and all(d or len(r) > step for d, r in zip(done, new)):
+                yield [r[step] if len(r) > step else None for r in new]
+                step += 1
+            if all(done):
+                return
+            active = [not d for d in done]
+            rnd.active.copy_(torch.tensor(active))
+            rnd(model, draft)
+            toks, counts = rnd.tokens.tolist(), rnd.counts.tolist()  # the round's one sync
+            rounds += 1
+            drafted += num_draft_tokens * sum(active)
+            accepted += sum(c - 1 for c, a in zip(counts, active) if a)
+            take([t[:c] if a else [] for t, c, a in zip(toks, counts, active)])
+    finally:
+        if stats is not None:
+            stats.update(rounds=rounds, drafted=drafted, accepted=accepted,
+                         acceptance_rate=accepted / drafted if drafted else 0.0)
