@@ -138,6 +138,10 @@ def _gen_setup(name):
     return lambda a: _generator(name, a["spec"], a["ctx"], a["dtype"])
 
 
+def _gen_kind(name: str) -> str:
+    return "gptfast" if name == "gptfast" else "reference" if name.startswith("gptfast") else "peer"
+
+
 def generation_cases(device_kind: str, quick: bool) -> list[Case]:
     if device_kind == "cuda":
         presets = [("gpt2", None)] if quick else [("gpt2", None), ("gpt2-xl", None)]
@@ -151,9 +155,8 @@ def generation_cases(device_kind: str, quick: bool) -> list[Case]:
             spec = {"preset": preset, "overrides": overrides, "batch": B, "prompt": prompt,
                     "new_tokens": new, "reps": reps}
             label = _label(preset, overrides)
-            providers = [Provider(n, "gptfast" if n == "gptfast" else "reference" if n.startswith("gptfast") else "peer",
-                                  _gen_setup(n),
-                                  compiled=n.endswith("+compile")) for n in GEN_PROVIDERS]
+            providers = [Provider(n, _gen_kind(n), _gen_setup(n), compiled=n.endswith("+compile"))
+                         for n in GEN_PROVIDERS]
             cases.append(Case(op="e2e", name=f"generate {label} B={B} prompt={prompt} new={new}",
                               shape=dict(spec, task="generate"), dtype="bf16" if device_kind == "cuda" else "fp32",
                               make_inputs=lambda d: {}, providers=providers,
@@ -294,7 +297,7 @@ def speculative_cases(device_kind: str, quick: bool) -> list[Case]:
         spec = {"preset": "gpt2", "overrides": CPU_TINY, "draft_preset": "gpt2",
                 "draft_overrides": {"n_layer": 1, "n_head": 2, "n_embd": 64}, "batch": 1, "prompt": 16,
                 "new_tokens": 8, "draft_tokens": 3, "reps": 2}
-    providers = [Provider(n, "gptfast" if n == "gptfast" else "reference", _spec_setup(n))
+    providers = [Provider(n, _gen_kind(n), _spec_setup(n))
                  for n in ("gptfast", f"gptfast-spec{spec['draft_tokens']}")]
     name = (f"speculative {_label(spec['preset'], spec.get('overrides'))} drafted by "
             f"{_label(spec['draft_preset'], spec.get('draft_overrides'))} B={spec['batch']} "

@@ -129,7 +129,8 @@ def load_state_into(model, state: dict[str, torch.Tensor], source: str, optional
                               f"unexpected {unexpected[:6]}")
     for k, t in state.items():
         if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)}, config expects {tuple(expected[k].shape)}")
+            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)}, "
+                                  f"config expects {tuple(expected[k].shape)}")
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: {k} has dtype {t.dtype}, expected a floating tensor")
     with torch.no_grad():

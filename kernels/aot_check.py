@@ -184,7 +184,7 @@ def _cases(quick: bool):
                     ("fixed", "fixed-tma") if quick else ("autotune", "fixed", "fixed-tma"), \
                     partial(flash, dtype, D, causal)
             # 1 split: the split kernel writes the output; 22: B*H = 12 on 132 SMs; the largest reduce
-            for tq in (1,) if quick else (1, attn.DECODE_MAX_TQ):
+            for tq in (1,) if quick else (1, 17, attn.DECODE_MAX_TQ):  # query blocks of 16, 32, 64
                 for splits in (22,) if quick else (1, 22, attn.DECODE_MAX_SPLITS):
                     yield dn, f"D={D} Tq={tq} splits={splits}", ("autotune",), partial(decode, dtype, D, tq, splits)
         # 16-bit activations with fp32 parameters too (a bf16 model's LayerNorm kept in fp32)

@@ -133,3 +133,15 @@ DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 REDUCE_NUM_WARPS = 4
 INTERPRETER_BLOCK_N = 16  # small, so the CPU tests see several blocks and splits per row
+# fp32 (exact dots on FMA units, tiles in registers) with 32 or more queries a row (chunked
+# prefill), or with D = 128: 16-key blocks and 8 warps. With the 16-bit tile, fp32 builds
+# spilled up to 7.4 KB a thread at Tq=64, D=128, and 728 bytes at Tq=1, D=128 on Triton 3.6
+# (kernels/aot_check.py); with this one none spills more than 8 bytes.
+FP32_WIDE_BLOCK_N, FP32_WIDE_NUM_WARPS = 16, 8
+
+
+def decode_tile(fp32: bool, block_q: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the split kernel on a GPU for this dtype, query block and D."""
+    if fp32 and (block_q >= 32 or head_dim >= 128):
+        return FP32_WIDE_BLOCK_N, FP32_WIDE_NUM_WARPS
+    return DECODE_BLOCK_N, DECODE_NUM_WARPS

@@ -345,6 +345,19 @@ def test_decode_attention_head_dims_int64_lengths(poisoned, D, Tmax, lengths):
     _run_decode(3, 3, 1, D, Tmax, FP16, lens)
 
 
+@pytest.mark.parametrize("Tq", [5, 17, 64])  # query blocks of 16, 32, 64 (speculative rounds, chunked prefill)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+def test_decode_attention_query_blocks(poisoned, dtype, D, Tq):
+    """Every query block, incl. the fp32 tile of decode_tile (16-key blocks, 8 warps on a GPU)."""
+    if not torch.cuda.is_available() and (D, dtype) != (64, FP32):
+        pytest.skip("one head dim and dtype under the interpreter; the GPU runs them all")
+    torch.manual_seed(Tq * D)
+    Tmax = 150
+    lens = torch.tensor([Tq, Tmax, 100], dtype=torch.int32, device=DEV)
+    _run_decode(3, 2, Tq, D, Tmax, dtype, lens)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [FP16, BF16, FP32], ids=str)
 @pytest.mark.parametrize("B,Tq,Tmax", [(1, 1, 1024), (32, 1, 1024), (4, 4, 2048), (8, 1, 1000), (1, 1, 16384)])

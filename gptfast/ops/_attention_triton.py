@@ -215,7 +215,11 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     dev = q.device
-    block_n = _dec_k.INTERPRETER_BLOCK_N if triton_interpret() else _dec_k.DECODE_BLOCK_N
+    block_q = max(16, triton.next_power_of_2(Tq))
+    if triton_interpret():
+        block_n, num_warps = _dec_k.INTERPRETER_BLOCK_N, None
+    else:
+        block_n, num_warps = _dec_k.decode_tile(q.dtype == torch.float32, block_q, D)
     if num_splits is None:
         num_splits = _decode_num_splits(dev, B * H, Tmax, block_n)
     num_splits = max(1, min(num_splits, triton.cdiv(Tmax, block_n)))  # each split can get a key block
@@ -225,14 +229,14 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
     else:
         o_part = _new_empty((B, H, num_splits, Tq, D), torch.float32, dev)
         lse_part = _new_empty((B, H, num_splits, Tq), torch.float32, dev)
-    launch = {} if triton_interpret() else dict(num_warps=_dec_k.DECODE_NUM_WARPS,
-                                                   num_stages=_dec_k.DECODE_NUM_STAGES, **LAUNCH_OPTIONS)
+    launch = {} if triton_interpret() else dict(num_warps=num_warps, num_stages=_dec_k.DECODE_NUM_STAGES,
+                                                   **LAUNCH_OPTIONS)
     _dec_k.decode_split_kernel[(num_splits, B * H)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         H, Tq, Tmax,
         NUM_SPLITS=num_splits, HEAD_DIM=D, **_dot_flags(q.dtype),
-        BLOCK_Q=max(16, triton.next_power_of_2(Tq)), BLOCK_N=block_n, **launch)
+        BLOCK_Q=block_q, BLOCK_N=block_n, **launch)
     if num_splits > 1:
         _dec_k.decode_reduce_kernel[(B * H * Tq,)](
             o_part, lse_part, out, *out.stride(), H, Tq,
