@@ -210,6 +210,7 @@ def _use_cuda_graph(cuda_graph: Optional[bool], device: torch.device, max_new_to
 
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up to this, so one captured graph serves many calls
 _graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its last DecodeStep with a graph
+_spec_graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its last SpecRound with a graph
 
 
 def _cache_len(model, total: int) -> int:
@@ -217,33 +218,46 @@ def _cache_len(model, total: int) -> int:
 
 
 def _decode_step(model, batch: int, total: int, cuda_graph: bool) -> "DecodeStep":
-    """A DecodeStep for this call: the model's captured one when it fits, else a new one.
-
-    One captured step is kept per model (its graph and KV cache stay allocated until
-    release_cuda_graphs(model), or until the next call with another shape replaces them).
-    It is reused only while everything the graph baked in is unchanged: batch, cache
-    length, the parameters' storage (model.to(...) reallocates them), the backend, the mode.
-    """
+    """A DecodeStep for this call: the model's captured one when it fits, else a new one."""
     max_len = _cache_len(model, total)
     if not cuda_graph:
         return DecodeStep(model.setup_cache(batch, max_len), cuda_graph=False)
-    key = (batch, max_len, model.training, ops.current_backend(), torch.is_autocast_enabled("cuda"),
-           tuple(p.data_ptr() for p in model.parameters()))
-    step = _graphs.get(model)
-    if step is not None and step.busy:  # another generation (a suspended stream) is using it
-        return DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True)
+    return kept_graph_step(_graphs, model, graph_key(model, batch, max_len),
+                           lambda key: DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True, key=key))
+
+
+def graph_key(model, *shape) -> tuple:
+    """What a captured graph bakes in besides its shapes: the mode, the backend, autocast, and
+    the parameters' storage (model.to(...) reallocates them)."""
+    return (*shape, model.training, ops.current_backend(), torch.is_autocast_enabled("cuda"),
+            tuple(p.data_ptr() for p in model.parameters()))
+
+
+def kept_graph_step(store, model, key, make):
+    """The model's kept graph step (a DecodeStep or a speculative round) when its key matches,
+    else a new one, make(key), kept in its place.
+
+    One is kept per model and kind: its graph and KV cache stay allocated until
+    release_cuda_graphs(model), or until a call with another key replaces them. While a
+    suspended stream is using the kept one (busy), a call gets a step of its own, make(None).
+    """
+    step = store.get(model)
+    if step is not None and step.busy:
+        return make(None)
     if step is None or step.key != key:
-        _graphs.pop(model, None)  # free the old graph and cache before allocating new ones
-        step = _graphs[model] = DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True, key=key)
+        store.pop(model, None)  # free the old graph and cache before allocating new ones
+        step = store[model] = make(key)
     return step
 
 
 def release_cuda_graphs(model=None) -> None:
-    """Free the captured decode step (graph and KV cache) of a model, or of every model."""
-    if model is None:
-        _graphs.clear()
-    else:
-        _graphs.pop(model, None)
+    """Free the captured decode steps and speculative rounds (graphs and KV caches) of a model,
+    or of every model."""
+    for store in (_graphs, _spec_graphs):
+        if model is None:
+            store.clear()
+        else:
+            store.pop(model, None)
 
 
 class DecodeStep:

@@ -14,8 +14,10 @@ plain greedy decoding's. A round gives each row 1 to g + 1 tokens.
 
 A round keeps everything on the device in static buffers: rows advance by different counts
 through their caches' per-row lengths, and the draft's cache catches up on the next round
-(a 2-token chunk for rows that accepted every draft). On CUDA a round is captured once per
-generation and replayed as a CUDA graph; the host reads the round's tokens and counts once.
+(a 2-token chunk for rows that accepted every draft). On CUDA a round is captured once and
+replayed as a CUDA graph, in this generation and later ones with the same shapes and models
+(kept like the plain decode step; generation.release_cuda_graphs frees it); the host reads
+a round's tokens and counts once.
 
 Randomness: row b's draws in round r use the keys seed_b + (slot << 32) with slots of their own
 per round, disjoint from the prefill's slot 0, so a row's tokens depend only on its own seed
@@ -65,8 +67,11 @@ class SpecRound:
     before them, so whatever the round makes of them is cut off with the row's surplus.
     """
 
-    def __init__(self, model, draft, batch: int, max_len: int, num_draft_tokens: int, cuda_graph: bool):
+    def __init__(self, model, draft, batch: int, max_len: int, num_draft_tokens: int, cuda_graph: bool,
+                 greedy_only: bool, key=None):
         g = self.g = num_draft_tokens
+        self.greedy_only = greedy_only  # every row greedy: a round takes argmaxes, no distributions
+        self.key, self.busy = key, False
         self.cache = model.setup_cache(batch, max_len, slack=2 * g)
         self.dcache = draft.setup_cache(batch, min(max_len, draft.config.n_positions), slack=2 * g)
         self.cuda_graph = cuda_graph
@@ -87,16 +92,23 @@ class SpecRound:
     def prefill(self, model, draft, ids, lens, seeds, sampling) -> torch.Tensor:
         """Both models read the prompts; returns the first new token per row (drawn as plain
         generation draws it) and readies the first round."""
+        self.busy = True
+        self.cache.reset()
+        self.dcache.reset()
         logits = model(ids, cache=self.cache, input_lengths=lens, logits_index=lens - 1, validate=False)
         draft(ids, cache=self.dcache, input_lengths=lens, logits_index=lens - 1, validate=False)
         first = ops.sample(logits, *sampling, generator=seeds)
+        rows = check_sample_args(logits, *sampling, check_values=False)
         self.tail.copy_(first.view(-1, 1).expand(-1, 2))
         self.pend.fill_(1)
         self.seeds.copy_(seeds)
         self.round.zero_()
         # per-row parameter tensors in both modes (a graph bakes buffers in, not Python scalars)
-        self.sampling = tuple(r.clone() for r in check_sample_args(logits, *sampling, check_values=False))
-        self.greedy_only = bool((self.sampling[0] == 0).all())  # then a round takes argmaxes, no distributions
+        if self.sampling is None:
+            self.sampling = tuple(r.clone() for r in rows)
+        else:
+            for buf, r in zip(self.sampling, rows):
+                buf.copy_(r)
         return first
 
     def _keys(self, slot) -> torch.Tensor:
@@ -186,12 +198,30 @@ class SpecRound:
             self.graph = capture_graph(lambda: self._run(model, draft), self.tokens.device)
 
 
+def _all_greedy(temperature) -> bool:
+    if isinstance(temperature, torch.Tensor):
+        return bool((temperature == 0).all())
+    return temperature == 0
+
+
+def _spec_round(model, draft, batch, max_len, g, cuda_graph, greedy_only) -> SpecRound:
+    """A SpecRound for this call; with graphs, the model's kept one when everything it baked in
+    (both models included) is unchanged (see generation.kept_graph_step)."""
+    if not cuda_graph:
+        return SpecRound(model, draft, batch, max_len, g, False, greedy_only)
+    from .generation import _spec_graphs, graph_key, kept_graph_step
+
+    key = graph_key(model, batch, max_len, g, greedy_only, graph_key(draft))
+    return kept_graph_step(_spec_graphs, model, key,
+                           lambda k: SpecRound(model, draft, batch, max_len, g, True, greedy_only, key=k))
+
+
 def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_tokens: int, max_len: int,
                        num_draft_tokens: int, cuda_graph: bool, stats: Optional[dict]):
     """The rounds of a generation, yielded one step at a time as generation's stream does: per
     step one token per row (None for rows that stopped). A row that ran ahead waits in a buffer."""
     B = ids.shape[0]
-    rnd = SpecRound(model, draft, B, max_len, num_draft_tokens, cuda_graph)
+    rnd = _spec_round(model, draft, B, max_len, num_draft_tokens, cuda_graph, _all_greedy(sampling[0]))
     first = rnd.prefill(model, draft, ids, lens, seeds, sampling).tolist()
     new, done = [[] for _ in range(B)], [False] * B
     rounds = drafted = accepted = 0
@@ -222,6 +252,7 @@ def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_
             accepted += sum(c - 1 for c, a in zip(counts, active) if a)
             take([t[:c] if a else [] for t, c, a in zip(toks, counts, active)])
     finally:
+        rnd.busy = False
         if stats is not None:
             stats.update(rounds=rounds, drafted=drafted, accepted=accepted,
                          acceptance_rate=accepted / drafted if drafted else 0.0)

@@ -210,11 +210,33 @@ def test_cuda_graph_needs_cuda(pair):
 
 # ---- the graph-mode bookkeeping on CPU: a stand-in graph whose replay re-runs the step -------
 
+def _baked_tensors(owner) -> dict:
+    """The tensors a graph captured from owner's step would hold pointers to: its tensor
+    attributes, tuples/lists of them, and its KV caches' buffers."""
+    found = {}
+    for name, value in vars(owner).items():
+        items = value if isinstance(value, (tuple, list)) else [value]
+        if hasattr(value, "seqlens"):  # a KVCache
+            items = [value.seqlens, *value.k, *value.v]
+        for i, t in enumerate(items):
+            if isinstance(t, torch.Tensor):
+                found[f"{name}[{i}]"] = t
+    return found
+
+
 class _EagerGraph:
-    def __init__(self, fn):
-        self.fn, self.replays = fn, 0
+    """A stand-in CUDA graph for CPU tests: replay re-runs the step, after checking that the
+    step still uses the very tensors it had at capture (a real graph replays on those pointers,
+    so a buffer replaced instead of refilled would be a stale input)."""
+
+    def __init__(self, fn, owner=None):
+        self.fn, self.replays, self.owner = fn, 0, owner
+        self.baked = _baked_tensors(owner) if owner is not None else {}
 
     def replay(self):
+        now = _baked_tensors(self.owner) if self.owner is not None else {}
+        moved = [k for k, t in self.baked.items() if now.get(k) is not t]
+        assert not moved, f"replaced after capture (the graph would read the old buffers): {moved}"
         self.replays += 1
         self.fn()
 
@@ -227,7 +249,7 @@ def fake_graphs(monkeypatch):
 
     def capture(self, model):
         self._run(model)
-        self.graph = _EagerGraph(lambda: self._run(model))
+        self.graph = _EagerGraph(lambda: self._run(model), owner=self)
     monkeypatch.setattr(G.DecodeStep, "_capture", capture)
     monkeypatch.setattr(G, "_use_cuda_graph", lambda cuda_graph, device, n: bool(cuda_graph))
     G.release_cuda_graphs()

@@ -8,6 +8,7 @@ import torch
 
 from gptfast import GPT, GPTConfig
 from gptfast.ops.sampling import filter_logits, check_sample_args
+from gptfast.speculative import SpecRound
 
 from hf_utils import make_hf_gpt2
 from test_generation import ROWS, _EagerGraph
@@ -170,25 +171,45 @@ def test_smaller_draft_context(trio):
 
 def test_graph_mode_bookkeeping(trio, monkeypatch):
     """cuda_graph=True on CPU with a stand-in graph whose replay re-runs the round: the static
-    buffers and per-row parameter tensors give the eager tokens."""
+    buffers, the per-row parameter buffers and the round kept across calls give the eager tokens."""
     from gptfast import generation as G
     _, model, draft = trio
     graphs = []
 
     def capture(run, device):
         run()
-        graphs.append(_EagerGraph(run))
+        owner = next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, SpecRound))
+        graphs.append(_EagerGraph(run, owner=owner))
         return graphs[-1]
     monkeypatch.setattr(G, "capture_graph", capture)
     monkeypatch.setattr(G, "_use_cuda_graph", lambda cuda_graph, device, n: bool(cuda_graph))
-    for kw in (dict(temperature=0), dict(temperature=0.9, top_k=20, seed=[1, 2, 3, 4]),
-               dict(temperature=torch.tensor([0.0, 1.0, 0.7, 1.3]), top_p=0.8, seed=5)):
+    G.release_cuda_graphs()
+    cases = [dict(temperature=0), dict(temperature=0.9, top_k=20, seed=[1, 2, 3, 4]),
+             dict(temperature=torch.tensor([0.0, 1.0, 0.7, 1.3]), top_p=0.8, seed=5),
+             dict(temperature=0.9, top_k=20, seed=[1, 2, 3, 4])]
+    replays = 0
+    for n, kw in enumerate(cases):
         eager = model.generate(ROWS, max_new_tokens=15, draft_model=draft, num_draft_tokens=3, **kw)
         stats = {}
         graphed = model.generate(ROWS, max_new_tokens=15, draft_model=draft, num_draft_tokens=3, cuda_graph=True,
                                  stats=stats, **kw)
         assert graphed == eager, kw
-        assert graphs[-1].replays == stats["rounds"] - 1  # the first round ran at the capture
+        # greedy-only rounds and sampling rounds are two graphs; later sampling calls replay the kept one
+        assert len(graphs) == min(n + 1, 2)
+        replays += stats["rounds"] - (1 if n < 2 else 0)  # the capturing call's first round ran at the capture
+        assert sum(g.replays for g in graphs) == replays
+    assert G._spec_graphs[model].graph is graphs[-1]
+    # a suspended stream keeps its round; a generation meanwhile gets one of its own
+    kw = dict(max_new_tokens=8, temperature=0.9, top_k=20, seed=[1, 2, 3, 4], draft_model=draft,
+              num_draft_tokens=3, cuda_graph=True)
+    stream = model.generate_stream(ROWS, **kw)
+    first = next(stream)
+    assert model.generate(ROWS, **kw) == [r[:len(p) + 8] for r, p in zip(graphed, ROWS)]
+    rest = list(stream)
+    assert [[first[b]] + [s[b] for s in rest] for b in range(len(ROWS))] == \
+        [r[len(p):len(p) + 8] for r, p in zip(graphed, ROWS)]
+    G.release_cuda_graphs(model)
+    assert model not in G._spec_graphs
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
