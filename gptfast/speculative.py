@@ -222,7 +222,6 @@ def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_
     step one token per row (None for rows that stopped). A row that ran ahead waits in a buffer."""
     B = ids.shape[0]
     rnd = _spec_round(model, draft, B, max_len, num_draft_tokens, cuda_graph, _all_greedy(sampling[0]))
-    first = rnd.prefill(model, draft, ids, lens, seeds, sampling).tolist()
     new, done = [[] for _ in range(B)], [False] * B
     rounds = drafted = accepted = 0
 
@@ -234,9 +233,9 @@ def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_
                 new[b].append(tok)
                 done[b] = stops.push(b, tok) or len(new[b]) == max_new_tokens
 
-    take([[tok] for tok in first])
     step = 0
     try:
+        take([[tok] for tok in rnd.prefill(model, draft, ids, lens, seeds, sampling).tolist()])
         while True:
             while step < max(map(len, new)) and all(d or len(r) > step for d, r in zip(done, new)):
                 yield [r[step] if len(r) > step else None for r in new]
