@@ -283,6 +283,27 @@ def test_graph_mode_bookkeeping(pair, fake_graphs):
     assert [[first[i]] + [s[i] for s in rest] for i in range(2)] == [r[len(p):] for r, p in zip(two, ROWS)]
 
 
+@pytest.mark.parametrize("kw", GRAPH_CASES[:3], ids=["greedy", "top-k-top-p", "min-p"])
+def test_decode_step_reads_nothing_on_the_host(pair, forbid_host_reads, kw):
+    """The decode step is what the CUDA graph captures: no value may travel to the host inside it."""
+    from gptfast.generation import DecodeStep
+    _, model = pair
+    step = DecodeStep(model.setup_cache(len(ROWS), 64), cuda_graph=False)
+    lens = torch.tensor([len(r) for r in ROWS])
+    ids = torch.zeros(len(ROWS), int(lens.max()), dtype=torch.long)
+    for b, r in enumerate(ROWS):
+        ids[b, :len(r)] = torch.tensor(r)
+    sampling = tuple(kw.get(name, default) for name, default in
+                     (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)))
+    with torch.inference_mode():
+        logits = model(ids, cache=step.cache, input_lengths=lens, logits_index=lens - 1)
+        step.start(logits.argmax(-1), torch.arange(len(ROWS)), sampling)
+        with forbid_host_reads():
+            for _ in range(3):
+                step(model)
+    assert step.cache.seqlens.tolist() == [len(r) + 3 for r in ROWS]
+
+
 # ---- GPU: the CUDA-graph decode step (skipped without CUDA) -------------------------------
 
 @pytest.fixture(scope="module")

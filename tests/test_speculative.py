@@ -212,6 +212,27 @@ def test_graph_mode_bookkeeping(trio, monkeypatch):
     assert model not in G._spec_graphs
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02)],
+                         ids=["greedy", "sampled"])
+def test_round_reads_nothing_on_the_host(trio, forbid_host_reads, kw):
+    """A round is what the CUDA graph captures: no value may travel to the host inside it."""
+    from gptfast.speculative import SpecRound
+    _, model, draft = trio
+    rnd = SpecRound(model, draft, len(ROWS), 64, 3, cuda_graph=False, greedy_only=kw["temperature"] == 0)
+    lens = torch.tensor([len(r) for r in ROWS])
+    ids = torch.zeros(len(ROWS), int(lens.max()), dtype=torch.long)
+    for b, r in enumerate(ROWS):
+        ids[b, :len(r)] = torch.tensor(r)
+    sampling = tuple(kw.get(name, default) for name, default in
+                     (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)))
+    with torch.inference_mode():
+        rnd.prefill(model, draft, ids, lens, torch.arange(len(ROWS)), sampling)
+        with forbid_host_reads():
+            for _ in range(3):
+                rnd(model, draft)
+    assert rnd.counts.min() >= 1 and int(rnd.round) == 3
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(draft_model="gpt2"), TypeError, "draft_model must be a gptfast GPT, got str"),
     (dict(num_draft_tokens=0), ValueError, r"num_draft_tokens must be an int in \[1, 16\], got 0"),

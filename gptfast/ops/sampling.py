@@ -18,6 +18,7 @@ keys up to floating-point rounding.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -91,11 +92,11 @@ def _as_row_param(name: str, value: Param, batch: int, device, dtype) -> torch.T
 
 
 def _check_range(name: str, t: torch.Tensor, ok_fn, expected: str, scalar: Param, check_values: bool):
-    # Python scalars are checked on the host, without touching the device. Tensors
-    # need one host sync, so only in eager mode (check_values=False while tracing
-    # with torch.compile or capturing a CUDA graph).
+    # Python scalars are checked in Python, without making a tensor (so a captured step can
+    # pass them). Tensors need one host sync, so only in eager mode (check_values=False while
+    # tracing with torch.compile or capturing a CUDA graph).
     if not isinstance(scalar, torch.Tensor):
-        if not bool(ok_fn(torch.tensor(scalar, dtype=t.dtype))):
+        if not ok_fn(scalar):
             raise ValueError(f"{name} must be {expected}, got {scalar}")
         return
     if not check_values:
@@ -104,6 +105,10 @@ def _check_range(name: str, t: torch.Tensor, ok_fn, expected: str, scalar: Param
     if bad.numel():
         row = int(bad[0, 0])
         raise ValueError(f"{name} must be {expected}, got {t[row].item()} in row {row}")
+
+
+def _isfinite(a):
+    return torch.isfinite(a) if isinstance(a, torch.Tensor) else math.isfinite(a)
 
 
 def check_sample_args(logits, temperature, top_k, top_p, min_p, check_values: bool = True):
@@ -128,7 +133,7 @@ def check_sample_args(logits, temperature, top_k, top_p, min_p, check_values: bo
     m = _as_row_param("min_p", min_p, batch, dev, torch.float32)
     if isinstance(top_k, float) or (isinstance(top_k, torch.Tensor) and top_k.is_floating_point()):
         raise TypeError(f"top_k must be an integer, got {top_k!r}")
-    _check_range("temperature", t, lambda a: (a >= 0) & torch.isfinite(a), ">= 0 and finite", temperature,
+    _check_range("temperature", t, lambda a: (a >= 0) & _isfinite(a), ">= 0 and finite", temperature,
                  check_values)
     _check_range("top_k", k, lambda a: a >= 0, ">= 0 (0 disables)", top_k, check_values)
     _check_range("top_p", p, lambda a: (a > 0) & (a <= 1), "in (0, 1] (1.0 disables)", top_p, check_values)
