@@ -8,7 +8,8 @@ vs the nanoGPT-style reference, eager and compiled. Both sides use bf16 paramete
 by a datasheet figure. First-call time (compilation, CUDA-graph capture, autotuning) is
 reported apart from the timed runs.
 
-Speculative decoding (full runs): GPT-2 1.5B shape drafted by the GPT-2 124M shape. A round's
+Speculative decoding (full runs): GPT-2 1.5B shape drafted by the GPT-2 124M shape, and by prompt
+lookup (no draft model; its round is one verification pass). A round's
 time does not depend on how many drafts are accepted (static shapes, one graph), so the case
 measures the round and the plain decode step and projects the speed at given acceptance rates;
 random weights agree too rarely for their own acceptance rate to mean anything (it is reported).
@@ -248,7 +249,9 @@ def _spec_setup(name: str):
         spec, ctx, dtype = a["spec"], a["ctx"], a["dtype"]
         model = _build("gptfast", spec, ctx.device, dtype).eval()
         draft = None
-        if name != "gptfast":
+        if name.startswith("gptfast-lookup"):
+            draft = _gptfast_config(spec["preset"], spec.get("overrides"))[0].PromptLookup()
+        elif name != "gptfast":
             draft = _build("gptfast", {"preset": spec["draft_preset"], "overrides": spec.get("draft_overrides")},
                            ctx.device, dtype).eval()
 
@@ -298,7 +301,7 @@ def speculative_cases(device_kind: str, quick: bool) -> list[Case]:
                 "draft_overrides": {"n_layer": 1, "n_head": 2, "n_embd": 64}, "batch": 1, "prompt": 16,
                 "new_tokens": 8, "draft_tokens": 3, "reps": 2}
     providers = [Provider(n, _gen_kind(n), _spec_setup(n))
-                 for n in ("gptfast", f"gptfast-spec{spec['draft_tokens']}")]
+                 for n in ("gptfast", f"gptfast-spec{spec['draft_tokens']}", f"gptfast-lookup{spec['draft_tokens']}")]
     name = (f"speculative {_label(spec['preset'], spec.get('overrides'))} drafted by "
             f"{_label(spec['draft_preset'], spec.get('draft_overrides'))} B={spec['batch']} "
             f"prompt={spec['prompt']} new={spec['new_tokens']}")

@@ -11,13 +11,17 @@ from .ops import backends, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "ops", "backends", "use_backend", "__version__"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "PromptLookup", "Tokenizer", "ops", "backends", "use_backend",
+           "__version__"]
 
 
 def __getattr__(name):  # lazy: keep `import gptfast` light for the CLI
     if name in ("GPT", "KVCache"):
         from . import model
         return getattr(model, name)
+    if name == "PromptLookup":
+        from .speculative import PromptLookup
+        return PromptLookup
     if name == "Tokenizer":
         from .tokenizer import Tokenizer
         return Tokenizer

@@ -107,10 +107,13 @@ def cmd_generate(args) -> int:
 
 
 def _load_draft(args, tok, prompt: str, device):
-    """The --draft model; its tokenizer, where it has one, must encode the prompt as the model's does."""
+    """The --draft model (or prompt lookup); its tokenizer, where it has one, must encode the prompt
+    as the model's does."""
     import gptfast
     from gptfast.checkpoint import resolve_path
 
+    if args.draft == "prompt-lookup":
+        return gptfast.PromptLookup()
     path = resolve_path(args.draft)
     draft = gptfast.GPT.from_pretrained(path, device=device, dtype=_dtype(args.dtype))
     try:
@@ -271,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cuda-graph", action="store_true",
                    help="run each decode step eagerly instead of replaying a captured CUDA graph")
     g.add_argument("--draft", help="speculative decoding: a smaller model with the same tokenizer (e.g. gpt2 "
-                                   "drafting for gpt2-xl); greedy output is unchanged, samples keep the "
-                                   "model's distribution")
+                                   "drafting for gpt2-xl), or 'prompt-lookup' (proposals copied from the "
+                                   "prompt and the output so far); greedy output is unchanged, samples keep "
+                                   "the model's distribution")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     g.add_argument("--verbose", "-v", action="store_true", help="timings and load info on stderr")
     g.set_defaults(func=cmd_generate)

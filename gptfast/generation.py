@@ -170,8 +170,9 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
     stops = _Stops(B, eos, stop_strings, tokenizer)
     if draft is not None:
         from .speculative import speculative_stream
-        yield from speculative_stream(model, draft, ids, lens_t, seeds, (temperature, top_k, top_p, min_p), stops,
-                                      max_new_tokens, _cache_len(model, total), num_draft_tokens, use_graph, stats)
+        yield from speculative_stream(model, draft, rows, ids, lens_t, seeds, (temperature, top_k, top_p, min_p),
+                                      stops, max_new_tokens, _cache_len(model, total), num_draft_tokens, use_graph,
+                                      stats)
         return
     finished = [False] * B  # host state: the loop reads every token on the host anyway (streaming)
 

@@ -36,15 +36,45 @@ from .ops.sampling import check_sample_args, uniform_from_key
 MAX_DRAFT_TOKENS = 16
 
 
+class PromptLookup:
+    """A draft without a model (prompt lookup decoding, as transformers' prompt_lookup_num_tokens):
+    each round a row proposes the tokens that followed the latest earlier occurrence of its last
+    n tokens (n from max_ngram down to 1) in its prompt and output so far. Pays off where the
+    output copies from the input (summaries, code edits, extraction). The proposals are
+    deterministic (q is one-hot), so the acceptance rule keeps the model's distribution as it
+    does for a draft model; a row with no match proposes its last token again.
+    """
+
+    def __init__(self, max_ngram: int = 3):
+        if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < 1:
+            raise ValueError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
+        self.max_ngram = max_ngram
+
+    def propose(self, tokens: list[int], count: int) -> list[int]:
+        """count tokens to follow ``tokens`` (padded with the last proposed one)."""
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):  # the latest earlier match first
+                if tokens[start:start + n] == tail:
+                    follow = tokens[start + n:start + n + count]
+                    return follow + [follow[-1]] * (count - len(follow))
+        return [tokens[-1]] * count
+
+    def __repr__(self) -> str:
+        return f"PromptLookup(max_ngram={self.max_ngram})"
+
+
 def check_draft(model, draft, num_draft_tokens, total: int) -> None:
-    """Validate a draft model against the model and the generation's length."""
+    """Validate a draft (a GPT or a PromptLookup) against the model and the generation's length."""
     from .model import GPT
 
-    if not isinstance(draft, GPT):
-        raise TypeError(f"draft_model must be a gptfast GPT, got {type(draft).__name__}")
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
             or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens!r}")
+    if isinstance(draft, PromptLookup):
+        return
+    if not isinstance(draft, GPT):
+        raise TypeError(f"draft_model must be a gptfast GPT or a PromptLookup, got {type(draft).__name__}")
     if draft.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"draft_model must share the model's vocabulary: vocab_size {model.config.vocab_size} "
                          f"expected, got {draft.config.vocab_size}")
@@ -73,7 +103,13 @@ class SpecRound:
         self.greedy_only = greedy_only  # every row greedy: a round takes argmaxes, no distributions
         self.key, self.busy = key, False
         self.cache = model.setup_cache(batch, max_len, slack=2 * g)
-        self.dcache = draft.setup_cache(batch, min(max_len, draft.config.n_positions), slack=2 * g)
+        self.lookup = isinstance(draft, PromptLookup)
+        self.vocab = model.config.vocab_size
+        if self.lookup:  # the host fills ``proposed`` [B, g] before each round
+            self.dcache = None
+            self.proposed = torch.zeros(batch, g, dtype=torch.int64, device=self.cache.seqlens.device)
+        else:
+            self.dcache = draft.setup_cache(batch, min(max_len, draft.config.n_positions), slack=2 * g)
         self.cuda_graph = cuda_graph
         device = self.cache.seqlens.device
         long = dict(dtype=torch.int64, device=device)
@@ -94,9 +130,10 @@ class SpecRound:
         generation draws it) and readies the first round."""
         self.busy = True
         self.cache.reset()
-        self.dcache.reset()
         logits = model(ids, cache=self.cache, input_lengths=lens, logits_index=lens - 1, validate=False)
-        draft(ids, cache=self.dcache, input_lengths=lens, logits_index=lens - 1, validate=False)
+        if not self.lookup:
+            self.dcache.reset()
+            draft(ids, cache=self.dcache, input_lengths=lens, logits_index=lens - 1, validate=False)
         first = ops.sample(logits, *sampling, generator=seeds)
         rows = check_sample_args(logits, *sampling, check_values=False)
         self.tail.copy_(first.view(-1, 1).expand(-1, 2))
@@ -127,20 +164,15 @@ class SpecRound:
     def _run(self, model, draft) -> None:
         g, B = self.g, self.tokens.shape[0]
         greedy = self.sampling[0] == 0
-        committed = self.cache.seqlens + 1  # the model's cache lacks the last committed token
-        draft_start, model_start = self.dcache.seqlens.clone(), self.cache.seqlens.clone()
+        model_start = self.cache.seqlens.clone()
 
-        # 1. the draft proposes g tokens; its first call also reads the tokens it lags by
-        logits = draft(self.tail, cache=self.dcache, input_lengths=self.pend, logits_index=self.pend - 1,
-                       validate=False)
-        drafts, qs = [], []
-        for i in range(g):
-            if i:
-                logits = draft(drafts[-1].view(B, 1), cache=self.dcache, logits_index=self._zero, validate=False)
-            d, q = self._draw(logits, self.sampling, self._keys(i))
-            drafts.append(d)
-            qs.append(q)
-        d = torch.stack(drafts, 1)  # [B, g]
+        # 1. the draft proposes g tokens d [B, g], drawn from q [B, g, V] (None: all rows greedy)
+        if self.lookup:
+            d = self.proposed
+            q = None if self.greedy_only else torch.nn.functional.one_hot(d, self.vocab).to(torch.float32)
+        else:
+            draft_start = self.dcache.seqlens.clone()
+            d, q = self._draft(draft)
 
         # 2. the model on [last, d_1..d_g]: its distributions p_1..p_{g+1} and a draw from each
         last = self.tail.gather(1, (self.pend - 1).view(B, 1))
@@ -156,7 +188,7 @@ class SpecRound:
             n = (d == drawn[:, :g]).to(torch.int64).cumprod(1).sum(1)  # accepted drafts per row
             nxt = drawn.gather(1, n.view(B, 1)).squeeze(1)
         else:
-            n, nxt = self._accept(d, torch.stack(qs, 1), drawn, probs.view(B, g + 1, V), greedy)
+            n, nxt = self._accept(d, q, drawn, probs.view(B, g + 1, V), greedy)
         out = torch.cat([d, d[:, :1]], 1).scatter_(1, n.view(B, 1), nxt.view(B, 1))
         self.tokens.copy_(out)
         self.counts.copy_(n + 1)
@@ -164,12 +196,31 @@ class SpecRound:
         # 4. the caches keep what was accepted (stopped rows: what they had)
         on = self.active
         self.cache.seqlens.copy_(torch.where(on, model_start + n + 1, model_start))
-        self.dcache.seqlens.copy_(torch.where(on, committed + torch.clamp(n, max=g - 1), draft_start))
-        pend = n + 1 - torch.clamp(n, max=g - 1)  # 2 when every draft was accepted (d_g never went in)
-        first = torch.where(pend == 2, d[:, g - 1], nxt)
-        self.tail.copy_(torch.where(on.view(B, 1), torch.stack([first, nxt], 1), self.tail))
-        self.pend.copy_(torch.where(on, pend, self.pend))
+        if self.lookup:
+            self.tail.copy_(torch.where(on.view(B, 1), nxt.view(B, 1).expand(B, 2), self.tail))
+        else:
+            kept = model_start + 1 + torch.clamp(n, max=g - 1)  # committed tokens, less d_g if it was accepted
+            self.dcache.seqlens.copy_(torch.where(on, kept, draft_start))
+            pend = n + 1 - torch.clamp(n, max=g - 1)  # 2 when every draft was accepted (d_g never went in)
+            first = torch.where(pend == 2, d[:, g - 1], nxt)
+            self.tail.copy_(torch.where(on.view(B, 1), torch.stack([first, nxt], 1), self.tail))
+            self.pend.copy_(torch.where(on, pend, self.pend))
         self.round += 1
+
+    def _draft(self, draft):
+        """The draft model's g tokens [B, g] and distributions [B, g, V] (None: all greedy); its
+        first call also reads the tokens its cache lags by."""
+        B = self.tokens.shape[0]
+        logits = draft(self.tail, cache=self.dcache, input_lengths=self.pend, logits_index=self.pend - 1,
+                       validate=False)
+        drafts, qs = [], []
+        for i in range(self.g):
+            if i:
+                logits = draft(drafts[-1].view(B, 1), cache=self.dcache, logits_index=self._zero, validate=False)
+            d, q = self._draw(logits, self.sampling, self._keys(i))
+            drafts.append(d)
+            qs.append(q)
+        return torch.stack(drafts, 1), None if self.greedy_only else torch.stack(qs, 1)
 
     def _accept(self, d, q, drawn, probs, greedy):
         """Accepted drafts n [B] and the token after them [B], from the drafts d [B, g], their
@@ -211,13 +262,14 @@ def _spec_round(model, draft, batch, max_len, g, cuda_graph, greedy_only) -> Spe
         return SpecRound(model, draft, batch, max_len, g, False, greedy_only)
     from .generation import _spec_graphs, graph_key, kept_graph_step
 
-    key = graph_key(model, batch, max_len, g, greedy_only, graph_key(draft))
+    drafted_by = ("lookup",) if isinstance(draft, PromptLookup) else graph_key(draft)
+    key = graph_key(model, batch, max_len, g, greedy_only, drafted_by)
     return kept_graph_step(_spec_graphs, model, key,
                            lambda k: SpecRound(model, draft, batch, max_len, g, True, greedy_only, key=k))
 
 
-def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_tokens: int, max_len: int,
-                       num_draft_tokens: int, cuda_graph: bool, stats: Optional[dict]):
+def speculative_stream(model, draft, prompts, ids, lens, seeds, sampling, stops, max_new_tokens: int,
+                       max_len: int, num_draft_tokens: int, cuda_graph: bool, stats: Optional[dict]):
     """The rounds of a generation, yielded one step at a time as generation's stream does: per
     step one token per row (None for rows that stopped). A row that ran ahead waits in a buffer."""
     B = ids.shape[0]
@@ -244,6 +296,9 @@ def speculative_stream(model, draft, ids, lens, seeds, sampling, stops, max_new_
                 return
             active = [not d for d in done]
             rnd.active.copy_(torch.tensor(active))
+            if rnd.lookup:
+                rnd.proposed.copy_(torch.tensor([draft.propose(p + r, num_draft_tokens)
+                                                 for p, r in zip(prompts, new)]))
             rnd(model, draft)
             toks, counts = rnd.tokens.tolist(), rnd.counts.tolist()  # the round's one sync
             rounds += 1

@@ -94,6 +94,9 @@ def test_cli_generate_with_a_draft(run_dir, capsys):
     captured = capsys.readouterr()
     assert captured.out == plain
     assert "speculative: 2 rounds, 6/6 drafts accepted (100%)" in captured.err  # 1 + 2 x 4 = 9 tokens
+    assert main(base + ["--draft", "prompt-lookup", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "speculative: " in captured.err
     assert main(base + ["--draft", args.out, "--draft-tokens", "0"]) == 2
     assert "num_draft_tokens must be an int in [1, 16], got 0" in capsys.readouterr().err
 

@@ -8,7 +8,7 @@ import torch
 
 from gptfast import GPT, GPTConfig
 from gptfast.ops.sampling import filter_logits, check_sample_args
-from gptfast.speculative import SpecRound
+from gptfast.speculative import PromptLookup, SpecRound
 
 from hf_utils import make_hf_gpt2
 from test_generation import ROWS, _EagerGraph
@@ -77,11 +77,14 @@ def _sequence_probs(model, prompt, n_new, kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(top_k=2), dict(top_p=0.8), dict(temperature=0.7, min_p=0.2)],
                          ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()) or "plain")
-@pytest.mark.parametrize("g", [1, 2])
-def test_distribution_is_the_models(kw, g):
-    """Whole 3-token continuations drawn with a poor draft follow the model's own distribution."""
+@pytest.mark.parametrize("g,lookup", [(1, False), (2, False), (2, True)], ids=["g1", "g2", "lookup-g2"])
+def test_distribution_is_the_models(kw, g, lookup):
+    """Whole 3-token continuations drawn with a poor draft (a model, or prompt lookup's
+    deterministic proposals) follow the model's own distribution."""
     model, draft = _peaked_pair()
-    prompt, n_new, draws = [1, 3, 0], 3, 12_000
+    if lookup:
+        draft = PromptLookup(max_ngram=2)
+    prompt, n_new, draws = [1, 3, 0, 1, 3, 4, 1], 3, 12_000
     seqs, want = _sequence_probs(model, prompt, n_new, kw)
     stats = {}
     out = model.generate([prompt] * draws, max_new_tokens=n_new, ignore_eos=True, seed=list(range(draws)),
@@ -91,6 +94,35 @@ def test_distribution_is_the_models(kw, g):
     assert int(counts[want == 0].sum()) == 0, "drew a continuation the filters remove"
     assert chi2_pvalue(counts, want) > 1e-3
     assert 0.05 < stats["acceptance_rate"] < 0.95, stats  # the test is about rejections too
+
+
+def test_prompt_lookup_proposals():
+    look = PromptLookup(max_ngram=3)
+    assert look.propose([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # "1 2 3" seen before: what followed
+    assert look.propose([5, 6, 7, 5, 6, 8, 4, 5, 6], 2) == [8, 4]  # the latest earlier match wins
+    assert look.propose([1, 2, 3, 4, 3], 3) == [4, 3, 3]  # a 1-gram match, padded with its last token
+    assert look.propose([1, 2, 3], 2) == [3, 3]  # no match: the last token again
+    assert look.propose([7], 2) == [7, 7]
+    with pytest.raises(ValueError, match="max_ngram must be an int >= 1, got 0"):
+        PromptLookup(max_ngram=0)
+
+
+@pytest.mark.parametrize("g", [2, 5])
+def test_prompt_lookup_greedy_equals_plain(trio, g):
+    """Prompt lookup: plain greedy output; a repeating text is proposed and accepted."""
+    _, model, _ = trio
+    rows = ROWS + [[11, 12, 13, 14] * 6]
+    plain = model.generate(rows, max_new_tokens=24, temperature=0, ignore_eos=True)
+    stats = {}
+    assert model.generate(rows, max_new_tokens=24, temperature=0, ignore_eos=True, draft_model=PromptLookup(),
+                          num_draft_tokens=g, stats=stats) == plain
+    assert stats["accepted"] > 0
+    # the model as its own copier: a prompt of its own greedy text repeated is accepted whole
+    echo = plain[0] * 2
+    out = model.generate([echo], max_new_tokens=len(plain[0]), temperature=0, ignore_eos=True)
+    stats = {}
+    assert model.generate([echo], max_new_tokens=len(plain[0]), temperature=0, ignore_eos=True,
+                          draft_model=PromptLookup(), num_draft_tokens=g, stats=stats) == out
 
 
 def test_seeds_reproducible_and_batch_invariant(trio):
@@ -208,16 +240,21 @@ def test_graph_mode_bookkeeping(trio, monkeypatch):
     rest = list(stream)
     assert [[first[b]] + [s[b] for s in rest] for b in range(len(ROWS))] == \
         [r[len(p):len(p) + 8] for r, p in zip(graphed, ROWS)]
+    # prompt lookup: its proposals buffer is refilled before each replay
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_k=20, seed=[1, 2, 3, 4])):
+        eager = model.generate(ROWS, max_new_tokens=15, draft_model=PromptLookup(), **kw)
+        assert model.generate(ROWS, max_new_tokens=15, draft_model=PromptLookup(), cuda_graph=True, **kw) == eager
     G.release_cuda_graphs(model)
     assert model not in G._spec_graphs
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02)],
                          ids=["greedy", "sampled"])
-def test_round_reads_nothing_on_the_host(trio, forbid_host_reads, kw):
+@pytest.mark.parametrize("lookup", [False, True], ids=["draft-model", "prompt-lookup"])
+def test_round_reads_nothing_on_the_host(trio, forbid_host_reads, kw, lookup):
     """A round is what the CUDA graph captures: no value may travel to the host inside it."""
-    from gptfast.speculative import SpecRound
     _, model, draft = trio
+    draft = PromptLookup() if lookup else draft
     rnd = SpecRound(model, draft, len(ROWS), 64, 3, cuda_graph=False, greedy_only=kw["temperature"] == 0)
     lens = torch.tensor([len(r) for r in ROWS])
     ids = torch.zeros(len(ROWS), int(lens.max()), dtype=torch.long)
@@ -234,7 +271,7 @@ def test_round_reads_nothing_on_the_host(trio, forbid_host_reads, kw):
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(draft_model="gpt2"), TypeError, "draft_model must be a gptfast GPT, got str"),
+    (dict(draft_model="gpt2"), TypeError, "draft_model must be a gptfast GPT or a PromptLookup, got str"),
     (dict(num_draft_tokens=0), ValueError, r"num_draft_tokens must be an int in \[1, 16\], got 0"),
     (dict(num_draft_tokens=True), ValueError, "num_draft_tokens must be an int"),
     (dict(num_draft_tokens=17), ValueError, "num_draft_tokens must be an int"),
