@@ -283,18 +283,25 @@ def test_graph_mode_bookkeeping(pair, fake_graphs):
     assert [[first[i]] + [s[i] for s in rest] for i in range(2)] == [r[len(p):] for r, p in zip(two, ROWS)]
 
 
+def packed_rows(rows, kw):
+    """Right-padded ids [B, T] and lengths [B] of ragged prompts, and kw's sampling parameters
+    as a (temperature, top_k, top_p, min_p) tuple: the inputs of a step driven by hand."""
+    lens = torch.tensor([len(r) for r in rows])
+    ids = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+    sampling = tuple(kw.get(name, default) for name, default in
+                     (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)))
+    return ids, lens, sampling
+
+
 @pytest.mark.parametrize("kw", GRAPH_CASES[:3], ids=["greedy", "top-k-top-p", "min-p"])
 def test_decode_step_reads_nothing_on_the_host(pair, forbid_host_reads, kw):
     """The decode step is what the CUDA graph captures: no value may travel to the host inside it."""
     from gptfast.generation import DecodeStep
     _, model = pair
     step = DecodeStep(model.setup_cache(len(ROWS), 64), cuda_graph=False)
-    lens = torch.tensor([len(r) for r in ROWS])
-    ids = torch.zeros(len(ROWS), int(lens.max()), dtype=torch.long)
-    for b, r in enumerate(ROWS):
-        ids[b, :len(r)] = torch.tensor(r)
-    sampling = tuple(kw.get(name, default) for name, default in
-                     (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)))
+    ids, lens, sampling = packed_rows(ROWS, kw)
     with torch.inference_mode():
         logits = model(ids, cache=step.cache, input_lengths=lens, logits_index=lens - 1)
         step.start(logits.argmax(-1), torch.arange(len(ROWS)), sampling)

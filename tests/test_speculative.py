@@ -11,7 +11,7 @@ from gptfast.ops.sampling import filter_logits, check_sample_args
 from gptfast.speculative import PromptLookup, SpecRound
 
 from hf_utils import make_hf_gpt2
-from test_generation import ROWS, _EagerGraph
+from test_generation import ROWS, _EagerGraph, packed_rows
 from test_sampling import chi2_pvalue
 
 
@@ -256,12 +256,7 @@ def test_round_reads_nothing_on_the_host(trio, forbid_host_reads, kw, lookup):
     _, model, draft = trio
     draft = PromptLookup() if lookup else draft
     rnd = SpecRound(model, draft, len(ROWS), 64, 3, cuda_graph=False, greedy_only=kw["temperature"] == 0)
-    lens = torch.tensor([len(r) for r in ROWS])
-    ids = torch.zeros(len(ROWS), int(lens.max()), dtype=torch.long)
-    for b, r in enumerate(ROWS):
-        ids[b, :len(r)] = torch.tensor(r)
-    sampling = tuple(kw.get(name, default) for name, default in
-                     (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)))
+    ids, lens, sampling = packed_rows(ROWS, kw)
     with torch.inference_mode():
         rnd.prefill(model, draft, ids, lens, torch.arange(len(ROWS)), sampling)
         with forbid_host_reads():
