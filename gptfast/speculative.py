@@ -1,4 +1,5 @@
-"""Speculative decoding: a small draft model proposes tokens, the model verifies them in one pass.
+"""Speculative decoding: a draft proposes tokens, the model verifies them in one pass. The draft
+is a small model with the same vocabulary, or PromptLookup (tokens copied from the context).
 
 Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), one round per row:
 - the draft samples g tokens d_1..d_g one at a time from its filtered distributions q_i (the
@@ -91,7 +92,8 @@ class SpecRound:
     In: ``active`` [B] (rows still generating; stopped rows keep their caches as they are).
     Out: ``tokens`` [B, g + 1] and ``counts`` [B]: row b's new tokens are tokens[b, :counts[b]].
     State: the model's cache holds every committed token but the last; the draft's cache lags
-    by ``pend`` [B] (1 or 2) tokens, kept in ``tail`` [B, 2]. The cache slack of 2g slots
+    by ``pend`` [B] (1 or 2) tokens, kept in ``tail`` [B, 2] (prompt lookup has no draft cache:
+    the host fills ``proposed`` [B, g] before each round). The cache slack of 2g slots
     takes the scratch keys/values of drafts past a row's context end and of stopped rows. Such
     drafts need no guard: a row's last token (prompt + max_new_tokens <= the context) comes
     before them, so whatever the round makes of them is cut off with the row's surplus.
@@ -169,7 +171,9 @@ class SpecRound:
         # 1. the draft proposes g tokens d [B, g], drawn from q [B, g, V] (None: all rows greedy)
         if self.lookup:
             d = self.proposed
-            q = None if self.greedy_only else torch.nn.functional.one_hot(d, self.vocab).to(torch.float32)
+            q = None  # one-hot [B, g, V] (scatter, not F.one_hot, which reads values on the host on CPU)
+            if not self.greedy_only:
+                q = torch.zeros(*d.shape, self.vocab, device=d.device).scatter_(2, d.unsqueeze(-1), 1.0)
         else:
             draft_start = self.dcache.seqlens.clone()
             d, q = self._draft(draft)
