@@ -315,11 +315,12 @@ def test_cuda_speculative_graph_equals_eager(trio, backend):
     model, draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft).cuda()
     with use_backend(backend):
         plain = model.generate(ROWS, max_new_tokens=20, temperature=0, ignore_eos=True, cuda_graph=False)
-        for kw in (dict(temperature=0), dict(temperature=1.0, top_k=50, top_p=0.9, seed=[3, 4, 5, 6])):
-            eager = model.generate(ROWS, max_new_tokens=20, ignore_eos=True, draft_model=draft, num_draft_tokens=4,
-                                   cuda_graph=False, **kw)
-            graphed = model.generate(ROWS, max_new_tokens=20, ignore_eos=True, draft_model=draft,
+        settings = (dict(temperature=0), dict(temperature=1.0, top_k=50, top_p=0.9, seed=[3, 4, 5, 6]))
+        for proposer, kw in itertools.product((draft, PromptLookup()), settings):
+            eager = model.generate(ROWS, max_new_tokens=20, ignore_eos=True, draft_model=proposer,
+                                   num_draft_tokens=4, cuda_graph=False, **kw)
+            graphed = model.generate(ROWS, max_new_tokens=20, ignore_eos=True, draft_model=proposer,
                                      num_draft_tokens=4, cuda_graph=True, **kw)
-            assert graphed == eager, kw
+            assert graphed == eager, (proposer, kw)
             if not kw.get("temperature", 1):
                 assert eager == plain
