@@ -180,8 +180,8 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
     decode.cache.reset()
     logits = model(ids, cache=decode.cache, input_lengths=lens_t, logits_index=lens_t - 1, validate=False)
     tok = ops.sample(logits, temperature, top_k, top_p, min_p, generator=seeds)  # step 0: the prefill's logits
-    decode.start(tok, seeds, (temperature, top_k, top_p, min_p))
     try:
+        decode.start(tok, seeds, (temperature, top_k, top_p, min_p))  # marks the kept step busy
         for step in range(max_new_tokens):
             if step:
                 decode(model)
