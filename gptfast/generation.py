@@ -110,9 +110,10 @@ def generate_stream(model, input_ids: Prompt, max_new_tokens: int = 32, *, tempe
     its new tokens contains one of stop_strings (needs tokenizer).
     cuda_graph: replay the decode step as a CUDA graph (None: on CUDA when max_new_tokens >=
     GRAPH_MIN_NEW_TOKENS); the tokens are the same either way.
-    draft_model: a smaller GPT with the same vocabulary for speculative decoding
-    (gptfast.speculative): it proposes num_draft_tokens tokens a round, the model verifies them
-    in one pass. Greedy output is unchanged; sampled tokens keep the model's distribution.
+    draft_model: a smaller GPT with the same vocabulary, or gptfast.PromptLookup(), for
+    speculative decoding (gptfast.speculative): it proposes num_draft_tokens tokens a round, the
+    model verifies them in one pass. Greedy output is unchanged (up to rounding near-ties);
+    sampled tokens keep the model's distribution.
     stats: a dict that receives the rounds, drafted and accepted counts and the acceptance rate.
     """
     prompts = _unpack(input_ids, attention_mask)

@@ -306,13 +306,14 @@ def test_kernels_give_the_reference_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_cuda_speculative_graph_equals_eager(trio, backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_speculative_graph_equals_eager(trio, backend, dtype):
     from gptfast import use_backend
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _, model, draft = trio
-    model, draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft).cuda()
+    model, draft = copy.deepcopy(model).to("cuda", dtype), copy.deepcopy(draft).to("cuda", dtype)
     with use_backend(backend):
         plain = model.generate(ROWS, max_new_tokens=20, temperature=0, ignore_eos=True, cuda_graph=False)
         settings = (dict(temperature=0), dict(temperature=1.0, top_k=50, top_p=0.9, seed=[3, 4, 5, 6]))
@@ -322,5 +323,5 @@ def test_cuda_speculative_graph_equals_eager(trio, backend):
             graphed = model.generate(ROWS, max_new_tokens=20, ignore_eos=True, draft_model=proposer,
                                      num_draft_tokens=4, cuda_graph=True, **kw)
             assert graphed == eager, (proposer, kw)
-            if not kw.get("temperature", 1):
+            if not kw.get("temperature", 1) and dtype == torch.float32:  # bf16: chunk vs step rounding
                 assert eager == plain
