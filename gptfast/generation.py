@@ -298,13 +298,7 @@ class DecodeStep:
         if not self.cuda_graph:
             self.sampling = sampling
             return
-        rows = check_sample_args(self.tokens.view(-1, 1).float(), *sampling, check_values=False)
-        if self._params is None:
-            self._params = tuple(r.clone() for r in rows)
-        else:
-            for buf, r in zip(self._params, rows):
-                buf.copy_(r)
-        self.sampling = self._params
+        self._params = self.sampling = row_param_buffers(self._params, self.tokens, sampling)
 
     def _run(self, model) -> None:
         B = self.tokens.shape[0]
@@ -324,6 +318,17 @@ class DecodeStep:
 
     def _capture(self, model) -> None:
         self.graph = capture_graph(lambda: self._run(model), self.tokens.device)
+
+
+def row_param_buffers(buffers, tokens: torch.Tensor, sampling) -> tuple:
+    """(temperature, top_k, top_p, min_p) as per-row [B] tensors on the device of tokens [B]: the
+    given buffers refilled in place (a captured graph reads them by address), or new ones if None."""
+    rows = check_sample_args(tokens.view(-1, 1).float(), *sampling, check_values=False)
+    if buffers is None:
+        return tuple(r.clone() for r in rows)
+    for buf, r in zip(buffers, rows):
+        buf.copy_(r)
+    return buffers
 
 
 def capture_graph(run, device) -> "torch.cuda.CUDAGraph":

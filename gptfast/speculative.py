@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .ops.sampling import check_sample_args, uniform_from_key
+from .ops.sampling import uniform_from_key
 
 MAX_DRAFT_TOKENS = 16
 
@@ -137,17 +137,13 @@ class SpecRound:
             self.dcache.reset()
             draft(ids, cache=self.dcache, input_lengths=lens, logits_index=lens - 1, validate=False)
         first = ops.sample(logits, *sampling, generator=seeds)
-        rows = check_sample_args(logits, *sampling, check_values=False)
         self.tail.copy_(first.view(-1, 1).expand(-1, 2))
         self.pend.fill_(1)
         self.seeds.copy_(seeds)
         self.round.zero_()
+        from .generation import row_param_buffers
         # per-row parameter tensors in both modes (a graph bakes buffers in, not Python scalars)
-        if self.sampling is None:
-            self.sampling = tuple(r.clone() for r in rows)
-        else:
-            for buf, r in zip(self.sampling, rows):
-                buf.copy_(r)
+        self.sampling = row_param_buffers(self.sampling, first, sampling)
         return first
 
     def _keys(self, slot) -> torch.Tensor:
