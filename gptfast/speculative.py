@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from . import generation  # the graph keeping and capture it shares with the plain decode step
 from .ops.sampling import uniform_from_key
 
 MAX_DRAFT_TOKENS = 16
@@ -141,9 +142,8 @@ class SpecRound:
         self.pend.fill_(1)
         self.seeds.copy_(seeds)
         self.round.zero_()
-        from .generation import row_param_buffers
         # per-row parameter tensors in both modes (a graph bakes buffers in, not Python scalars)
-        self.sampling = row_param_buffers(self.sampling, first, sampling)
+        self.sampling = generation.row_param_buffers(self.sampling, first, sampling)
         return first
 
     def _keys(self, slot) -> torch.Tensor:
@@ -245,8 +245,7 @@ class SpecRound:
         elif self.graph is not None:
             self.graph.replay()
         else:
-            from .generation import capture_graph
-            self.graph = capture_graph(lambda: self._run(model, draft), self.tokens.device)
+            self.graph = generation.capture_graph(lambda: self._run(model, draft), self.tokens.device)
 
 
 def _all_greedy(temperature) -> bool:
@@ -260,12 +259,10 @@ def _spec_round(model, draft, batch, max_len, g, cuda_graph, greedy_only) -> Spe
     (both models included) is unchanged (see generation.kept_graph_step)."""
     if not cuda_graph:
         return SpecRound(model, draft, batch, max_len, g, False, greedy_only)
-    from .generation import _spec_graphs, graph_key, kept_graph_step
-
-    drafted_by = ("lookup",) if isinstance(draft, PromptLookup) else graph_key(draft)
-    key = graph_key(model, batch, max_len, g, greedy_only, drafted_by)
-    return kept_graph_step(_spec_graphs, model, key,
-                           lambda k: SpecRound(model, draft, batch, max_len, g, True, greedy_only, key=k))
+    drafted_by = ("lookup",) if isinstance(draft, PromptLookup) else generation.graph_key(draft)
+    key = generation.graph_key(model, batch, max_len, g, greedy_only, drafted_by)
+    return generation.kept_graph_step(generation._spec_graphs, model, key,
+                                      lambda k: SpecRound(model, draft, batch, max_len, g, True, greedy_only, key=k))
 
 
 def speculative_stream(model, draft, prompts, ids, lens, seeds, sampling, stops, max_new_tokens: int,
