@@ -53,7 +53,7 @@ class PromptLookup:
         self.max_ngram = max_ngram
 
     def propose(self, tokens: list[int], count: int) -> list[int]:
-        """count tokens to follow ``tokens`` (padded with the last proposed one)."""
+        """count tokens to follow ``tokens`` (padded with the last proposed one), by a scan."""
         for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
             tail = tokens[-n:]
             for start in range(len(tokens) - n - 1, -1, -1):  # the latest earlier match first
@@ -62,8 +62,41 @@ class PromptLookup:
                     return follow + [follow[-1]] * (count - len(follow))
         return [tokens[-1]] * count
 
+    def index(self, tokens: list[int]) -> "NgramIndex":
+        """An index of tokens that grows with a row's output and proposes as propose() does, in
+        O(max_ngram) a round instead of a scan of the whole row (what generation uses)."""
+        return NgramIndex(self.max_ngram, tokens)
+
     def __repr__(self) -> str:
         return f"PromptLookup(max_ngram={self.max_ngram})"
+
+
+class NgramIndex:
+    """The end positions of the latest occurrence of every n-gram (n <= max_ngram) of a growing
+    token list, and of the occurrence before it: the tail's earlier match is then a dict lookup."""
+
+    def __init__(self, max_ngram: int, tokens: list[int]):
+        self.max_ngram, self.tokens, self.last, self.before = max_ngram, [], {}, {}
+        self.extend(tokens)
+
+    def extend(self, tokens) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens) - 1
+            for n in range(1, min(self.max_ngram, end + 1) + 1):
+                key = tuple(self.tokens[end - n + 1:])
+                if key in self.last:
+                    self.before[key] = self.last[key]
+                self.last[key] = end
+
+    def propose(self, count: int) -> list[int]:
+        tokens = self.tokens
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            end = self.before.get(tuple(tokens[-n:]))  # the tail itself is the latest occurrence
+            if end is not None:
+                follow = tokens[end + 1:end + 1 + count]
+                return follow + [follow[-1]] * (count - len(follow))
+        return [tokens[-1]] * count
 
 
 def check_draft(model, draft, num_draft_tokens, total: int) -> None:
@@ -273,6 +306,7 @@ def speculative_stream(model, draft, prompts, ids, lens, seeds, sampling, stops,
     rnd = _spec_round(model, draft, B, max_len, num_draft_tokens, cuda_graph, _all_greedy(sampling[0]))
     new, done = [[] for _ in range(B)], [False] * B
     rounds = drafted = accepted = 0
+    indexes = [draft.index(p) for p in prompts] if rnd.lookup else None
 
     def take(rows_tokens):
         for b, toks in enumerate(rows_tokens):
@@ -293,9 +327,10 @@ def speculative_stream(model, draft, prompts, ids, lens, seeds, sampling, stops,
                 return
             active = [not d for d in done]
             rnd.active.copy_(torch.tensor(active))
-            if rnd.lookup:
-                rnd.proposed.copy_(torch.tensor([draft.propose(p + r, num_draft_tokens)
-                                                 for p, r in zip(prompts, new)]))
+            if rnd.lookup:  # each row's index takes its new tokens, then proposes
+                for ix, p, r in zip(indexes, prompts, new):
+                    ix.extend(r[len(ix.tokens) - len(p):])
+                rnd.proposed.copy_(torch.tensor([ix.propose(num_draft_tokens) for ix in indexes]))
             rnd(model, draft)
             toks, counts = rnd.tokens.tolist(), rnd.counts.tolist()  # the round's one sync
             rounds += 1

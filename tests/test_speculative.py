@@ -106,6 +106,16 @@ def test_prompt_lookup_proposals():
     with pytest.raises(ValueError, match="max_ngram must be an int >= 1, got 0"):
         PromptLookup(max_ngram=0)
 
+    # the incremental index proposes what the scan proposes, at every length of a growing row
+    g = torch.Generator().manual_seed(0)
+    for max_ngram in (1, 2, 3):
+        look = PromptLookup(max_ngram)
+        tokens = torch.randint(0, 4, (300,), generator=g).tolist()  # a small alphabet: many matches
+        ix = look.index(tokens[:1])
+        for end in range(2, len(tokens) + 1, 3):
+            ix.extend(tokens[len(ix.tokens):end])
+            assert ix.propose(4) == look.propose(tokens[:end], 4), (max_ngram, end)
+
 
 @pytest.mark.parametrize("g", [2, 5])
 def test_prompt_lookup_greedy_equals_plain(trio, g):
