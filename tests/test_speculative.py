@@ -157,6 +157,17 @@ def test_mixed_rows_greedy_and_sampled(trio):
     assert out[0] == plain[0] and out[2] == plain[2]
 
 
+def test_left_padded_tensor_input(trio):
+    """A left-padded batch with its attention mask, as HF tokenizers make it: the same tensor out."""
+    _, model, draft = trio
+    width = max(map(len, ROWS))
+    ids, mask = torch.zeros(len(ROWS), width, dtype=torch.long), torch.zeros(len(ROWS), width, dtype=torch.long)
+    for b, r in enumerate(ROWS):
+        ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+    kw = dict(attention_mask=mask, max_new_tokens=9, temperature=0, ignore_eos=True)
+    assert torch.equal(model.generate(ids, draft_model=draft, num_draft_tokens=3, **kw), model.generate(ids, **kw))
+
+
 def test_stops_and_stream(trio):
     _, model, draft = trio
     free = model.generate(ROWS, max_new_tokens=12, temperature=0, ignore_eos=True)
