@@ -10,7 +10,7 @@ from gptfast import GPT, GPTConfig
 from gptfast.ops.sampling import filter_logits, check_sample_args
 from gptfast.speculative import PromptLookup, SpecRound
 
-from hf_utils import make_hf_gpt2
+from hf_utils import make_hf_gpt1, make_hf_gpt2
 from test_generation import ROWS, _EagerGraph, packed_rows
 from test_sampling import chi2_pvalue
 
@@ -37,6 +37,19 @@ def test_greedy_equals_plain_and_transformers(trio, g):
     plain = model.generate(ROWS, max_new_tokens=25, temperature=0, ignore_eos=True)
     assert model.generate(ROWS, max_new_tokens=25, temperature=0, ignore_eos=True, draft_model=draft,
                           num_draft_tokens=g) == plain
+
+
+def test_gpt1_post_ln(tmp_path):
+    """GPT-1 (post-LN, its own tokenizer's vocabulary): speculative greedy = plain greedy = transformers."""
+    hf = make_hf_gpt1(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path))
+    torch.manual_seed(3)
+    draft = GPT(GPTConfig(vocab_size=model.config.vocab_size, n_positions=model.config.n_positions, n_embd=32,
+                          n_layer=1, n_head=2, pre_ln=False, final_ln=False)).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 9))
+    expected = hf.generate(x, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for proposer in (draft, PromptLookup()):
+        assert torch.equal(model.generate(x, max_new_tokens=16, temperature=0, draft_model=proposer), expected)
 
 
 def test_self_draft_accepts_everything(trio):
