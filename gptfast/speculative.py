@@ -31,8 +31,9 @@ from typing import Optional
 
 import torch
 
-from . import ops
 from . import generation  # the graph keeping and capture it shares with the plain decode step
+from . import ops
+from .model import GPT
 from .ops.sampling import uniform_from_key
 
 MAX_DRAFT_TOKENS = 16
@@ -101,8 +102,6 @@ class NgramIndex:
 
 def check_draft(model, draft, num_draft_tokens, total: int) -> None:
     """Validate a draft (a GPT or a PromptLookup) against the model and the generation's length."""
-    from .model import GPT
-
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
             or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens!r}")
@@ -139,16 +138,16 @@ class SpecRound:
         self.greedy_only = greedy_only  # every row greedy: a round takes argmaxes, no distributions
         self.key, self.busy = key, False
         self.cache = model.setup_cache(batch, max_len, slack=2 * g)
+        self.cuda_graph = cuda_graph
+        device = self.cache.seqlens.device
+        long = dict(dtype=torch.int64, device=device)
         self.lookup = isinstance(draft, PromptLookup)
         self.vocab = model.config.vocab_size
         if self.lookup:  # the host fills ``proposed`` [B, g] before each round
             self.dcache = None
-            self.proposed = torch.zeros(batch, g, dtype=torch.int64, device=self.cache.seqlens.device)
+            self.proposed = torch.zeros(batch, g, **long)
         else:
             self.dcache = draft.setup_cache(batch, min(max_len, draft.config.n_positions), slack=2 * g)
-        self.cuda_graph = cuda_graph
-        device = self.cache.seqlens.device
-        long = dict(dtype=torch.int64, device=device)
         self.tail = torch.zeros(batch, 2, **long)
         self.pend = torch.ones(batch, **long)
         self.seeds = torch.zeros(batch, **long)
@@ -194,7 +193,6 @@ class SpecRound:
 
     def _run(self, model, draft) -> None:
         g, B = self.g, self.tokens.shape[0]
-        greedy = self.sampling[0] == 0
         model_start = self.cache.seqlens.clone()
 
         # 1. the draft proposes g tokens d [B, g], drawn from q [B, g, V] (None: all rows greedy)
@@ -221,7 +219,7 @@ class SpecRound:
             n = (d == drawn[:, :g]).to(torch.int64).cumprod(1).sum(1)  # accepted drafts per row
             nxt = drawn.gather(1, n.view(B, 1)).squeeze(1)
         else:
-            n, nxt = self._accept(d, q, drawn, probs.view(B, g + 1, V), greedy)
+            n, nxt = self._accept(d, q, drawn, probs.view(B, g + 1, V), greedy=self.sampling[0] == 0)
         out = torch.cat([d, d[:, :1]], 1).scatter_(1, n.view(B, 1), nxt.view(B, 1))
         self.tokens.copy_(out)
         self.counts.copy_(n + 1)
