@@ -58,6 +58,17 @@ def _store_tile(desc, ptrs, x, b, h, start, offs, bound, ROWS: tl.constexpr, HEA
         tl.store(ptrs, x, mask=offs[:, None] < bound)
 
 
+@triton.jit
+def _dot_operand(x, like_ptrs, UPCAST_DOT: tl.constexpr):
+    """x (fp32) rounded to the element type of like_ptrs, the input dtype the dot that takes it
+    multiplies in. UPCAST_DOT (interpreter only: its tl.dot multiplies bf16 as raw bits) widens it
+    back to fp32 after the rounding, so the CPU tests see the rounding a GPU does."""
+    y = x.to(like_ptrs.dtype.element_ty)
+    if UPCAST_DOT:
+        y = y.to(tl.float32)
+    return y
+
+
 # ---- forward ------------------------------------------------------------------------------
 
 @triton.jit
@@ -76,6 +87,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
                        BLOCK_N, HEAD_DIM, False, MASKED, TMA)
         if UPCAST_DOT:
             k = k.to(tl.float32)
+            v = v.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
             keep = offs_n[None, :] < Tk
@@ -88,10 +100,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST_DOT:
-            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(_dot_operand(p, v_ptrs, UPCAST_DOT), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -220,10 +229,10 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, st
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
             pT = tl.where(keep, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dv = tl.dot(_dot_operand(pT, do_ptrs, UPCAST_DOT), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(_dot_operand(dsT, q_ptrs, UPCAST_DOT), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -322,7 +331,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_des
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(_dot_operand(ds, k_ptrs, UPCAST_DOT), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 

@@ -17,6 +17,8 @@ Kernels only; the launcher (split count, block sizes) is in gptfast/ops/_attenti
 import triton
 import triton.language as tl
 
+from .attention import _dot_operand
+
 
 @triton.jit
 def decode_split_kernel(
@@ -81,7 +83,7 @@ def decode_split_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(_dot_operand(p, v_ptrs, UPCAST_DOT), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     if NUM_SPLITS == 1:
