@@ -22,8 +22,8 @@ def _interpreter_rounds_bf16_to_nearest():
     "at most 2x PyTorch's error" rule then passes or fails by the luck of the inputs: with
     torch 2.11's bf16 randn, the attention and decode tests failed on CPU.
     The interpreter's cast is wrapped here for fp32 -> bf16 only (explicit casts, implicit
-    casts on store, bf16 constants). tests/test_triton_rounding.py checks that
-    it took (and, on a GPU, that the hardware cast is the same)."""
+    casts on store, bf16 constants). tests/test_triton_rounding.py checks that it took (and,
+    on a GPU, that the hardware cast is the same)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
