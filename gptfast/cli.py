@@ -1,4 +1,4 @@
-"""The `gptfast` command: generate, backends, info, train, finetune, classify, perplexity, bench."""
+"""The `gptfast` command: generate, backends, info, prepare, train, finetune, classify, perplexity, bench."""
 from __future__ import annotations
 
 import argparse
@@ -225,18 +225,40 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from gptfast.data import find_sources, prepare, texts_of
+    from gptfast.tokenizer import Tokenizer, train_byte_level_bpe
+
+    if (args.tokenizer is None) == (args.vocab_size is None):
+        raise ValueError("give --tokenizer DIR (the model's tokenizer) or --vocab-size N (train a byte-level BPE "
+                         "on the inputs), not both or neither")
+    if args.tokenizer:
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+    else:
+        tok = train_byte_level_bpe((), args.vocab_size, texts=texts_of(find_sources(args.inputs), args.text_field))
+    meta = prepare(args.inputs, args.out, tok, val_fraction=args.val_fraction, text_field=args.text_field,
+                   progress=not args.quiet)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
 def cmd_perplexity(args) -> int:
     import gptfast
+    from gptfast.data import check_tokenizer, is_token_data, open_tokens
     from gptfast.train import perplexity
     path = args.model or _default_model()
     model = gptfast.GPT.from_pretrained(path, device=_device(args.device), dtype=_dtype(args.dtype))
     tok = gptfast.Tokenizer.from_pretrained(path)
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"text file not found: {args.file}") from None
-    result = perplexity(model, tok.encode(text), stride=args.stride)
+    if is_token_data(args.file):  # token ids: a prepared directory's val.bin, or a .bin file
+        ids, _, meta, _ = open_tokens(args.file, split="val")
+        check_tokenizer(meta, tok, args.file)
+    else:
+        try:
+            with open(args.file, encoding="utf-8", newline="") as f:
+                ids = tok.encode(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"text file not found: {args.file}") from None
+    result = perplexity(model, ids, stride=args.stride, batch_size=args.batch_size)
     print(json.dumps(result, indent=2) if args.json else
           f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (nll {result['nll']:.4f} nats/token)")
     return 0
@@ -290,16 +312,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    t = sub.add_parser("train", help="pretrain or fine-tune on a text file (resumes an interrupted run)")
-    t.add_argument("--data", required=True, help="UTF-8 text file")
+    d = sub.add_parser("prepare", help="tokenize a corpus once into train.bin / val.bin for gptfast train "
+                                       "(nanoGPT's layout)")
+    d.add_argument("inputs", nargs="+", help="text (.txt, .md) or JSON-lines (.jsonl) files, or directories")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--tokenizer", help="tokenizer directory (a checkpoint's)")
+    d.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the inputs instead")
+    d.add_argument("--val-fraction", type=float, default=0.005, help="share of the tokens kept for validation")
+    d.add_argument("--text-field", default="text", help="the field of a JSON line that holds its text")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="pretrain or fine-tune on a text file or prepared token files "
+                                     "(resumes an interrupted run)")
+    t.add_argument("--data", required=True, help="UTF-8 text file, or a directory made by gptfast prepare "
+                                                 "(or nanoGPT's train.bin/val.bin)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on --data)")
     t.add_argument("--init", help="preset name or checkpoint to start from")
     for name, typ in (("vocab-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
-                      ("block-size", int), ("batch-size", int), ("steps", int), ("lr", float), ("min-lr", float),
-                      ("warmup", int), ("weight-decay", float), ("eval-every", int), ("eval-batches", int),
-                      ("seed", int)):
+                      ("block-size", int), ("batch-size", int), ("grad-accum", int), ("steps", int),
+                      ("lr", float), ("min-lr", float), ("warmup", int), ("weight-decay", float),
+                      ("grad-clip", float), ("eval-every", int), ("eval-batches", int), ("val-fraction", float),
+                      ("seed", int), ("peak-tflops", float)):
         t.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+    t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training step (default backend: inductor)")
     t.add_argument("--device")
     t.add_argument("--dtype")
     t.add_argument("--quiet", action="store_true")
@@ -337,10 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_classify)
 
-    e = sub.add_parser("perplexity", help="perplexity of a model on a text file")
-    e.add_argument("file")
+    e = sub.add_parser("perplexity", help="perplexity of a model on a text file or token files")
+    e.add_argument("file", help="a text file, a .bin token file, or a prepared directory (its val.bin)")
     e.add_argument("--model")
     e.add_argument("--stride", type=int)
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--json", action="store_true")

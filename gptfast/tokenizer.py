@@ -6,9 +6,14 @@ suffix), built as transformers' OpenAIGPTTokenizer builds it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterable, Optional, Sequence, Union
+
+
+_NEWLINE_SAFE_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+_NEWLINE_SAFE_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"}
 
 
 class Tokenizer:
@@ -77,6 +82,34 @@ class Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary (token -> id): token files record it, so ids are never
+        read with a tokenizer that gives them other meanings."""
+        vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+    def splits_at_newlines(self) -> bool:
+        """True when encoding a text in pieces cut just before a newline that has a non-space
+        character on each side gives the same ids as encoding it whole. That holds where the
+        pre-tokenizer never joins such a newline to a neighbour (GPT-2's byte-level regex, the
+        BERT and whitespace splitters) and the normalizer works character by character; a prefix
+        space or a Metaspace pre-tokenizer would add a token at each piece's start."""
+        spec = json.loads(self._tok.to_str())
+
+        def parts(node):
+            if node is None:
+                return []
+            if node.get("type") == "Sequence":
+                return [p for child in node.get("pretokenizers", node.get("normalizers", [])) for p in parts(child)]
+            return [node]
+
+        pre = parts(spec.get("pre_tokenizer"))
+        norm = parts(spec.get("normalizer"))
+        pre_ok = bool(pre) and all(
+            (p["type"] == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True))
+            or p["type"] in _NEWLINE_SAFE_PRE_TOKENIZERS for p in pre)
+        return pre_ok and all(n["type"] in _NEWLINE_SAFE_NORMALIZERS for n in norm)
+
 
 class StreamDecoder:
     """Turns a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
@@ -127,8 +160,9 @@ def _gpt1_bpe(vocab_path: str, merges_path: str):
     return tok
 
 
-def train_byte_level_bpe(files: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Train a GPT-2-style byte-level BPE on text files (used for the shipped default model)."""
+def train_byte_level_bpe(files: Sequence[str], vocab_size: int, texts: Optional[Iterable[str]] = None) -> Tokenizer:
+    """Train a GPT-2-style byte-level BPE on text files (used for the shipped default model), or on
+    an iterable of texts (documents) when `texts` is given."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, pre_tokenizers, trainers
     from tokenizers.models import BPE
@@ -138,5 +172,8 @@ def train_byte_level_bpe(files: Sequence[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(list(files), trainer)
+    if texts is not None:
+        tok.train_from_iterator(texts, trainer)
+    else:
+        tok.train(list(files), trainer)
     return Tokenizer(tok)

@@ -1,6 +1,9 @@
-"""Minimal pretraining on a text file, with resume, plus perplexity evaluation.
+"""Pretraining on a text file or on prepared token files, with resume, plus perplexity evaluation.
 
     gptfast train --data book.txt --out runs/tiny --vocab-size 4096 --n-layer 4 --n-embd 128 ...
+    gptfast prepare corpus/ --out data/corpus --tokenizer path/to/gpt2     # once (gptfast.data)
+    torchrun --nproc_per_node 8 -m gptfast.cli train --data data/corpus --init gpt2 \
+        --batch-size 16 --grad-accum 4 --block-size 1024 --dtype bfloat16 --compile --out runs/owt
 
 The run directory ends up holding the model as a Hugging Face directory (config.json,
 model.safetensors, tokenizer.json), log.jsonl and loss.png. During the run, checkpoints/step-N/
@@ -9,9 +12,17 @@ temporary directory and renamed into place, then checkpoints/latest is rewritten
 so an interrupted run resumes from the last complete checkpoint when the same command is
 run again. Batches are a function of (seed, step, rank), so a resumed run sees the same data
 the uninterrupted one would have. Several GPUs: `torchrun --nproc_per_node N -m gptfast.cli train ...`.
+
+A step takes grad_accum micro-batches of batch_size rows on each rank (DDP synchronises the
+gradients once, on the last), so it trains on batch_size x grad_accum x world x block_size
+tokens; its rows are drawn at once, so batch_size=8 equals batch_size=4 with grad_accum=2.
+The log and the progress bar report tokens/s, the model's TFLOP/s (6N + attention per token,
+as `gptfast bench` counts a training step) and, for 16-bit training on a GPU whose peak is
+known (or given as peak_tflops), the model FLOPs utilisation (MFU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .checkpoint import atomic_torch_save, atomic_write_text
@@ -29,7 +41,7 @@ from .config import GPTConfig
 
 @dataclass
 class TrainArgs:
-    data: str
+    data: str  # a UTF-8 text file, or token files: a prepared directory or a .bin (gptfast.data)
     out: str
     tokenizer: Optional[str] = None  # directory with tokenizer.json / vocab.json+merges.txt
     vocab_size: int = 4096  # when training a new tokenizer
@@ -38,7 +50,8 @@ class TrainArgs:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 256
-    batch_size: int = 16
+    batch_size: int = 16  # rows per micro-batch and rank
+    grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 1000
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -51,6 +64,24 @@ class TrainArgs:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
+    compile: Optional[str] = None  # a torch.compile backend ("inductor") for the training step
+    peak_tflops: Optional[float] = None  # the device's peak for MFU (default: known GPUs' datasheet peak)
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in NVIDIA's datasheets, TFLOP/s: the
+# denominator of MFU (model FLOPs utilisation, as nanoGPT and PaLM define it). First match wins.
+PEAK_TFLOPS_16BIT = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", None), ("H100", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, given: Optional[float]) -> Optional[float]:
+    """The peak MFU is measured against: the given one, else the datasheet's for a known GPU
+    training in 16 bits, else None (no MFU)."""
+    if given is not None:
+        return given
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS_16BIT if key in name), None)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -59,9 +90,11 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
+def load_tokens(args: TrainArgs, tokenizer) -> np.ndarray:
+    """The token ids of a text file (--data), encoded here. Line ends are kept as they are (no
+    \r\n -> \n), as gptfast prepare keeps them, so both give a file the same ids."""
     try:
-        with open(args.data, encoding="utf-8") as f:
+        with open(args.data, encoding="utf-8", newline="") as f:
             text = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"--data file not found: {args.data}") from None
@@ -69,13 +102,50 @@ def load_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
     if len(ids) < 4 * (args.block_size + 1):
         raise ValueError(f"--data has {len(ids)} tokens; need at least {4 * (args.block_size + 1)} "
                          f"for block_size {args.block_size}")
-    return torch.tensor(ids, dtype=torch.int32)
+    return np.asarray(ids, dtype=np.int32)
 
 
-def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator, device):
-    starts = torch.randint(0, tokens.numel() - block_size - 1, (batch_size,), generator=gen)
-    x = torch.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).long()  # (B, T+1)
-    return x[:, :-1].to(device), x[:, 1:].to(device)
+def load_data(args: TrainArgs, tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) token ids: a text file's, encoded here, with its last val_fraction as
+    validation; or token files', memory-mapped (a prepared directory's val.bin, or that tail)."""
+    from .data import check_tokenizer, is_token_data, open_tokens
+
+    source = f"--data {args.data}"
+    if is_token_data(args.data):
+        tokens, val, meta, _ = open_tokens(args.data)
+        check_tokenizer(meta, tokenizer, source)
+        if not meta and tokenizer.vocab_size > 1 << 16:
+            raise ValueError(f"{source} has no meta.json (nanoGPT's layout: uint16 ids), but the tokenizer has "
+                             f"{tokenizer.vocab_size} tokens; prepare it with gptfast prepare")
+        if meta.get("vocab_size", 0) > vocab_size:
+            raise ValueError(f"{source} holds ids of a {meta['vocab_size']}-token vocabulary; the model has "
+                             f"vocab_size {vocab_size}")
+    else:
+        tokens, val = load_tokens(args, tokenizer), None
+    if val is None:
+        n_val = max(args.block_size + 2, int(len(tokens) * args.val_fraction))
+        tokens, val = tokens[:-n_val], tokens[-n_val:]
+    for name, split in (("training", tokens), ("validation", val)):
+        if len(split) < args.block_size + 2:
+            raise ValueError(f"{source}: the {name} split has {len(split)} tokens; need at least "
+                             f"{args.block_size + 2} for block_size {args.block_size}")
+    return tokens, val
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device,
+              vocab_size: Optional[int] = None):
+    """batch_size random windows of block_size + 1 tokens -> (inputs, targets), each (B, T), on
+    device; ids are checked against vocab_size on the host (token files come from elsewhere)."""
+    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=gen)
+    x = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
+    if vocab_size is not None and int(x.max()) >= vocab_size:
+        raise ValueError(f"the training data holds token id {int(x.max())}, outside the model's vocab_size "
+                         f"{vocab_size}")
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    return x[:, :-1], x[:, 1:]
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -93,13 +163,15 @@ def _shifted_loss(model, x, y):
 @torch.no_grad()
 def estimate_loss(model, tokens, args: TrainArgs, device, gen) -> float:
     model.eval()
-    losses = [float(_shifted_loss(model, *get_batch(tokens, args.batch_size, args.block_size, gen, device)))
+    vocab = model.config.vocab_size
+    losses = [float(_shifted_loss(model, *get_batch(tokens, args.batch_size, args.block_size, gen, device, vocab)))
               for _ in range(args.eval_batches)]
     model.train()
     return sum(losses) / len(losses)
 
 
 def _build(args: TrainArgs, device):
+    from .data import is_token_data
     from .model import GPT
     from .tokenizer import Tokenizer, train_byte_level_bpe
 
@@ -107,8 +179,12 @@ def _build(args: TrainArgs, device):
         model = GPT.from_pretrained(args.init)
         tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.init)
     else:
-        tokenizer = (Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer
-                     else train_byte_level_bpe([args.data], args.vocab_size))
+        if args.tokenizer:
+            tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+        elif is_token_data(args.data):  # token files: the tokenizer saved beside them
+            tokenizer = _data_tokenizer(args.data)
+        else:
+            tokenizer = train_byte_level_bpe([args.data], args.vocab_size)
         if args.init:
             config = GPTConfig.from_preset(args.init, vocab_size=tokenizer.vocab_size)
         else:
@@ -119,6 +195,17 @@ def _build(args: TrainArgs, device):
     if args.block_size > model.config.n_positions:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
     return model.to(device), tokenizer
+
+
+def _data_tokenizer(data: str):
+    from .tokenizer import Tokenizer
+
+    directory = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+    try:
+        return Tokenizer.from_pretrained(directory)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--data {data} holds token ids but {directory} has no tokenizer: pass --tokenizer "
+                                "(or --init a checkpoint) with the tokenizer the ids were made with") from None
 
 
 def _distributed():
@@ -188,14 +275,19 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     from .model import GPT
     from .tokenizer import Tokenizer
 
-    if not os.path.isfile(args.data):
+    from .data import is_token_data
+
+    if not os.path.exists(args.data):
         raise FileNotFoundError(f"--data file not found: {args.data}")
+    if not (isinstance(args.grad_accum, int) and args.grad_accum >= 1):
+        raise ValueError(f"grad_accum must be an int >= 1, got {args.grad_accum!r}")
     rank, world, device = setup_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)
     if ckpt is not None:
         model, tokenizer = GPT.from_pretrained(ckpt).to(device), Tokenizer.from_pretrained(ckpt)
-    elif world > 1 and args.tokenizer is None and not (args.init and os.path.exists(args.init)):
+    elif (world > 1 and args.tokenizer is None and not (args.init and os.path.exists(args.init))
+          and not is_token_data(args.data)):
         if rank == 0:  # one rank trains the tokenizer; the others read it
             tokenizer = _build(args, device)[1]
             tokenizer.save(os.path.join(args.out, "tokenizer-init"))
@@ -205,32 +297,52 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     else:
         model, tokenizer = _build(args, device)
     model.train()
-    raw_model, model = model, wrap_ddp(model, device, world)
-    tokens = load_tokens(args, tokenizer)
-    n_val = max(args.block_size + 2, int(len(tokens) * args.val_fraction))
-    train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
+    vocab = model.config.vocab_size
+    train_tokens, val_tokens = load_data(args, tokenizer, vocab)
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model, backend=args.compile)
+    model = wrap_ddp(model, device, world)
     opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.95), ckpt)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
+    b, accum = args.batch_size, args.grad_accum
+    meter = Throughput(b * accum * args.block_size * world, _flops_per_token(raw_model, args.block_size),
+                       peak_tflops(device, dtype, args.peak_tflops))
+    if progress and rank == 0:
+        bar.write(f"{len(train_tokens):,} training tokens; a step takes {b} x {accum} x {world} x "
+                  f"{args.block_size} = {meter.tokens_per_step:,} (batch x grad_accum x ranks x block)",
+                  file=sys.stderr)
     t0, loss_f = time.time(), float("nan")
     while step < args.steps:
+        t_step = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        x, y = get_batch(train_tokens, args.batch_size, args.block_size, _batch_generator(args, step, rank, world),
-                         device)
+        x, y = get_batch(train_tokens, b * accum, args.block_size, _batch_generator(args, step, rank, world),
+                         device, vocab)
         seed_step(args.seed, step, rank)
-        with autocast:
-            loss = _shifted_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over ranks here
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            # DDP averages the gradients over ranks in the last micro-batch's backward
+            last = micro == accum - 1
+            with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+                with autocast:
+                    loss = _shifted_loss(model, x[micro * b:(micro + 1) * b], y[micro * b:(micro + 1) * b]) / accum
+                loss.backward()
+            loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        loss_f = _mean_over_ranks(loss.detach(), world)
+        loss_f = _mean_over_ranks(loss_sum, world)  # a host read: the step's work is done here
+        meter.add(time.perf_counter() - t_step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_f:.3f}")
+        bar.set_postfix(meter.postfix(loss=f"{loss_f:.3f}"))
         entry = {"step": step, "loss": loss_f, "lr": lr_at(step - 1, args)}
+        eval_now = step % args.eval_every == 0 or step == args.steps
+        if eval_now or step % 10 == 0:  # the entries log_step keeps
+            entry.update(meter.window())
 
         def validate():
             with autocast:
@@ -240,14 +352,75 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
             return (f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
                     f"val ppl {entry['val_ppl']:.1f}")
 
-        log_step(entry, step % args.eval_every == 0 or step == args.steps, validate,
+        log_step(entry, eval_now, validate,
                  lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args), log, bar, progress, rank, world)
     bar.close()
     finish_run(raw_model, tokenizer, log, args.out, rank, world)
     vals = [e for e in log if "val_loss" in e]
     return {"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
             "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
-            "world_size": world}
+            "world_size": world, **meter.summary(device)}
+
+
+def _flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token, counted as `gptfast bench` counts a training step."""
+    from .ops._dispatch import import_source_package
+
+    import_source_package("bench", "bench")
+    from .bench.accounting import train_flops_per_token
+
+    c = model.config
+    return train_flops_per_token(model.num_parameters(non_embedding=True), c.n_layer, c.n_head, c.head_dim,
+                                 block_size)
+
+
+class Throughput:
+    """Step times -> tokens/s, model TFLOP/s and MFU, over the steps since the last window() and
+    over the whole run (less this process's first step, which compiles and autotunes)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_tflops: Optional[float]):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_tflops
+        self.first_step_s: Optional[float] = None
+        self.run = [0.0, 0]  # seconds, steps (after the first)
+        self.recent = [0.0, 0]
+
+    def add(self, seconds: float) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = seconds
+        else:
+            self.run[0] += seconds
+            self.run[1] += 1
+        self.recent[0] += seconds
+        self.recent[1] += 1
+
+    def _rates(self, seconds: float, steps: int) -> dict:
+        if steps == 0 or seconds <= 0:
+            return {}
+        tps = self.tokens_per_step * steps / seconds
+        rates = {"tokens_per_s": tps, "model_tflops": tps * self.flops_per_token / 1e12}
+        if self.peak:
+            rates["mfu"] = rates["model_tflops"] / self.peak
+        return rates
+
+    def window(self) -> dict:
+        rates = self._rates(*self.recent)
+        self.recent = [0.0, 0]
+        return rates
+
+    def postfix(self, **fields) -> dict:
+        rates = self._rates(*self.recent)
+        if rates:
+            fields["tok/s"] = f"{rates['tokens_per_s']:,.0f}"
+            if "mfu" in rates:
+                fields["mfu"] = f"{rates['mfu']:.1%}"
+        return fields
+
+    def summary(self, device: torch.device) -> dict:
+        out = {"tokens_per_step": self.tokens_per_step, "first_step_s": self.first_step_s,
+               **{k: None for k in ("tokens_per_s", "model_tflops")}, **self._rates(*self.run)}
+        if device.type == "cuda":
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        return out
 
 
 def log_step(entry: dict, eval_now: bool, validate, checkpoint, log: list, bar, progress: bool,
@@ -368,31 +541,49 @@ def plot_losses(log: list, path: str) -> Optional[str]:
 
 
 @torch.no_grad()
-def perplexity(model, ids: list[int], stride: Optional[int] = None, progress: bool = True) -> dict:
-    """Sliding-window perplexity of a token sequence (each token scored once, with up to
-    n_positions - stride tokens of context beyond the window's own)."""
+def perplexity(model, ids, stride: Optional[int] = None, progress: bool = True, batch_size: int = 1) -> dict:
+    """Sliding-window perplexity of a token sequence (a list or an array such as a memory-mapped
+    val.bin): every token after the first is scored once, with up to n_positions - stride tokens
+    of context beyond the window's own. stride = n_positions means windows without overlap; they
+    step by n_positions - 1, since a window's first token is no target of its own. batch_size
+    windows go through the model at once (the result is the same)."""
     from tqdm import tqdm
 
     ctx = model.config.n_positions
     stride = stride or ctx // 2
     if not 0 < stride <= ctx:
         raise ValueError(f"stride must be in (0, {ctx}], got {stride}")
-    if len(ids) < 2:
-        raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
+    if ctx < 2:
+        raise ValueError(f"a model with n_positions {ctx} scores no token")
+    stride = min(stride, ctx - 1)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n}")
+    if int(np.max(ids)) >= model.config.vocab_size:
+        raise ValueError(f"token id {int(np.max(ids))} is outside the model's vocab_size {model.config.vocab_size}")
     model.eval()
-    ids_t = torch.tensor(ids, dtype=torch.long, device=model.device)
-    nll, count, prev_end = 0.0, 0, 0
-    starts = list(range(0, len(ids) - 1, stride))
-    for begin in tqdm(starts, desc="perplexity", disable=not progress):
-        end = min(begin + ctx, len(ids))
-        window = ids_t[begin:end].unsqueeze(0)
-        logits = model(window)[0, :-1].float()
-        targets = window[0, 1:]
-        first_new = max(prev_end - begin - 1, 0)  # score only tokens not scored before
-        losses = torch.nn.functional.cross_entropy(logits[first_new:], targets[first_new:], reduction="sum")
-        nll += float(losses)
-        count += targets.numel() - first_new
+    ids_t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    windows, prev_end = [], 0  # (begin, end, first target not scored by an earlier window)
+    for begin in range(0, n - 1, stride):
+        end = min(begin + ctx, n)
+        windows.append((begin, end, max(prev_end - begin - 1, 0)))
         prev_end = end
-        if end == len(ids):
+        if end == n:
             break
+    full = windows if windows[-1][1] - windows[-1][0] == ctx else windows[:-1]  # a short last one goes alone
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [windows[len(full):]] * (
+        len(full) < len(windows))
+    nll, count = 0.0, 0
+    with tqdm(total=len(windows), desc="perplexity", disable=not progress) as bar:
+        for group in groups:
+            x = torch.stack([ids_t[b:e] for b, e, _ in group]).to(model.device)  # (G, L)
+            logits = model(x)[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            first = torch.tensor([f for _, _, f in group], device=losses.device)
+            scored = torch.arange(losses.shape[1], device=losses.device) >= first[:, None]
+            nll += float(losses[scored].sum())
+            count += int(scored.sum())
+            bar.update(len(group))
     return {"tokens": count, "nll": nll / count, "perplexity": math.exp(nll / count)}

@@ -1,0 +1,317 @@
+"""Token files for pretraining: a corpus tokenized once, then memory-mapped by every run.
+
+    gptfast prepare corpus/ more.jsonl --out data/corpus --tokenizer path/to/gpt2
+    gptfast train --data data/corpus --out runs/mine --init gpt2 --grad-accum 8
+
+A prepared directory holds nanoGPT's layout, so nanoGPT's train.py reads it as it is:
+  train.bin, val.bin  the token ids, flat little-endian uint16 (uint32 for a vocabulary over
+                      65536 ids), no header; every document is followed by the end-of-text id
+                      (when the tokenizer has one)
+  tokenizer.json      the tokenizer the ids belong to
+  meta.json           dtype, vocabulary size and fingerprint, token and document counts; it is
+                      written last, so a directory that has one is complete
+A nanoGPT-prepared directory (train.bin + val.bin of GPT-2 ids, no meta.json) trains too, with
+the tokenizer given by --tokenizer or --init.
+
+Inputs: text files (.txt, .md: one document each) and JSON lines (.jsonl: one document per
+line, its "text" field), or directories searched for them. Long texts are encoded in pieces cut
+just before a newline with non-space characters on both sides, which for GPT-2's byte-level BPE
+(and BERT-style splitters) gives the ids of the whole text (`Tokenizer.splits_at_newlines`);
+pieces are encoded in parallel batches. The validation split is the last val_fraction of the
+tokens, as `gptfast train` splits a text file.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import os
+import time
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+FORMAT = "gptfast-tokens"
+VERSION = 1
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl",)
+PIECE_CHARS = 1 << 18  # a piece handed to the tokenizer: about 256 KB of text
+BATCH_CHARS = 16 << 20  # pieces encoded together (in parallel by the tokenizer)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def find_sources(inputs: Sequence[str]) -> list[str]:
+    """The files to read, in a fixed order: files as given, directories searched (sorted) for
+    text and JSON-lines files."""
+    if not inputs:
+        raise ValueError("no input: give text (.txt, .md) or JSON-lines (.jsonl) files, or directories of them")
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                           if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+            if not found:
+                raise ValueError(f"{path} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    return files
+
+
+def _last_cut(text: str) -> int:
+    """The last index i > 0 where text[i] is a newline between two non-space characters, or 0."""
+    end = len(text) - 1
+    while True:
+        i = text.rfind("\n", 1, end)
+        if i <= 0:
+            return 0
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        end = i
+
+
+def split_text(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """text cut into pieces of about piece_chars (more where no newline cut point comes sooner),
+    each cut just before a newline with a non-space character on either side."""
+    pieces = []
+    while len(text) > piece_chars:
+        cut = _last_cut(text[:piece_chars + 1])
+        if cut == 0:  # no cut point in the window: take the first one after it
+            cut = _first_cut(text, piece_chars)
+            if cut == 0:
+                break
+        pieces.append(text[:cut])
+        text = text[cut:]
+    pieces.append(text)
+    return pieces
+
+
+def _first_cut(text: str, start: int) -> int:
+    """The first cut point (as in _last_cut) at or after start, or 0."""
+    i = max(start, 1)
+    while True:
+        i = text.find("\n", i)
+        if i < 0 or i + 1 >= len(text):
+            return 0
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i += 1
+
+
+def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[int] = PIECE_CHARS
+                   ) -> Iterator[tuple[str, bool, int]]:
+    """(piece, ends_document, bytes_read) for one file. A text file is one document, read in
+    blocks and cut into pieces as it streams (piece_chars None: one piece, the whole file); a
+    JSON-lines file has one document per line."""
+    if path.endswith(JSONL_SUFFIXES):
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    yield "", False, len(line)
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"{path}:{n}: not a JSON object: {exc}") from None
+                text = row.get(text_field) if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a string {text_field!r} field, "
+                                     f"got {type(text).__name__ if isinstance(row, dict) else type(row).__name__}")
+                pieces = split_text(text, piece_chars) if piece_chars else [text]
+                for k, piece in enumerate(pieces):
+                    yield piece, k == len(pieces) - 1, len(line) if k == 0 else 0
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, buf = 0, ""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(piece_chars or (64 << 20))
+            try:
+                buf += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not UTF-8 text (byte {offset + exc.start}): {exc.reason}") from None
+            offset += len(block)
+            if not block:
+                break
+            if piece_chars and len(buf) > piece_chars:
+                cut = _last_cut(buf)
+                if cut > 0:
+                    yield buf[:cut], False, len(block)
+                    buf = buf[cut:]
+                    continue
+            yield "", False, len(block)  # progress only
+    yield buf, True, 0
+
+
+def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.005, text_field: str = "text",
+            progress: bool = True, piece_chars: int = PIECE_CHARS) -> dict:
+    """Tokenize inputs into out/ (train.bin, val.bin, tokenizer, meta.json); returns meta.
+    val_fraction 0 writes no val.bin (gptfast train then holds out the tail of train.bin). Ids
+    already in out/ are deleted first, so an interrupted run leaves no stale ids beside a new
+    tokenizer, and no meta.json."""
+    from tqdm import tqdm
+
+    from .checkpoint import atomic_write_text
+
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = find_sources(inputs)
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "meta.json")
+    for name in ("meta.json", "train.bin", "val.bin"):  # no stale ids beside a new tokenizer
+        if os.path.exists(os.path.join(out, name)):
+            os.unlink(os.path.join(out, name))
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = tokenizer.eos_token_id
+    if not tokenizer.splits_at_newlines():
+        piece_chars = None  # this tokenizer's ids could change at a cut: encode documents whole
+    all_path, val_tmp = os.path.join(out, ".tmp-all.bin"), os.path.join(out, ".tmp-val.bin")
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    documents = tokens = 0
+    t0 = time.time()
+    try:
+        with open(all_path, "wb") as sink, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare",
+                                                disable=not progress) as bar:
+            for batch in _batches(files, text_field, piece_chars):
+                texts = [t for t, _, _ in batch if t]
+                encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+                chunks = []
+                for text, ends, _ in batch:
+                    if text:
+                        chunks.append(next(encoded))
+                    if ends:
+                        documents += 1
+                        if eos is not None:
+                            chunks.append([eos])
+                if chunks:
+                    ids = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])
+                    if ids.size and int(ids.max()) >= tokenizer.vocab_size:
+                        raise ValueError(f"the tokenizer produced id {int(ids.max())} >= its vocab_size "
+                                         f"{tokenizer.vocab_size}")
+                    ids.astype(dtype).tofile(sink)
+                    tokens += ids.size
+                bar.update(sum(n for _, _, n in batch))
+            sink.flush()
+            os.fsync(sink.fileno())
+        n_val = math.ceil(tokens * val_fraction)
+        if tokens - n_val < 2:
+            raise ValueError(f"the inputs encode to {tokens} tokens; too few to train on")
+        tokenizer.save(out)  # then the ids (val.bin first), then meta.json: each step leaves them consistent
+        if n_val:
+            _split_tail(all_path, val_tmp, tokens - n_val, dtype)
+            os.replace(val_tmp, os.path.join(out, "val.bin"))
+        os.replace(all_path, os.path.join(out, "train.bin"))
+    finally:
+        for tmp in (all_path, val_tmp):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+            "eos_token_id": eos, "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "train_tokens": tokens - n_val, "val_tokens": n_val, "documents": documents,
+            "sources": {"files": len(files), "bytes": total_bytes,
+                        "first": [os.path.abspath(f) for f in files[:20]]},
+            "seconds": round(time.time() - t0, 3)}
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _batches(files: Sequence[str], text_field: str, piece_chars: Optional[int]) -> Iterator[list]:
+    """The pieces of every file, grouped into batches of about BATCH_CHARS characters."""
+    batch, size = [], 0
+    for path in files:
+        for item in iter_documents(path, text_field, piece_chars):
+            batch.append(item)
+            size += len(item[0])
+            if size >= BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _split_tail(path: str, tail_path: str, keep: int, dtype: np.dtype) -> None:
+    """Move the tokens of path after the first `keep` into tail_path; path keeps the first `keep`."""
+    with open(path, "r+b") as src, open(tail_path, "wb") as dst:
+        src.seek(keep * dtype.itemsize)
+        while True:
+            block = src.read(64 << 20)
+            if not block:
+                break
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+        src.truncate(keep * dtype.itemsize)
+        src.flush()
+        os.fsync(src.fileno())
+
+
+def is_token_data(path: str) -> bool:
+    """A prepared directory or a .bin token file (as opposed to a text file)."""
+    return os.path.isdir(path) or path.endswith(".bin")
+
+
+def read_meta(directory: str) -> dict:
+    """meta.json of a prepared directory, or {} (a nanoGPT directory: GPT-2 ids as uint16)."""
+    path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} description (format {meta.get('format')!r}, "
+                         f"version {meta.get('version')!r})")
+    return meta
+
+
+def memmap_tokens(path: str, dtype: np.dtype) -> np.ndarray:
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+        raise ValueError(f"{path} has {size} bytes, not a whole number of {dtype.name} token ids")
+    if size == 0:
+        raise ValueError(f"{path} is empty")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def open_tokens(path: str, split: str = "train") -> tuple[np.ndarray, Optional[np.ndarray], dict, str]:
+    """(tokens of `split`, val tokens or None, meta, directory) of a prepared directory or a .bin file.
+
+    For a directory, split names the file (train.bin or val.bin); a .bin file is that split
+    itself, with val.bin beside it as the validation split when it is a train.bin."""
+    if os.path.isdir(path):
+        directory, main = path, os.path.join(path, f"{split}.bin")
+    else:
+        directory, main = os.path.dirname(os.path.abspath(path)), path
+    if not os.path.isfile(main):
+        raise FileNotFoundError(f"token file not found: {main}"
+                                + (" (a prepared directory holds train.bin and val.bin: see gptfast prepare)"
+                                   if os.path.isdir(path) else ""))
+    meta = read_meta(directory)
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    tokens = memmap_tokens(main, dtype)
+    val_path = os.path.join(directory, "val.bin")
+    val = (memmap_tokens(val_path, dtype) if os.path.basename(main) == "train.bin" and os.path.isfile(val_path)
+           else None)
+    return tokens, val, meta, directory
+
+
+def check_tokenizer(meta: dict, tokenizer, source: str) -> None:
+    """Raise when the token file was written with another tokenizer than this one."""
+    want = meta.get("tokenizer_fingerprint")
+    if want is not None and want != tokenizer.fingerprint():
+        raise ValueError(f"{source} was tokenized with another vocabulary (fingerprint {want}) than this "
+                         f"tokenizer's ({tokenizer.fingerprint()}): its ids would mean other tokens. Use the "
+                         "tokenizer saved beside it, or prepare the data again with this one")
+
+
+def texts_of(files: Sequence[str], text_field: str = "text") -> Iterator[str]:
+    """The pieces of every document of the files (for training a byte-level BPE on them: its
+    pre-tokenizer splits at the cut points anyway, so the pieces count the same words)."""
+    for path in files:
+        for piece, _, _ in iter_documents(path, text_field, PIECE_CHARS):
+            if piece:
+                yield piece
