@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", help="checkpoint to start from (default: the shipped model)")
     f.add_argument("--val", help="validation examples (default: --val-fraction of --data)")
     f.add_argument("--task", choices=["classification", "choice"])
-    for name, typ in (("lm-coef", float), ("epochs", int), ("batch-size", int), ("lr", float),
+    for name, typ in (("lm-coef", float), ("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
                       ("warmup-fraction", float), ("weight-decay", float), ("grad-clip", float),
                       ("classifier-dropout", float), ("max-len", int), ("eval-every", int),
                       ("val-fraction", float), ("seed", int)):

@@ -381,7 +381,8 @@ class FinetuneArgs:
     task: str = "classification"
     lm_coef: float = 0.5
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 32  # examples per micro-batch and rank
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 6.25e-5
     warmup_fraction: float = 0.002
     weight_decay: float = 0.01
@@ -399,14 +400,16 @@ class FinetuneArgs:
 def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     """Fine-tune (or resume) and return a summary; see the module docstring.
 
-    Under torchrun every rank trains on its own slice of each global batch (batch_size per rank)
-    with DDP; rank 0 alone evaluates, logs and writes checkpoints.
+    Under torchrun every rank trains on its own slice of each global batch (batch_size x
+    grad_accum per rank) with DDP; rank 0 alone evaluates, logs and writes checkpoints. With
+    grad_accum > 1 the micro-batches' losses are weighted (by examples for the task loss, by
+    target tokens for the LM loss) so that their sum is the whole step's objective.
     """
     from tqdm import tqdm
 
     from .tokenizer import Tokenizer
     from .train import (_checkpoint, _mean_over_ranks, finish_run, latest_checkpoint, log_step, make_optimizer,
-                        seed_step, setup_device, wrap_ddp)
+                        micro_steps, seed_step, setup_device, wrap_ddp)
 
     _check_args(args)
     rank, world, device = setup_device(args.device)
@@ -433,10 +436,11 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     if (cut_train or cut_val) and rank == 0:
         print(f"[gptfast] {cut_train} training and {cut_val} validation examples truncated to {max_len} tokens",
               file=sys.stderr)
-    steps_per_epoch = len(train_set) // (args.batch_size * world)
+    b, accum = args.batch_size, args.grad_accum
+    steps_per_epoch = len(train_set) // (b * accum * world)
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} x {world} rank(s) exceeds the {len(train_set)} "
-                         "training examples")
+        raise ValueError(f"--batch-size {b} x --grad-accum {accum} x {world} rank(s) exceeds the "
+                         f"{len(train_set)} training examples")
     total = args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
     raw_model, model = model, wrap_ddp(model, device, world)
@@ -451,23 +455,35 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
         lr = args.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = _batch(train_set, step, steps_per_epoch, args, rank, world)
-        ids, lengths, labels = collate(batch, spec.task, pad, device)
+        batch = _batch(train_set, step, steps_per_epoch, b * accum, rank, world, args.seed)
+        micro = [batch[k * b:(k + 1) * b] for k in range(accum)]
+        targets = [sum(max(len(s) - 1, 0) for e in mb for s in e.seqs) for mb in micro]  # LM loss terms
         seed_step(args.seed, step, rank)
-        with autocast:
-            out = model(ids, lengths, labels, lm_coef=args.lm_coef)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        sums = {name: torch.zeros((), device=device) for name in ("loss", "task_loss", "lm_loss")}
+        for k, sync in micro_steps(model, accum, world):
+            ids, lengths, labels = collate(micro[k], spec.task, pad, device)
+            w_task, w_lm = 1 / accum, targets[k] / max(1, sum(targets))  # 1.0 and 1.0 without accumulation
+            with sync:
+                with autocast:
+                    out = model(ids, lengths, labels, lm_coef=args.lm_coef)
+                loss = w_task * out.task_loss
+                if out.lm_loss is not None:
+                    loss = loss + args.lm_coef * (w_lm * out.lm_loss)
+                    sums["lm_loss"] += w_lm * out.lm_loss.detach()
+                loss.backward()
+            sums["loss"] += loss.detach()
+            sums["task_loss"] += w_task * out.task_loss.detach()
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        loss_f = _mean_over_ranks(out.loss.detach(), world)
+        loss_f = _mean_over_ranks(sums["loss"], world)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_f:.3f}")
         entry = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_f,
-                 "task_loss": _mean_over_ranks(out.task_loss.detach(), world), "lr": lr}
-        if out.lm_loss is not None:
-            entry["lm_loss"] = _mean_over_ranks(out.lm_loss.detach(), world)
+                 "task_loss": _mean_over_ranks(sums["task_loss"], world), "lr": lr}
+        if args.lm_coef:
+            entry["lm_loss"] = _mean_over_ranks(sums["lm_loss"], world)
 
         def validate():
             with autocast:
@@ -492,7 +508,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
 def _check_args(args: FinetuneArgs) -> None:
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -533,10 +549,10 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
     return model, tokenizer
 
 
-def _batch(examples: list[Example], step: int, steps_per_epoch: int, args: FinetuneArgs, rank: int,
-           world: int) -> list[Example]:
+def _batch(examples: list[Example], step: int, steps_per_epoch: int, size: int, rank: int, world: int,
+           seed: int) -> list[Example]:
     # The order is a function of (seed, epoch) only, so a resumed run sees the same batches.
     epoch, i = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
-    start = (i * world + rank) * args.batch_size
-    return [examples[j] for j in order[start:start + args.batch_size].tolist()]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    start = (i * world + rank) * size
+    return [examples[j] for j in order[start:start + size].tolist()]

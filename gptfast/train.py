@@ -239,6 +239,13 @@ def wrap_ddp(model, device: torch.device, world: int):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def micro_steps(model, n: int, world: int):
+    """(k, context) for each of a step's n micro-batches: run its forward and backward inside the
+    context. DDP averages the gradients over ranks in the last one's backward only."""
+    for k in range(n):
+        yield k, contextlib.nullcontext() if k == n - 1 or world == 1 else model.no_sync()
+
+
 def make_optimizer(model, lr: float, weight_decay: float, betas: tuple, ckpt: Optional[str]):
     """(AdamW with decay on matrices only, step, log), restored from ckpt's train_state.pt when resuming."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -324,10 +331,8 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         seed_step(args.seed, step, rank)
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            # DDP averages the gradients over ranks in the last micro-batch's backward
-            last = micro == accum - 1
-            with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+        for micro, sync in micro_steps(model, accum, world):
+            with sync:
                 with autocast:
                     loss = _shifted_loss(model, x[micro * b:(micro + 1) * b], y[micro * b:(micro + 1) * b]) / accum
                 loss.backward()

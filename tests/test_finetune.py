@@ -17,7 +17,7 @@ from gptfast.finetune import (FinetuneArgs, GPTClassifier, TaskSpec, collate, en
                               predict, read_rows)
 from gptfast.train import latest_checkpoint
 
-from hf_utils import make_hf_classifier, make_hf_gpt2
+from hf_utils import assert_same_weights, make_hf_classifier, make_hf_gpt2
 
 PAD = 1000
 
@@ -277,6 +277,34 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("task", ["classification", "choice"])
+def test_finetune_grad_accum_equals_one_larger_batch(task, tmp_path):
+    """Micro-batches weighted by examples (task loss) and by target tokens (LM loss) sum to the
+    whole batch's objective: batch 8 = 4 x 2 = 2 x 4 in losses and weights, with rows of
+    different lengths."""
+    if task == "choice":
+        rnd = random.Random(8)
+        rows = [{"context": " ".join(rnd.choice(FILLER) for _ in range(rnd.randint(2, 9))),
+                 "choices": [" ".join(rnd.choice(FILLER) for _ in range(rnd.randint(1, 6))) for _ in range(3)],
+                 "label": rnd.randrange(3)} for _ in range(40)]
+    else:
+        rows = _rows(40, 8)
+    base = dict(data=_write(tmp_path / "d.jsonl", rows), task=task, epochs=1, lr=1e-3, classifier_dropout=0.0,
+                eval_every=1, device="cpu")  # every step's losses logged
+    finetune(FinetuneArgs(out=str(tmp_path / "b8"), batch_size=8, **base), progress=False)
+    want = GPTClassifier.from_pretrained(str(tmp_path / "b8")).state_dict()
+    log = [json.loads(line) for line in open(tmp_path / "b8" / "log.jsonl")]
+    assert len(log) == 4
+    for batch, accum in ((4, 2), (2, 4)):
+        out = tmp_path / f"b{batch}x{accum}"
+        finetune(FinetuneArgs(out=str(out), batch_size=batch, grad_accum=accum, **base), progress=False)
+        got = [json.loads(line) for line in open(out / "log.jsonl")]
+        for key in ("loss", "task_loss", "lm_loss"):
+            assert [e[key] for e in got] == pytest.approx([e[key] for e in log], rel=1e-5), key
+        assert_same_weights(GPTClassifier.from_pretrained(str(out)).state_dict(), want, f"(batch {batch} x {accum})",
+                            rtol=1e-4, atol=5e-5, key_bias_atol=1e-3 * len(log))  # lr 1e-3: 5% of a step
+
+
 def test_finetune_bad_inputs(tmp_path):
     good = _write(tmp_path / "good.jsonl", _rows(20, 4))
     out = str(tmp_path / "o")
@@ -291,7 +319,7 @@ def test_finetune_bad_inputs(tmp_path):
     _write(tmp_path / "val.jsonl", [{"text": "a", "label": "dusk"}])
     with pytest.raises(ValueError, match=r"row 1: label 'dusk' is not one of the model's labels \['day', 'night'\]"):
         finetune(FinetuneArgs(data=good, val=str(tmp_path / "val.jsonl"), out=out, device="cpu"), progress=False)
-    with pytest.raises(ValueError, match=r"--batch-size 64 x 1 rank\(s\) exceeds the 18 training examples"):
+    with pytest.raises(ValueError, match=r"--batch-size 64 x --grad-accum 1 x 1 rank\(s\) exceeds the 18 training"):
         finetune(FinetuneArgs(data=good, out=out, batch_size=64, device="cpu"), progress=False)
     with pytest.raises(ValueError, match="--task must be one of"):
         finetune(FinetuneArgs(data=good, out=out, task="regression"), progress=False)
