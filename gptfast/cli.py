@@ -1,4 +1,4 @@
-"""The `gptfast` command: generate, backends, info, prepare, train, finetune, classify, perplexity, bench."""
+"""The `gptfast` command: generate, backends, info, prepare, train, finetune, classify, perplexity, eval, bench."""
 from __future__ import annotations
 
 import argparse
@@ -264,6 +264,27 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import gptfast
+    from gptfast.evaluation import evaluate_zero_shot
+    from gptfast.finetune import read_rows
+
+    path = args.model or _default_model()
+    model = gptfast.GPT.from_pretrained(path, device=_device(args.device), dtype=_dtype(args.dtype))
+    rows = read_rows(args.file)[:args.limit]
+    result = evaluate_zero_shot(model, gptfast.Tokenizer.from_pretrained(path), rows, batch_size=args.batch_size,
+                                delimiter=args.delimiter, progress=not args.json, source=args.file)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result["task"] == "choice":
+        print(f"accuracy {result['accuracy']:.4f}, accuracy_norm {result['accuracy_norm']:.4f} "
+              f"on {result['examples']} examples")
+    else:
+        print(f"accuracy {result['accuracy']:.4f} on {result['examples']} examples "
+              f"(continuation perplexity {result['perplexity']:.3f})")
+    return 0
+
+
 def cmd_bench(argv) -> int:
     try:
         from gptfast.ops._dispatch import import_source_package
@@ -384,6 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_perplexity)
+
+    z = sub.add_parser("eval", help="zero-shot accuracy by log-likelihood: multiple choice (HellaSwag-style) "
+                                    "or completion (LAMBADA-style) JSON lines")
+    z.add_argument("file", help='JSON lines: {"context", "choices", "label"} or {"context", "continuation"}')
+    z.add_argument("--model")
+    z.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    z.add_argument("--delimiter", default=" ", help="put between the context and each continuation")
+    z.add_argument("--limit", type=int, help="the first N rows only")
+    z.add_argument("--device", default="auto")
+    z.add_argument("--dtype", default="float32")
+    z.add_argument("--json", action="store_true")
+    z.set_defaults(func=cmd_eval)
 
     sub.add_parser("bench", help="benchmark suite (gptfast bench --help)", add_help=False)
     return p

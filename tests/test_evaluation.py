@@ -1,0 +1,117 @@
+"""Zero-shot evaluation (gptfast eval): continuation log-likelihoods equal transformers', and the
+accuracies are the argmaxes of them."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from gptfast import GPT, Tokenizer
+from gptfast.cli import main
+from gptfast.evaluation import evaluate_zero_shot, score_continuations
+
+from hf_utils import make_gpt2_tokenizer_files, make_hf_gpt2
+
+WORDS = "the lord said unto him and they went into land of city people was upon earth water house light".split()
+
+
+def _text(rnd, lo, hi):
+    return " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(lo, hi)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A transformers GPT2LMHeadModel (random init, context 32) and its tokenizer, saved; gptfast's copy."""
+    d = tmp_path_factory.mktemp("m")
+    make_gpt2_tokenizer_files(d, " ".join(WORDS) * 20, vocab_size=300)
+    tok = Tokenizer.from_pretrained(str(d))
+    hf = make_hf_gpt2(d, vocab_size=tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return hf, GPT.from_pretrained(str(d)), tok, d
+
+
+def _hf_loglik(hf, ctx, cont):
+    ids = (ctx + cont)[-hf.config.n_positions:]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+    n = len(cont)
+    targets = torch.tensor(ids[-n:])
+    picked = logp[len(ids) - n - 1:len(ids) - 1]
+    return float(picked.gather(1, targets[:, None]).sum()), bool((picked.argmax(-1) == targets).all())
+
+
+def test_continuation_scores_match_transformers(models):
+    hf, model, tok, _ = models
+    rnd = random.Random(0)
+    pairs = [(tok.encode(_text(rnd, 1, 12)), tok.encode(" " + _text(rnd, 1, 5))) for _ in range(13)]
+    pairs.append((tok.encode(_text(rnd, 40, 60)), tok.encode(" " + _text(rnd, 2, 4))))  # context cut at the front
+    assert len(pairs[-1][0]) + len(pairs[-1][1]) > 32
+    ctx = tok.encode("they went")
+    with torch.no_grad():  # a continuation that is the model's argmax, so is_greedy is exercised
+        greedy = [int(hf(torch.tensor([ctx])).logits[0, -1].argmax())]
+    pairs.append((ctx, greedy))
+    for batch in (1, 4, 64):
+        got = score_continuations(model, pairs, batch_size=batch)
+        for (ctx, cont), (ll, is_greedy, n) in zip(pairs, got):
+            want_ll, want_greedy = _hf_loglik(hf, ctx, cont)
+            assert n == len(cont) and ll == pytest.approx(want_ll, abs=1e-4) and is_greedy == want_greedy
+    assert got[-1][1] is True
+
+
+def test_multiple_choice_accuracies_are_the_argmaxes(models):
+    hf, model, tok, _ = models
+    rnd = random.Random(1)
+    rows = [{"context": _text(rnd, 3, 10), "choices": [_text(rnd, 1, 6) for _ in range(rnd.randint(2, 4))]}
+            for _ in range(24)]
+    for r in rows:
+        r["label"] = rnd.randrange(len(r["choices"]))
+    result = evaluate_zero_shot(model, tok, rows, batch_size=5)
+    correct = correct_norm = 0
+    for r in rows:
+        ll = [_hf_loglik(hf, tok.encode(r["context"]), tok.encode(" " + c))[0] for c in r["choices"]]
+        correct += max(range(len(ll)), key=ll.__getitem__) == r["label"]
+        norm = [v / len(c) for v, c in zip(ll, r["choices"])]
+        correct_norm += max(range(len(norm)), key=norm.__getitem__) == r["label"]
+    assert result == {"task": "choice", "examples": 24, "accuracy": correct / 24, "accuracy_norm": correct_norm / 24}
+
+
+def test_completion_accuracy_and_perplexity(models):
+    hf, model, tok, _ = models
+    rnd = random.Random(2)
+    rows = [{"context": _text(rnd, 3, 10), "continuation": _text(rnd, 1, 2)} for _ in range(10)]
+    with torch.no_grad():  # one row whose continuation is the greedy token
+        ctx = tok.encode(rows[0]["context"])
+        rows[0]["continuation"] = tok.decode([int(hf(torch.tensor([ctx])).logits[0, -1].argmax())]).lstrip(" ")
+    result = evaluate_zero_shot(model, tok, rows, batch_size=3)
+    scored = [_hf_loglik(hf, tok.encode(r["context"]), tok.encode(" " + r["continuation"])) for r in rows]
+    tokens = sum(len(tok.encode(" " + r["continuation"])) for r in rows)
+    assert result["task"] == "completion" and result["tokens"] == tokens
+    assert result["accuracy"] == sum(g for _, g in scored) / 10
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(s for s, _ in scored) / tokens), rel=1e-5)
+
+
+def test_cli_eval_and_bad_rows(models, tmp_path, capsys):
+    _, _, _, d = models
+    rows = [{"context": "the lord said", "choices": ["unto him", "water house"], "label": 0},
+            {"context": "they went", "choices": ["into the land", "light"], "label": 1}]
+    f = tmp_path / "mc.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(f), "--model", str(d), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "choice" and result["examples"] == 2
+    assert main(["eval", str(f), "--model", str(d), "--limit", "1"]) == 0
+    assert "on 1 examples" in capsys.readouterr().out
+    model, tok = GPT.from_pretrained(str(d)), Tokenizer.from_pretrained(str(d))
+    bad = [({"context": "a", "choices": ["b", "c"], "label": 2}, r"row 1: 'label' must be an index into its 2 choices"),
+           ({"context": 3, "continuation": "b"}, "row 1 needs a string 'context', got int"),
+           ({"context": "a", "choices": []}, r"row 1 needs 'choices' \(a list of non-empty strings\)"),
+           ({"context": "a", "continuation": ""}, "row 1 needs a non-empty 'continuation'")]
+    for row, message in bad:
+        with pytest.raises(ValueError, match=message):
+            evaluate_zero_shot(model, tok, [row], source="x.jsonl")
+    with pytest.raises(ValueError, match="mixes multiple-choice rows"):
+        evaluate_zero_shot(model, tok, [rows[0], {"context": "a", "continuation": "b"}])
+    with pytest.raises(ValueError, match="cannot be scored in a 32-token context"):
+        score_continuations(model, [([1], list(range(1, 33)))])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        score_continuations(model, [([1], [2])], batch_size=0)
