@@ -1,7 +1,7 @@
 """`gptfast bench`: run the suite, print the table, write JSON + markdown + charts.
 
     gptfast bench [--ops attention,decode_attention,layer_norm,bias_gelu,mlp,sampling,e2e]
-                  [--quick] [--out DIR]
+                  [--quick] [--out DIR] [--time-budget SECONDS]
     python -m gptfast.bench ...        (the same, without the console script)
 """
 from __future__ import annotations
@@ -40,6 +40,9 @@ def parse_args(argv):
     p.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                    help="total seconds of torch.compile first calls before further compiled providers "
                         "are skipped (default: unlimited; --quick: 45 on CUDA, 0 on CPU)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no case after SECONDS of the run (the rest are listed as not run); "
+                        "for a machine lent for a fixed time")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--summary", action="store_true",
@@ -50,6 +53,8 @@ def parse_args(argv):
     if unknown or not ops:
         p.error(f"--ops must be a comma-separated subset of {','.join(OPS)}, got {args.ops!r}")
     args.ops = ops
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     return args
 
 
@@ -84,23 +89,37 @@ def main(argv: list[str] | None = None) -> int:
         ctx.notes.append("torch.compile providers were skipped (compile budget 0 s: --quick on CPU).")
     env = harness.environment(device)
     cases = [c for op in args.ops for c in OPS[op](device.type, args.quick)]
+    out_dir = args.out or f"{report.RESULTS_DIR}/{harness.device_slug(env['device_name'])}"
 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    records, not_run = [], []
+
+    def document() -> dict:
+        return {
+            "schema": report.SCHEMA, "env": env, "quick": args.quick, "ops": args.ops,
+            "compile_budget_s": None if ctx.compile_budget_s == float("inf") else ctx.compile_budget_s,
+            "compile_spent_s": ctx.compile_spent_s, "time_budget_s": args.time_budget,
+            "wall_s": time.perf_counter() - t0, "roofline": ctx.roofline, "notes": ctx.notes, "cases": records,
+            "cases_not_run": not_run,
+        }
+
     with tqdm(total=sum(len(c.providers) for c in cases), desc="gptfast bench", unit="run",
               file=sys.stderr, disable=args.no_progress, dynamic_ncols=True) as progress:
         progress.set_postfix_str("roofline: copy + matmul")
         ctx.roofline = harness.measure_roofline(ctx)
-        records = [harness.run_case(case, ctx, progress) for case in cases]
-    doc = {
-        "schema": report.SCHEMA, "env": env, "quick": args.quick, "ops": args.ops,
-        "compile_budget_s": None if ctx.compile_budget_s == float("inf") else ctx.compile_budget_s,
-        "compile_spent_s": ctx.compile_spent_s, "wall_s": time.perf_counter() - t0,
-        "roofline": ctx.roofline, "notes": ctx.notes, "cases": records,
-    }
+        for case in cases:
+            if args.time_budget is not None and time.perf_counter() - t0 >= args.time_budget:
+                not_run.append(f"{case.op}: {case.name}")
+                continue
+            records.append(harness.run_case(case, ctx, progress))
+            report.write_partial(document(), out_dir)  # what a run stopped from outside keeps
+    if not_run:
+        ctx.notes.append(f"time budget of {args.time_budget:g} s spent: {len(not_run)} of {len(cases)} cases "
+                         "were not run (listed in results.json as cases_not_run)")
+    doc = document()
     print(report.format_table(doc))
-    out_dir = args.out or f"{report.RESULTS_DIR}/{harness.device_slug(env['device_name'])}"
     paths = report.write_all(doc, out_dir, charts=not args.no_charts)
     print(f"\nwrote {paths['json']}\n      {paths['markdown']}" + "".join(f"\n      {c}" for c in paths["charts"]))
     if paths.get("charts_skipped"):

@@ -188,15 +188,34 @@ def write_charts(doc: dict, out_dir: str) -> list[str]:
     return paths
 
 
+PARTIAL = "results.partial.json"
+
+
+def write_partial(doc: dict, out_dir: str) -> str:
+    """The run so far (the cases finished), as results.partial.json with "partial": true, written
+    atomically after each case, so a run stopped from outside keeps what it measured;
+    write_all removes it."""
+    from gptfast.checkpoint import atomic_write_text
+
+    validate(doc)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, PARTIAL)
+    atomic_write_text(path, json.dumps({**doc, "partial": True}, indent=1, allow_nan=False))
+    return path
+
+
 def write_all(doc: dict, out_dir: str, charts: bool = True) -> dict:
-    """results.json, summary.md and the charts into out_dir; returns their paths."""
+    """results.json, summary.md (each written atomically) and the charts into out_dir; returns
+    their paths."""
+    from gptfast.checkpoint import atomic_write_text
+
     validate(doc)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "summary.md")}
-    with open(paths["json"], "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
-    with open(paths["markdown"], "w") as f:
-        f.write(format_markdown(doc))
+    atomic_write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False))
+    atomic_write_text(paths["markdown"], format_markdown(doc))
+    if os.path.exists(os.path.join(out_dir, PARTIAL)):
+        os.unlink(os.path.join(out_dir, PARTIAL))
     paths["charts"] = []
     if charts:
         try:

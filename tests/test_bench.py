@@ -283,3 +283,33 @@ def test_gptfast_providers_record_the_autotuned_configs(monkeypatch):
     assert "autotuned" not in peer
     row = next(r for r in report._rows(rec) if r[0] == "mine")
     assert "attn_fwd: M=128 N=64 w4 s3 tma" in row[-1] and "attn_bwd_dq: M=128 N=32 w8 s3" in row[-1]
+
+
+def test_time_budget_stops_starting_cases_and_each_case_is_kept_as_it_ends(tmp_path, monkeypatch):
+    """--time-budget: no case starts once the budget is spent; after each case the run so far is
+    on disk (results.partial.json), so a run stopped from outside keeps it."""
+    clock = [0.0]
+    seen_partial = []
+
+    def fake_run_case(case, ctx, progress=None):
+        partial = tmp_path / report.PARTIAL
+        seen_partial.append(len(json.loads(partial.read_text())["cases"]) if partial.exists() else 0)
+        clock[0] += 10.0  # each case takes 10 s
+        return {"op": case.op, "name": case.name, "shape": dict(case.shape), "dtype": case.dtype, "flops": None,
+                "bytes": 1.0, "bound": "bytes", "best_peer": None, "wall_s": 10.0, "results": []}
+
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(harness, "run_case", fake_run_case)
+    monkeypatch.setattr(harness, "measure_roofline", lambda ctx: {"copy_gbps": 1.0, "matmul_tflops": 1.0,
+                                                               "matmul_dtype": "float32", "matmul_shape": [8, 8, 8]})
+    assert cli.main(["--quick", "--ops", "layer_norm,bias_gelu", "--out", str(tmp_path), "--no-progress",
+                     "--no-charts", "--time-budget", "25"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    total = len(cli.OPS["layer_norm"]("cpu", True)) + len(cli.OPS["bias_gelu"]("cpu", True))
+    assert total > 3 and len(doc["cases"]) == 3  # started at 0, 10 and 20 s; none at 30 s
+    assert seen_partial == [0, 1, 2]
+    assert len(doc["cases_not_run"]) == total - 3 and doc["time_budget_s"] == 25
+    assert any(f"{total - 3} of {total} cases were not run" in n for n in doc["notes"])
+    assert not (tmp_path / report.PARTIAL).exists()  # the whole run was written
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--time-budget", "0"])
