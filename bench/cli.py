@@ -1,6 +1,6 @@
 """`gptfast bench`: run the suite, print the table, write JSON + markdown + charts.
 
-    gptfast bench [--ops attention,decode_attention,layer_norm,bias_gelu,mlp,sampling,e2e]
+    gptfast bench [--ops attention,decode_attention,layer_norm,bias_gelu,mlp,sampling,linear_cross_entropy,e2e]
                   [--quick] [--out DIR] [--time-budget SECONDS]
     python -m gptfast.bench ...        (the same, without the console script)
 """
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import e2e, harness, ops_attention, ops_norm, ops_sampling, report
+from . import e2e, harness, ops_attention, ops_cross_entropy, ops_norm, ops_sampling, report
 
 OPS = {
     "attention": ops_attention.attention_cases,
@@ -21,6 +21,7 @@ OPS = {
     "bias_gelu": ops_norm.bias_gelu_cases,
     "mlp": ops_norm.mlp_cases,
     "sampling": ops_sampling.sampling_cases,
+    "linear_cross_entropy": ops_cross_entropy.linear_cross_entropy_cases,
     "e2e": e2e.e2e_cases,
 }
 

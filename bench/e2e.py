@@ -176,8 +176,8 @@ def _train_step(name: str, spec: dict, ctx: RunContext, dtype):
     B, T = spec["batch"], spec["seq"]
     x = torch.randint(0, 50000, (B, T), device=ctx.device)
 
-    def step():
-        _, loss = fwd(x, labels=x) if kind == "gptfast" else fwd(x, x)
+    def step():  # as gptfast train computes it: the fused LM head + cross-entropy (targets=)
+        loss = fwd(x, targets=x) if kind == "gptfast" else fwd(x, x)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -189,6 +189,18 @@ def first_call(thunk: Callable, ctx: RunContext) -> float:
     return time.perf_counter() - t0
 
 
+def call_peak_bytes(thunk: Callable, ctx: RunContext) -> int:
+    """CUDA memory one call allocates at its peak beyond what was allocated before it (its
+    inputs and anything kept from setup): one more call, after the timed ones."""
+    ctx.sync()
+    base = torch.cuda.memory_allocated(ctx.device)
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    out = thunk()
+    ctx.sync()
+    del out
+    return torch.cuda.max_memory_allocated(ctx.device) - base
+
+
 def tensor_bytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -284,6 +296,7 @@ def run_provider(case: Case, provider: Provider, ctx: RunContext) -> dict:
                     rec["first_call_s"] = first_call(thunks[0], ctx)
             with scope():
                 times = time_thunks(thunks, ctx)
+                rec["call_peak_mb"] = call_peak_bytes(thunks[0], ctx) / 2**20 if ctx.is_cuda else None
             rec["input_copies"] = copies
             del thunks, inputs
         if provider.compiled and rec.get("first_call_s"):

@@ -77,6 +77,8 @@ def _extra(r: dict) -> str:
         parts.append(f"MFU {100 * m['mfu_vs_measured_matmul']:.1f}%")
     if m.get("peak_memory_gb") is not None:
         parts.append(f"peak {m['peak_memory_gb']:.2f} GB")
+    if r.get("call_peak_mb") is not None:
+        parts.append(f"allocates {r['call_peak_mb']:.4g} MB")
     if r.get("first_call_s") is not None and (m or r["provider"].endswith("compile")):
         parts.append(f"first call {r['first_call_s']:.2g} s")
     for kernel, config in (r.get("autotuned") or {}).items():  # what the autotuners chose

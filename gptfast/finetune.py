@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .config import GPTConfig
 from .model import GPT
 
@@ -183,9 +184,8 @@ class GPTClassifier(GPT):
             loss = task_loss
         if lm_coef and T > 1:
             targets = ids[:, 1:].masked_fill(torch.arange(1, T, device=ids.device) >= lens[:, None], -100)
-            lm_logits = self.lm_head(h[:, :-1])
-            lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]).float(), targets.reshape(-1),
-                                      ignore_index=-100)
+            lm_loss = ops.linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                               targets.reshape(-1))  # no [N, T, V] logits held
             loss = lm_coef * lm_loss if loss is None else loss + lm_coef * lm_loss
         return ClassifierOutput(logits, loss, task_loss, lm_loss)
 

@@ -229,9 +229,12 @@ class GPT(nn.Module):
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
 
     def forward(self, input_ids, labels=None, *, cache: Optional[KVCache] = None, input_lengths=None,
-                logits_index=None, validate: bool = True):
+                logits_index=None, validate: bool = True, targets=None):
         """Logits [B, T, V]; with labels, (logits, loss) (labels shifted inside, -100 ignored).
 
+        targets [B, T]: the token each position is to predict (-100 ignored); returns the mean
+            loss alone, through ops.linear_cross_entropy, which never holds the [B, T, V]
+            logits (training's largest activation).
         cache: write this chunk's keys/values at positions cache.seqlens[b] + t and attend
             over the cache; input_lengths [B] (default T) says how many tokens of each row
             are real, so right-padded ragged prompts prefill in one call.
@@ -240,6 +243,11 @@ class GPT(nn.Module):
             validates once up front and then passes False.
         """
         x = self.hidden_states(input_ids, cache=cache, input_lengths=input_lengths, validate=validate)
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.shape != input_ids.shape:
+                raise ValueError(f"targets must have shape {tuple(input_ids.shape)}, got "
+                                 f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else targets!r}")
+            return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         if logits_index is not None:
             B = x.shape[0]
             x = x.gather(1, logits_index.view(B, 1, 1).expand(B, 1, x.shape[-1])).squeeze(1)  # (B, C)

@@ -156,8 +156,9 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 
 def _shifted_loss(model, x, y):
-    logits = model(x)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    """The mean loss of predicting y[:, t] at x[:, t], through the fused LM head + cross-entropy
+    (no [B, T, V] logits; ops.linear_cross_entropy)."""
+    return model(x, targets=y)
 
 
 @torch.no_grad()

@@ -228,7 +228,7 @@ def backends() -> dict[str, dict[str, object]]:
         report[op] = {
             "implementation": impl,
             "available": reason is None,
-            "reason": reason or ("ready" if cuda or impl.startswith("C++") else "ready (TRITON_INTERPRET)"),
+            "reason": reason or ("ready (TRITON_INTERPRET)" if "Triton" in impl and not cuda else "ready"),
             "fallback": "PyTorch reference",
         }
     report["_device"] = {
