@@ -63,32 +63,17 @@ def find_sources(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def _last_cut(text: str) -> int:
-    """The last index i > 0 where text[i] is a newline between two non-space characters, or 0."""
-    end = len(text) - 1
+def _last_cut(text: str, lo: int = 1, hi: Optional[int] = None) -> int:
+    """The last index i in [lo, hi) (hi: len(text) - 1) where text[i] is a newline between two
+    non-space characters, or 0 if there is none."""
+    end = len(text) - 1 if hi is None else hi
     while True:
-        i = text.rfind("\n", 1, end)
+        i = text.rfind("\n", max(lo, 1), end)
         if i <= 0:
             return 0
         if not text[i - 1].isspace() and not text[i + 1].isspace():
             return i
         end = i
-
-
-def split_text(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
-    """text cut into pieces of about piece_chars (more where no newline cut point comes sooner),
-    each cut just before a newline with a non-space character on either side."""
-    pieces = []
-    while len(text) > piece_chars:
-        cut = _last_cut(text[:piece_chars + 1])
-        if cut == 0:  # no cut point in the window: take the first one after it
-            cut = _first_cut(text, piece_chars)
-            if cut == 0:
-                break
-        pieces.append(text[:cut])
-        text = text[cut:]
-    pieces.append(text)
-    return pieces
 
 
 def _first_cut(text: str, start: int) -> int:
@@ -101,6 +86,21 @@ def _first_cut(text: str, start: int) -> int:
         if not text[i - 1].isspace() and not text[i + 1].isspace():
             return i
         i += 1
+
+
+def split_text(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """text cut into pieces of about piece_chars (more where no newline cut point comes sooner),
+    each cut just before a newline with a non-space character on either side."""
+    cuts, pos = [0], 0
+    while len(text) - pos > piece_chars:
+        cut = _last_cut(text, pos + 1, min(pos + piece_chars + 1, len(text) - 1))
+        if cut == 0:  # no cut point in the window: take the first one after it
+            cut = _first_cut(text, pos + piece_chars)
+            if cut == 0:
+                break
+        cuts.append(cut)
+        pos = cut
+    return [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
 
 
 def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[int] = PIECE_CHARS
@@ -127,7 +127,7 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
                     yield piece, k == len(pieces) - 1, len(line) if k == 0 else 0
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, buf = 0, ""
+    offset, buf, searched = 0, "", 1  # buf[:searched - 1] holds no cut point
     with open(path, "rb") as f:
         while True:
             block = f.read(piece_chars or (64 << 20))
@@ -139,11 +139,12 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
             if not block:
                 break
             if piece_chars and len(buf) > piece_chars:
-                cut = _last_cut(buf)
+                cut = _last_cut(buf, searched - 1)
                 if cut > 0:
                     yield buf[:cut], False, len(block)
-                    buf = buf[cut:]
+                    buf, searched = buf[cut:], 1
                     continue
+                searched = len(buf)  # a text with no cut point is searched once, not once a block
             yield "", False, len(block)  # progress only
     yield buf, True, 0
 

@@ -280,10 +280,9 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     """
     from tqdm import tqdm
 
+    from .data import is_token_data
     from .model import GPT
     from .tokenizer import Tokenizer
-
-    from .data import is_token_data
 
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"--data file not found: {args.data}")
