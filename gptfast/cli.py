@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
     t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the training step (default backend: inductor)")
+    t.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="activation checkpointing: recompute each block in the backward pass (less memory)")
     t.add_argument("--device")
     t.add_argument("--dtype")
     t.add_argument("--quiet", action="store_true")
@@ -376,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("classifier-dropout", float), ("max-len", int), ("eval-every", int),
                       ("val-fraction", float), ("seed", int)):
         f.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+    f.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="activation checkpointing: recompute each block in the backward pass (less memory)")
     f.add_argument("--special-tokens", action="store_true", default=None,
                    help="add learned <|start|>, <|delimiter|>, <|extract|> tokens "
                         "(the GPT-1 paper's input transformation)")

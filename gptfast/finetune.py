@@ -395,6 +395,7 @@ class FinetuneArgs:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass
 
 
 def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
@@ -422,6 +423,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     else:
         model, tokenizer = _start(args, train_rows)
     model.to(device).train()
+    model.gradient_checkpointing_enable(args.grad_checkpoint)
     spec = model.spec
     max_len = min(args.max_len or model.config.n_positions, model.config.n_positions)
     if args.val:

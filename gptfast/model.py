@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import ops
 from .config import GPTConfig
@@ -156,6 +157,7 @@ class GPT(nn.Module):
             self.transformer["ln_f"] = LayerNorm(config.n_embd, config.layer_norm_epsilon, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
             if name.endswith("c_proj.weight"):
@@ -182,6 +184,12 @@ class GPT(nn.Module):
         """Write a directory that transformers' GPT2LMHeadModel / OpenAIGPTLMHeadModel can load."""
         from .checkpoint import save_model
         save_model(self, path, safe_serialization=safe_serialization)
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Activation checkpointing in training: each block keeps only its inputs for the backward
+        pass and runs its forward again there (about a third more compute for a fraction of the
+        activation memory). The name is transformers'."""
+        self.gradient_checkpointing = bool(enable)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -275,8 +283,13 @@ class GPT(nn.Module):
             pos = positions.clamp(max=self.config.n_positions - 1)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
         pending = None
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x, pending = block(x, pending, i, cache, positions, attend_lens)
+            if recompute:  # keep only each block's inputs; its activations are recomputed in backward
+                x, pending = torch.utils.checkpoint.checkpoint(block, x, pending, i, None, None, None,
+                                                               use_reentrant=False)
+            else:
+                x, pending = block(x, pending, i, cache, positions, attend_lens)
         if self.config.final_ln:
             x = self.transformer.ln_f(pending, residual=x)[0] if pending is not None else self.transformer.ln_f(x)
         elif pending is not None:

@@ -65,6 +65,7 @@ class TrainArgs:
     device: str = "auto"
     dtype: str = "float32"
     compile: Optional[str] = None  # a torch.compile backend ("inductor") for the training step
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass
     peak_tflops: Optional[float] = None  # the device's peak for MFU (default: known GPUs' datasheet peak)
 
 
@@ -304,6 +305,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     else:
         model, tokenizer = _build(args, device)
     model.train()
+    model.gradient_checkpointing_enable(args.grad_checkpoint)
     vocab = model.config.vocab_size
     train_tokens, val_tokens = load_data(args, tokenizer, vocab)
     raw_model = model

@@ -273,6 +273,16 @@ def test_compiled_training_step_matches_eager(corpus, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_gradient_checkpointed_training_matches(corpus, tmp_path):
+    from gptfast.train import TrainArgs, train
+
+    d, _ = corpus
+    base = dict(TRAIN, data=str(d / "prepared"), n_layer=2, batch_size=2, grad_accum=2, steps=2, eval_every=2)
+    train(TrainArgs(out=str(tmp_path / "plain"), **base), progress=False)
+    train(TrainArgs(out=str(tmp_path / "recompute"), grad_checkpoint=True, **base), progress=False)
+    assert_same_weights(_weights(tmp_path / "recompute"), _weights(tmp_path / "plain"))
+
+
 def test_nanogpt_token_directory_trains_with_a_given_tokenizer(corpus, tmp_path):
     from gptfast.train import TrainArgs, train
 

@@ -192,3 +192,52 @@ def test_resize_token_embeddings_keeps_rows_and_tie():
     assert torch.equal(model.transformer.wte.weight, before[:40]) and model.lm_head.weight.shape == (40, 16)
     with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
         model.resize_token_embeddings(0)
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_gradient_checkpointing_same_gradients_fewer_saved_activations(pre_ln):
+    """Checkpointed blocks give the same loss and gradients (dropout masks included: the RNG
+    state is replayed) while autograd keeps far fewer bytes for the backward pass."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=101, n_positions=64, n_embd=64, n_layer=4, n_head=4, pre_ln=pre_ln,
+                       resid_pdrop=0.1, embd_pdrop=0.1)
+    model = GPT(config).train()
+    x, y = torch.randint(0, 101, (2, 48)), torch.randint(0, 101, (2, 48))
+    results, saved = [], []
+    for enable in (False, True):
+        model.gradient_checkpointing_enable(enable)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x, targets=y)
+        results.append([loss] + list(torch.autograd.grad(loss, list(model.parameters()))))
+        saved.append(total[0])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert saved[1] < saved[0] / 2, saved
+    model.eval()
+    with torch.no_grad():  # generation and evaluation never recompute
+        assert model(x).shape == (2, 48, 101)
+
+
+@pytest.mark.gpu
+def test_gradient_checkpointing_through_the_kernels_on_cuda():
+    """Recomputed blocks run the Triton kernels again in the backward pass: the same gradients."""
+    import gptfast
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, n_positions=256, n_embd=256, n_layer=4, n_head=4)).cuda().train()
+    x, y = torch.randint(0, 1000, (4, 200), device="cuda"), torch.randint(0, 1000, (4, 200), device="cuda")
+    grads = []
+    with gptfast.use_backend("kernel"), torch.autocast("cuda", dtype=torch.bfloat16):
+        for enable in (False, True):
+            model.gradient_checkpointing_enable(enable)
+            loss = model(x, targets=y)
+            grads.append([loss] + list(torch.autograd.grad(loss, list(model.parameters()))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
