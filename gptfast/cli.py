@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the training step (default backend: inductor)")
     t.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in the backward pass (less memory)")
+    t.add_argument("--eval-data", help="zero-shot rows scored at every evaluation (JSON lines, as gptfast eval)")
+    t.add_argument("--eval-limit", type=int, help="the first N rows of --eval-data only")
     t.add_argument("--device")
     t.add_argument("--dtype")
     t.add_argument("--quiet", action="store_true")

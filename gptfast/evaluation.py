@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _requests(rows: Sequence[dict], tokenizer, delimiter: str, source: str) -> tuple[str, list]:
-    """The task ("choice" or "completion") and, per row, [(context ids, continuation ids), ...]."""
+def prepare_requests(rows: Sequence[dict], tokenizer, delimiter: str = " ",
+                     source: str = "rows") -> tuple[str, list]:
+    """The task ("choice" or "completion") and, per row, [(context ids, continuation ids), ...];
+    a bad row is an error that names it."""
+    if not rows:
+        raise ValueError(f"{source} holds no rows")
     kinds = {("choices" in r) for r in rows}
     if len(kinds) != 1:
         raise ValueError(f"{source}: mixes multiple-choice rows (with 'choices') and completion rows")
@@ -102,9 +106,14 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
 def evaluate_zero_shot(model, tokenizer, rows: Sequence[dict], batch_size: int = 8, delimiter: str = " ",
                        progress: bool = False, source: str = "rows") -> dict:
     """Accuracy (and accuracy_norm, or perplexity) of rows; see the module docstring."""
-    if not rows:
-        raise ValueError(f"{source} holds no rows")
-    task, requests = _requests(rows, tokenizer, delimiter, source)
+    task, requests = prepare_requests(rows, tokenizer, delimiter, source)
+    return evaluate_requests(model, rows, task, requests, batch_size, progress)
+
+
+def evaluate_requests(model, rows: Sequence[dict], task: str, requests: list, batch_size: int = 8,
+                      progress: bool = False) -> dict:
+    """evaluate_zero_shot on rows already tokenized by prepare_requests (a training run
+    tokenizes them once and evaluates at every evaluation step)."""
     flat = [pair for row in requests for pair in row]
     scores = iter(score_continuations(model, flat, batch_size=batch_size, progress=progress))
     if task == "completion":

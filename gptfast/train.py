@@ -66,6 +66,8 @@ class TrainArgs:
     dtype: str = "float32"
     compile: Optional[str] = None  # a torch.compile backend ("inductor") for the training step
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass
+    eval_data: Optional[str] = None  # zero-shot rows (gptfast.evaluation) scored at every evaluation
+    eval_limit: Optional[int] = None  # the first N rows of eval_data only
     peak_tflops: Optional[float] = None  # the device's peak for MFU (default: known GPUs' datasheet peak)
 
 
@@ -308,6 +310,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     vocab = model.config.vocab_size
     train_tokens, val_tokens = load_data(args, tokenizer, vocab)
+    zero_shot = _zero_shot_requests(args, tokenizer) if args.eval_data and rank == 0 else None
     raw_model = model
     if args.compile:
         model = torch.compile(model, backend=args.compile)
@@ -355,9 +358,10 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
             with autocast:
                 entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
                                                   torch.Generator().manual_seed(args.seed))
+                extra = _zero_shot(raw_model, zero_shot, args.batch_size, entry) if zero_shot else ""
             entry["val_ppl"] = math.exp(entry["val_loss"])
             return (f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
-                    f"val ppl {entry['val_ppl']:.1f}")
+                    f"val ppl {entry['val_ppl']:.1f}{extra}")
 
         log_step(entry, eval_now, validate,
                  lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args), log, bar, progress, rank, world)
@@ -367,6 +371,30 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     return {"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
             "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
             "world_size": world, **meter.summary(device)}
+
+
+def _zero_shot_requests(args: TrainArgs, tokenizer):
+    """(rows, task, tokenized requests) of --eval-data, read and checked before training starts."""
+    from .evaluation import prepare_requests
+    from .finetune import read_rows
+
+    rows = read_rows(args.eval_data)[:args.eval_limit]
+    return (rows, *prepare_requests(rows, tokenizer, source=f"--eval-data {args.eval_data}"))
+
+
+def _zero_shot(model, requests, batch_size: int, entry: dict) -> str:
+    """Score the zero-shot rows into entry (eval_accuracy, and eval_accuracy_norm or
+    eval_perplexity); returns the progress line's part."""
+    from .evaluation import evaluate_requests
+
+    rows, task, reqs = requests
+    result = evaluate_requests(model, rows, task, reqs, batch_size=batch_size)
+    entry["eval_accuracy"] = result["accuracy"]
+    if task == "choice":
+        entry["eval_accuracy_norm"] = result["accuracy_norm"]
+        return f", zero-shot accuracy {result['accuracy']:.3f} (norm {result['accuracy_norm']:.3f})"
+    entry["eval_perplexity"] = result["perplexity"]
+    return f", zero-shot accuracy {result['accuracy']:.3f} (continuation ppl {result['perplexity']:.1f})"
 
 
 def _flops_per_token(model, block_size: int) -> float:
@@ -535,7 +563,17 @@ def plot_losses(log: list, path: str) -> Optional[str]:
         if vals:
             ax.plot([e["step"] for e in vals], [e["val_loss"] for e in vals], "o-", label="validation")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.legend()
+        zero_shot = [e for e in vals if "eval_accuracy" in e]
+        if zero_shot:  # --eval-data: zero-shot accuracy on a second axis
+            ax2 = ax.twinx()
+            ax2.plot([e["step"] for e in zero_shot], [e["eval_accuracy"] for e in zero_shot], "s--", color="C3",
+                     label="zero-shot accuracy")
+            ax2.set_ylabel("accuracy")
+            ax2.set_ylim(0, 1.02)
+            ax2.legend(loc="upper right")
+            ax.legend(loc="upper left")
+        else:
+            ax.legend()
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if not accs:

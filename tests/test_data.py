@@ -283,6 +283,35 @@ def test_gradient_checkpointed_training_matches(corpus, tmp_path):
     assert_same_weights(_weights(tmp_path / "recompute"), _weights(tmp_path / "plain"))
 
 
+def test_zero_shot_rows_are_scored_at_every_evaluation(corpus, tmp_path):
+    from gptfast import GPT
+    from gptfast.evaluation import evaluate_zero_shot
+    from gptfast.train import TrainArgs, train
+
+    d, _ = corpus
+    rng = random.Random(4)
+    choice = [{"context": random_text(8, rng.random()), "choices": [random_text(3, rng.random()) for _ in range(3)],
+               "label": rng.randrange(3)} for _ in range(12)]
+    completion = [{"context": random_text(8, rng.random()), "continuation": random_text(2, rng.random()) + "x"}
+                  for _ in range(6)]
+    for name, rows, keys in (("choice", choice, ("eval_accuracy", "eval_accuracy_norm")),
+                             ("completion", completion, ("eval_accuracy", "eval_perplexity"))):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / name
+        train(TrainArgs(data=str(d / "prepared"), out=str(out), batch_size=2, steps=4, eval_data=str(f),
+                        eval_limit=10, **{**TRAIN, "eval_every": 2}), progress=False)
+        evals = [e for e in _log(out) if "val_loss" in e]
+        assert [e["step"] for e in evals] == [2, 4] and all(k in e for e in evals for k in keys)
+        final = evaluate_zero_shot(GPT.from_pretrained(str(out)), Tokenizer.from_pretrained(str(out)), rows[:10])
+        assert evals[-1]["eval_accuracy"] == final["accuracy"]
+        assert evals[-1][keys[1]] == pytest.approx(final[keys[1].removeprefix("eval_")], rel=1e-6)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"context": "a", "choices": ["b"], "label": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"--eval-data .*bad.jsonl: row 1: 'label' must be an index"):
+        train(TrainArgs(data=str(d / "prepared"), out=str(tmp_path / "bad"), batch_size=2, steps=2,
+                        eval_data=str(tmp_path / "bad.jsonl"), **TRAIN), progress=False)
+
+
 def test_nanogpt_token_directory_trains_with_a_given_tokenizer(corpus, tmp_path):
     from gptfast.train import TrainArgs, train
 

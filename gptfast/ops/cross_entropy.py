@@ -55,7 +55,7 @@ def _check(x, weight, targets, bias, chunk_size):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
-def _chunks(n: int, vocab: int, chunk_size: Optional[int]) -> range:
+def _chunks(n: int, vocab: int, chunk_size: Optional[int]) -> tuple[range, int]:
     rows = chunk_size or max(1, CHUNK_ELEMENTS // max(1, vocab))
     return range(0, n, rows), rows
 
