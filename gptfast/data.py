@@ -278,15 +278,18 @@ def memmap_tokens(path: str, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def token_directory(path: str) -> str:
+    """The directory a token path's meta.json and tokenizer live in: the path itself, or a .bin's folder."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
 def open_tokens(path: str, split: str = "train") -> tuple[np.ndarray, Optional[np.ndarray], dict, str]:
     """(tokens of `split`, val tokens or None, meta, directory) of a prepared directory or a .bin file.
 
     For a directory, split names the file (train.bin or val.bin); a .bin file is that split
     itself, with val.bin beside it as the validation split when it is a train.bin."""
-    if os.path.isdir(path):
-        directory, main = path, os.path.join(path, f"{split}.bin")
-    else:
-        directory, main = os.path.dirname(os.path.abspath(path)), path
+    directory = token_directory(path)
+    main = os.path.join(path, f"{split}.bin") if os.path.isdir(path) else path
     if not os.path.isfile(main):
         raise FileNotFoundError(f"token file not found: {main}"
                                 + (" (a prepared directory holds train.bin and val.bin: see gptfast prepare)"

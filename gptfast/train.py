@@ -202,9 +202,10 @@ def _build(args: TrainArgs, device):
 
 
 def _data_tokenizer(data: str):
+    from .data import token_directory
     from .tokenizer import Tokenizer
 
-    directory = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+    directory = token_directory(data)
     try:
         return Tokenizer.from_pretrained(directory)
     except FileNotFoundError:

@@ -103,11 +103,16 @@ def _fused(x, weight, bias, targets, ignore_index, chunk_size, need_x, need_w, n
     return loss, dx, dw, db
 
 
+def _mean_scale(targets, ignore_index, dtype):
+    """1 / the number of scored targets (0 of them: nan, as F.cross_entropy gives)."""
+    return 1.0 / (targets != ignore_index).sum().to(dtype)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, targets, ignore_index, chunk_size):
         loss, dx, dw, db = _fused(x, weight, bias, targets, ignore_index, chunk_size, *ctx.needs_input_grad[:3])
-        scale = 1.0 / (targets != ignore_index).sum().to(loss.dtype)  # 0 valid targets: nan, as F.cross_entropy
+        scale = _mean_scale(targets, ignore_index, loss.dtype)
         ctx.save_for_backward(dx, dw, db, scale)
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss * scale
@@ -133,7 +138,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _FusedLinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, chunk_size)
     loss = _fused(x, weight, bias, targets, ignore_index, chunk_size, False, False, False)[0]
-    return loss / (targets != ignore_index).sum().to(loss.dtype)
+    return loss * _mean_scale(targets, ignore_index, loss.dtype)
 
 
 _dispatch.register("linear_cross_entropy", "chunked LM head + cross-entropy (no [N, V] logits)", lambda: None)
