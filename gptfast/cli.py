@@ -226,7 +226,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from gptfast.data import find_sources, prepare, texts_of
+    from gptfast.data import find_sources, prepare, resumable_tokenizer, texts_of
     from gptfast.tokenizer import Tokenizer, train_byte_level_bpe
 
     if (args.tokenizer is None) == (args.vocab_size is None):
@@ -234,10 +234,14 @@ def cmd_prepare(args) -> int:
                          "on the inputs), not both or neither")
     if args.tokenizer:
         tok = Tokenizer.from_pretrained(args.tokenizer)
-    else:
-        tok = train_byte_level_bpe((), args.vocab_size, texts=texts_of(find_sources(args.inputs), args.text_field))
+    else:  # an interrupted run's trained tokenizer, if any, so that run resumes
+        tok = None if args.restart else resumable_tokenizer(args.out, args.inputs, args.vocab_size, args.text_field)
+        if tok is None:
+            tok = train_byte_level_bpe((), args.vocab_size,
+                                       texts=texts_of(find_sources(args.inputs), args.text_field))
     meta = prepare(args.inputs, args.out, tok, val_fraction=args.val_fraction, text_field=args.text_field,
-                   progress=not args.quiet)
+                   progress=not args.quiet, resume=not args.restart,
+                   trained_vocab_size=None if args.tokenizer else args.vocab_size)
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -334,13 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("prepare", help="tokenize a corpus once into train.bin / val.bin for gptfast train "
-                                       "(nanoGPT's layout)")
+                                       "(nanoGPT's layout; resumes an interrupted run)")
     d.add_argument("inputs", nargs="+", help="text (.txt, .md) or JSON-lines (.jsonl) files, or directories")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--tokenizer", help="tokenizer directory (a checkpoint's)")
     d.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the inputs instead")
     d.add_argument("--val-fraction", type=float, default=0.005, help="share of the tokens kept for validation")
     d.add_argument("--text-field", default="text", help="the field of a JSON line that holds its text")
+    d.add_argument("--restart", action="store_true",
+                   help="start afresh instead of resuming an interrupted run of the same job in --out")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_prepare)
 

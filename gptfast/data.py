@@ -19,11 +19,18 @@ just before a newline with non-space characters on both sides, which for GPT-2's
 (and BERT-style splitters) gives the ids of the whole text (`Tokenizer.splits_at_newlines`);
 pieces are encoded in parallel batches. The validation split is the last val_fraction of the
 tokens, as `gptfast train` splits a text file.
+
+An interrupted prepare resumes when run again with the same inputs (paths, sizes and modification
+times) and tokenizer: after each batch, the ids so far are synced to disk and .prepare-state.json
+records how many there are and where in the inputs they end; the next run keeps those ids and
+encodes from there, and its files equal an uninterrupted run's byte for byte. Any difference in
+the job (or `resume=False`) starts afresh, and says why.
 """
 from __future__ import annotations
 
 import codecs
 import json
+import logging
 import math
 import os
 import time
@@ -37,6 +44,9 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)
 PIECE_CHARS = 1 << 18  # a piece handed to the tokenizer: about 256 KB of text
 BATCH_CHARS = 16 << 20  # pieces encoded together (in parallel by the tokenizer)
+STATE = ".prepare-state.json"  # an unfinished prepare's progress (removed when it completes)
+STATE_TOKENIZER = ".prepare-tokenizer.json"  # the tokenizer that unfinished job encodes with
+logger = logging.getLogger("gptfast.data")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -150,11 +160,14 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
 
 
 def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.005, text_field: str = "text",
-            progress: bool = True, piece_chars: int = PIECE_CHARS) -> dict:
+            progress: bool = True, piece_chars: int = PIECE_CHARS, resume: bool = True,
+            trained_vocab_size: Optional[int] = None) -> dict:
     """Tokenize inputs into out/ (train.bin, val.bin, tokenizer, meta.json); returns meta.
     val_fraction 0 writes no val.bin (gptfast train then holds out the tail of train.bin). Ids
     already in out/ are deleted first, so an interrupted run leaves no stale ids beside a new
-    tokenizer, and no meta.json."""
+    tokenizer, and no meta.json. An interrupted run of the same job resumes (module docstring)
+    unless resume is False; trained_vocab_size records that the tokenizer was trained on the
+    inputs at that size (see `resumable_tokenizer`)."""
     from tqdm import tqdm
 
     from .checkpoint import atomic_write_text
@@ -172,13 +185,33 @@ def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.
     if not tokenizer.splits_at_newlines():
         piece_chars = None  # this tokenizer's ids could change at a cut: encode documents whole
     all_path, val_tmp = os.path.join(out, ".tmp-all.bin"), os.path.join(out, ".tmp-val.bin")
+    state_path = os.path.join(out, STATE)
+    job = {"sources": _source_keys(files), "text_field": text_field, "piece_chars": piece_chars,
+           "tokenizer_fingerprint": tokenizer.fingerprint(), "dtype": dtype.name, "eos_token_id": eos,
+           "trained_vocab_size": trained_vocab_size}
+    done = _resume_point(out, job, dtype) if resume else None
+    if done is None:
+        if resume is False and os.path.exists(state_path):
+            logger.warning("gptfast prepare: starting afresh in %s (resume=False)", out)
+        for tmp in (state_path, all_path):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        done = {"file": 0, "items": 0, "tokens": 0, "documents": 0, "bytes": 0}
+        atomic_write_text(os.path.join(out, STATE_TOKENIZER), tokenizer.to_json())
+        atomic_write_text(state_path, json.dumps({**job, "done": done}) + "\n")
+    else:
+        logger.warning("gptfast prepare: resuming an interrupted run in %s: %d tokens of %d documents kept, "
+                       "%.1f MB of the inputs read", out, done["tokens"], done["documents"], done["bytes"] / 1e6)
     total_bytes = sum(os.path.getsize(f) for f in files)
-    documents = tokens = 0
+    documents, tokens, read = done["documents"], done["tokens"], done["bytes"]
     t0 = time.time()
     try:
-        with open(all_path, "wb") as sink, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare",
-                                                disable=not progress) as bar:
-            for batch in _batches(files, text_field, piece_chars):
+        with open(all_path, "r+b" if done["tokens"] else "wb") as sink, \
+                tqdm(total=total_bytes, initial=read, unit="B", unit_scale=True, desc="prepare",
+                     disable=not progress) as bar:
+            sink.truncate(tokens * dtype.itemsize)  # ids past the recorded point were never counted
+            sink.seek(0, os.SEEK_END)
+            for batch, (file_index, items) in _batches(files, text_field, piece_chars, done["file"], done["items"]):
                 texts = [t for t, _, _ in batch if t]
                 encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
                 chunks = []
@@ -196,21 +229,29 @@ def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.
                                          f"{tokenizer.vocab_size}")
                     ids.astype(dtype).tofile(sink)
                     tokens += ids.size
+                read += sum(n for _, _, n in batch)
                 bar.update(sum(n for _, _, n in batch))
-            sink.flush()
-            os.fsync(sink.fileno())
+                sink.flush()
+                os.fsync(sink.fileno())  # the ids on disk first, then the state that counts them
+                atomic_write_text(state_path, json.dumps({**job, "done": {
+                    "file": file_index, "items": items, "tokens": tokens, "documents": documents,
+                    "bytes": read}}) + "\n")
         n_val = math.ceil(tokens * val_fraction)
         if tokens - n_val < 2:
             raise ValueError(f"the inputs encode to {tokens} tokens; too few to train on")
+        os.unlink(state_path)  # the split below changes .tmp-all.bin: a later run starts afresh
         tokenizer.save(out)  # then the ids (val.bin first), then meta.json: each step leaves them consistent
         if n_val:
             _split_tail(all_path, val_tmp, tokens - n_val, dtype)
             os.replace(val_tmp, os.path.join(out, "val.bin"))
         os.replace(all_path, os.path.join(out, "train.bin"))
     finally:
-        for tmp in (all_path, val_tmp):
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if os.path.exists(val_tmp):  # .tmp-all.bin stays for a resume while the state counts it
+            os.unlink(val_tmp)
+        if not os.path.exists(state_path):
+            for tmp in (all_path, os.path.join(out, STATE_TOKENIZER)):
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
             "eos_token_id": eos, "tokenizer_fingerprint": tokenizer.fingerprint(),
             "train_tokens": tokens - n_val, "val_tokens": n_val, "documents": documents,
@@ -221,18 +262,81 @@ def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.
     return meta
 
 
-def _batches(files: Sequence[str], text_field: str, piece_chars: Optional[int]) -> Iterator[list]:
-    """The pieces of every file, grouped into batches of about BATCH_CHARS characters."""
-    batch, size = [], 0
+def _source_keys(files: Sequence[str]) -> list:
+    """What identifies the inputs for a resume: each file's path, size and modification time."""
+    keys = []
     for path in files:
-        for item in iter_documents(path, text_field, piece_chars):
+        st = os.stat(path)
+        keys.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    return keys
+
+
+def _read_state(out: str) -> Optional[dict]:
+    path = os.path.join(out, STATE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        logger.warning("gptfast prepare: ignoring the unreadable %s (%s)", path, exc)
+        return None
+
+
+def _resume_point(out: str, job: dict, dtype: np.dtype) -> Optional[dict]:
+    """The progress an interrupted run of this same job recorded in out/, or None (and why)."""
+    state = _read_state(out)
+    if state is None:
+        return None
+    changed = [k for k in job if state.get(k) != job[k]]
+    done = state.get("done", {})
+    have = os.path.getsize(os.path.join(out, ".tmp-all.bin")) if os.path.isfile(os.path.join(out, ".tmp-all.bin")) \
+        else -1
+    if changed:
+        why = f"its {', '.join(changed)} changed" + (" (an input file was added, removed or modified)"
+                                                     if "sources" in changed else "")
+    elif have < done.get("tokens", 0) * dtype.itemsize:
+        why = f"its ids file holds {max(have, 0)} bytes, fewer than the {done.get('tokens', 0)} ids recorded"
+    else:
+        return done
+    logger.warning("gptfast prepare: not resuming the interrupted run in %s: %s; starting afresh", out, why)
+    return None
+
+
+def resumable_tokenizer(out: str, inputs: Sequence[str], vocab_size: int, text_field: str = "text"):
+    """The tokenizer an interrupted `prepare --vocab-size` trained on these same inputs, or None:
+    a resumed run encodes with it instead of training another."""
+    from .tokenizer import Tokenizer
+
+    state = _read_state(out)
+    path = os.path.join(out, STATE_TOKENIZER)
+    if (state is None or not os.path.isfile(path) or state.get("trained_vocab_size") != vocab_size
+            or state.get("text_field") != text_field or state.get("sources") != _source_keys(find_sources(inputs))):
+        return None
+    tok = Tokenizer.from_file(path)
+    return tok if tok.fingerprint() == state.get("tokenizer_fingerprint") else None
+
+
+def _batches(files: Sequence[str], text_field: str, piece_chars: Optional[int], start_file: int = 0,
+             start_items: int = 0) -> Iterator[tuple[list, tuple[int, int]]]:
+    """The pieces of every file, grouped into batches of about BATCH_CHARS characters, each with
+    where it ends: (file index, items of that file read). start_file/start_items skip what an
+    earlier run already encoded (the items are read again, not encoded)."""
+    batch, size, last = [], 0, (start_file, start_items)
+    for index in range(start_file, len(files)):
+        items = 0
+        for item in iter_documents(files[index], text_field, piece_chars):
+            items += 1
+            if index == start_file and items <= start_items:
+                continue
             batch.append(item)
             size += len(item[0])
             if size >= BATCH_CHARS:
-                yield batch
+                yield batch, (index, items)
                 batch, size = [], 0
+        last = (index, items)
     if batch:
-        yield batch
+        yield batch, last
 
 
 def _split_tail(path: str, tail_path: str, keep: int, dtype: np.dtype) -> None:

@@ -24,8 +24,6 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
         from .checkpoint import resolve_path
 
         path = resolve_path(path)
@@ -35,12 +33,23 @@ class Tokenizer:
         merges = os.path.join(directory, "merges.txt")
         try:
             if os.path.isfile(tok_json):
-                return cls(HFTokenizer.from_file(tok_json))
+                return cls.from_file(tok_json)
             if os.path.isfile(vocab) and os.path.isfile(merges):
                 return cls(_gpt1_bpe(vocab, merges) if _is_gpt1_vocab(vocab) else _byte_level_bpe(vocab, merges))
         except Exception as exc:  # noqa: BLE001 - a parse error is a corrupt file to the user
             raise ValueError(f"cannot read the tokenizer in {directory} (corrupt file?): {exc}") from exc
         raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json + merges.txt")
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        """A tokenizer saved by `to_json` (Hugging Face tokenizers' tokenizer.json)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(path))
+
+    def to_json(self) -> str:
+        """The whole tokenizer as tokenizer.json text (`from_file` reads it back)."""
+        return self._tok.to_str()
 
     @property
     def is_gpt1(self) -> bool:
@@ -71,7 +80,7 @@ class Tokenizer:
         from .checkpoint import atomic_write_text
 
         os.makedirs(directory, exist_ok=True)
-        atomic_write_text(os.path.join(directory, "tokenizer.json"), self._tok.to_str())
+        atomic_write_text(os.path.join(directory, "tokenizer.json"), self.to_json())
         if self.is_gpt1:
             special = {"unk_token": "<unk>", "model_max_length": 512, "tokenizer_class": "OpenAIGPTTokenizer"}
         else:

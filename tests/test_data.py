@@ -144,6 +144,7 @@ def test_an_interrupted_prepare_leaves_no_complete_looking_directory(gpt2_tok, t
     out = tmp_path / "out"
     prepare([str(tmp_path / "a.txt")], str(out), gpt2_tok, progress=False)
     before = (out / "train.bin").read_bytes()
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     (out / "val.bin").write_bytes(b"")  # what a crash in an earlier write could have left
 
     def dies(texts):
@@ -152,11 +153,153 @@ def test_an_interrupted_prepare_leaves_no_complete_looking_directory(gpt2_tok, t
     monkeypatch.setattr(gpt2_tok, "encode_batch", dies)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(tmp_path / "a.txt")], str(out), gpt2_tok, progress=False)
-    left = sorted(os.listdir(out))  # no meta.json, no ids, no temporary files: nothing to mistake for data
-    assert left == ["tokenizer.json", "tokenizer_config.json"], left
+    # no meta.json and no ids: nothing to mistake for data; the hidden state is for a resume
+    left = sorted(os.listdir(out))
+    assert [n for n in left if not n.startswith(".")] == ["tokenizer.json", "tokenizer_config.json"], left
     monkeypatch.undo()
     prepare([str(tmp_path / "a.txt")], str(out), gpt2_tok, progress=False)
     assert (out / "train.bin").read_bytes() == before
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # a finished prepare leaves no state
+
+
+def _corpus_files(tmp_path, seed=0):
+    """Three text files and a JSON-lines file: many batches at the tests' small batch size."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    for k in range(3):
+        (src / f"doc{k}.txt").write_text(random_text(900 + 400 * k, seed + k))
+    (src / "rows.jsonl").write_text("".join(json.dumps({"text": random_text(150, seed + 10 + k)}) + "\n"
+                                            for k in range(12)))
+    return src
+
+
+def _prepared(out):
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["seconds"]
+    return (out / "train.bin").read_bytes(), (out / "val.bin").read_bytes(), meta
+
+
+class _Counted:
+    """encode_batch that counts its calls and raises KeyboardInterrupt at call number `die_at`."""
+
+    def __init__(self, tok, die_at=None):
+        self.encode, self.die_at, self.calls = tok.encode_batch, die_at, 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        return self.encode(texts)
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    import gptfast.data
+
+    monkeypatch.setattr(gptfast.data, "BATCH_CHARS", 400)
+    return {"progress": False, "piece_chars": 300, "val_fraction": 0.1}
+
+
+@pytest.mark.parametrize("die_at", [1, 2, 7, "last"])
+def test_an_interrupted_prepare_resumes_to_the_same_files(gpt2_tok, tmp_path, monkeypatch, small_batches, caplog,
+                                                          die_at):
+    src = _corpus_files(tmp_path)
+    counted = _Counted(gpt2_tok)
+    monkeypatch.setattr(gpt2_tok, "encode_batch", counted)
+    prepare([str(src)], str(tmp_path / "whole"), gpt2_tok, **small_batches)
+    total = counted.calls
+    assert total > 10
+    die_at = total if die_at == "last" else die_at
+    counted.calls, counted.die_at = 0, die_at
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], str(tmp_path / "out"), gpt2_tok, **small_batches)
+    assert not (tmp_path / "out" / "meta.json").exists()
+    counted.calls, counted.die_at = 0, None
+    with caplog.at_level("WARNING", logger="gptfast.data"):
+        prepare([str(src)], str(tmp_path / "out"), gpt2_tok, **small_batches)
+    assert counted.calls == total - die_at + 1  # only what the interrupted run had not finished
+    assert "resuming an interrupted run" in caplog.text
+    assert _prepared(tmp_path / "out") == _prepared(tmp_path / "whole")
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]
+
+
+def test_a_crash_between_the_ids_and_their_record_resumes_exactly(gpt2_tok, tmp_path, monkeypatch, small_batches):
+    """The ids of a batch reach the disk before the state that counts them: ids the state does
+    not count (a crash between the two writes) are cut off and encoded again."""
+    import gptfast.checkpoint
+
+    src = _corpus_files(tmp_path, seed=3)
+    prepare([str(src)], str(tmp_path / "whole"), gpt2_tok, **small_batches)
+    write, writes = gptfast.checkpoint.atomic_write_text, []
+
+    def crashes_on_the_fourth_state(path, text):
+        if os.path.basename(path) == ".prepare-state.json":
+            writes.append(path)
+            if len(writes) == 4:
+                raise KeyboardInterrupt
+        write(path, text)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(gptfast.checkpoint, "atomic_write_text", crashes_on_the_fourth_state)
+        prepare([str(src)], str(tmp_path / "out"), gpt2_tok, **small_batches)
+    out = tmp_path / "out"
+    recorded = json.loads((out / ".prepare-state.json").read_text())["done"]["tokens"]
+    assert os.path.getsize(out / ".tmp-all.bin") > recorded * 2  # a batch's ids on disk, not counted
+    prepare([str(src)], str(out), gpt2_tok, **small_batches)
+    assert _prepared(out) == _prepared(tmp_path / "whole")
+
+
+def test_a_changed_job_starts_afresh_and_says_why(gpt2_tok, tmp_path, monkeypatch, small_batches, caplog):
+    src = _corpus_files(tmp_path, seed=5)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(gpt2_tok, "encode_batch", _Counted(gpt2_tok, die_at=5))
+        prepare([str(src)], str(out), gpt2_tok, **small_batches)
+    (src / "doc1.txt").write_text(random_text(1000, 99))  # an input changed since
+    with caplog.at_level("WARNING", logger="gptfast.data"):
+        prepare([str(src)], str(out), gpt2_tok, **small_batches)
+    assert "not resuming" in caplog.text and "sources changed" in caplog.text
+    prepare([str(src)], str(tmp_path / "whole"), gpt2_tok, **small_batches)
+    assert _prepared(out) == _prepared(tmp_path / "whole")
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(gpt2_tok, "encode_batch", _Counted(gpt2_tok, die_at=5))
+        prepare([str(src)], str(out), gpt2_tok, **small_batches)
+    counted = _Counted(gpt2_tok)
+    caplog.clear()
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="gptfast.data"):
+        m.setattr(gpt2_tok, "encode_batch", counted)
+        prepare([str(src)], str(out), gpt2_tok, resume=False, **small_batches)  # asked to start afresh
+    assert "starting afresh" in caplog.text and counted.calls > 10
+    assert _prepared(out) == _prepared(tmp_path / "whole")
+
+
+def test_cli_prepare_resumes_with_the_tokenizer_it_trained(tmp_path, monkeypatch, capsys, small_batches):
+    import gptfast.tokenizer
+
+    src = _corpus_files(tmp_path, seed=7)
+    args = ["prepare", str(src), "--vocab-size", "300", "--val-fraction", "0.1", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    train, trained = gptfast.tokenizer.train_byte_level_bpe, []
+
+    def counted_training(*a, **k):
+        tok = train(*a, **k)
+        trained.append(tok)
+        if len(trained) == 1:  # the first run is interrupted
+            monkeypatch.setattr(tok, "encode_batch", _Counted(tok, die_at=3))
+        return tok
+
+    monkeypatch.setattr(gptfast.tokenizer, "train_byte_level_bpe", counted_training)
+    assert main(args + ["--out", str(tmp_path / "out")]) == 130  # interrupted
+    assert len(trained) == 1
+    assert "interrupted" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0  # resumes: no second training
+    assert len(trained) == 1
+    assert _prepared(tmp_path / "out") == _prepared(tmp_path / "whole")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (tmp_path / "whole" / "tokenizer.json").read_text()
+    assert main(args + ["--out", str(tmp_path / "out"), "--restart"]) == 0  # trains again
+    assert len(trained) == 2
+    assert _prepared(tmp_path / "out") == _prepared(tmp_path / "whole")
 
 
 def test_cli_prepare(tmp_path, capsys):
