@@ -27,8 +27,11 @@ from .harness import Case, Provider, RunContext, Skip, optional_import
 # The CPU cases check the plumbing on a model small enough for a shared CPU; not GPT-2 124M.
 CPU_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 128}
 # gptfast-no-graph: the same loop with cuda_graph=False (one launch per op), to show the graph's share
-GEN_PROVIDERS = ("gptfast", "gptfast-no-graph", "hf-transformers", "static-cache", "static-cache+compile")
-TRAIN_PROVIDERS = ("gptfast", "gptfast+compile", "nanogpt", "nanogpt+compile")
+# hf-transformers+gptfast: transformers' own model with gptfast.patch_transformers (the drop-in)
+GEN_PROVIDERS = ("gptfast", "gptfast-no-graph", "hf-transformers", "hf-transformers+gptfast", "static-cache",
+                 "static-cache+compile")
+TRAIN_PROVIDERS = ("gptfast", "gptfast+compile", "hf-transformers", "hf-transformers+gptfast", "nanogpt",
+                   "nanogpt+compile")
 
 
 def _gptfast_config(preset: str, overrides=None):
@@ -61,15 +64,26 @@ def _build(kind: str, spec: dict, device, dtype):
             transformers, reason = optional_import("transformers")
             if transformers is None:
                 raise Skip(reason)
-            hf_config = transformers.GPT2Config(
+            hf_config = transformers.GPT2Config(  # no dropout, as the other providers
                 vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
-                n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new")
+                n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
             model = transformers.GPT2LMHeadModel(hf_config)
         else:
             from .reference_model import NanoGPT
 
             model = NanoGPT.from_gptfast_config(config)
     return model.to(dtype)
+
+
+def _build_hf(name: str, spec: dict, device, dtype):
+    """transformers' GPT2LMHeadModel, patched by gptfast for the "+gptfast" provider."""
+    model = _build("hf", spec, device, dtype)
+    if name.endswith("+gptfast"):
+        import gptfast
+
+        gptfast.patch_transformers(model)
+    return model
 
 
 def _timed(fn, ctx: RunContext) -> float:
@@ -92,8 +106,8 @@ def _generator(name: str, spec: dict, ctx: RunContext, dtype):
         if name == "gptfast-no-graph":
             kw["cuda_graph"] = False
         return lambda ids, n: model.generate(ids, max_new_tokens=n, **kw)
-    if name == "hf-transformers":
-        model = _build("hf", spec, ctx.device, dtype).eval()
+    if name.startswith("hf-transformers"):
+        model = _build_hf(name, spec, ctx.device, dtype).eval()
 
         def hf_generate(ids, n):
             with torch.inference_mode():
@@ -140,7 +154,9 @@ def _gen_setup(name):
 
 
 def _gen_kind(name: str) -> str:
-    return "gptfast" if name == "gptfast" else "reference" if name.startswith("gptfast") else "peer"
+    if name in ("gptfast", "hf-transformers+gptfast"):
+        return "gptfast"
+    return "reference" if name.startswith("gptfast") else "peer"
 
 
 def generation_cases(device_kind: str, quick: bool) -> list[Case]:
@@ -169,20 +185,27 @@ def generation_cases(device_kind: str, quick: bool) -> list[Case]:
 
 
 def _train_step(name: str, spec: dict, ctx: RunContext, dtype):
-    kind = "gptfast" if name.startswith("gptfast") else "nanogpt"
-    model = _build(kind, spec, ctx.device, dtype).train()
+    kind = "gptfast" if name.startswith("gptfast") else "hf" if name.startswith("hf-") else "nanogpt"
+    model = (_build_hf(name, spec, ctx.device, dtype) if kind == "hf" else _build(kind, spec, ctx.device, dtype))
+    model.train()
     fwd = torch.compile(model) if name.endswith("+compile") else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.is_cuda)
     B, T = spec["batch"], spec["seq"]
     x = torch.randint(0, 50000, (B, T), device=ctx.device)
 
     def step():  # as gptfast train computes it: the fused LM head + cross-entropy (targets=)
-        loss = fwd(x, targets=x) if kind == "gptfast" else fwd(x, x)[1]
+        if kind == "gptfast":
+            loss = fwd(x, targets=x)
+        elif kind == "hf":
+            loss = fwd(x, labels=x).loss
+        else:
+            loss = fwd(x, x)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_params -= model.config.n_positions * model.config.n_embd if kind == "gptfast" else model.wpe.weight.numel()
+    n_params = sum(p.numel() for p in model.parameters())  # without the position table (6N counts matmuls)
+    n_params -= model.config.n_positions * model.config.n_embd if kind in ("gptfast", "hf") \
+        else model.wpe.weight.numel()
     return step, n_params
 
 
@@ -225,7 +248,7 @@ def training_cases(device_kind: str, quick: bool) -> list[Case]:
     for preset, overrides, B, T in runs:
         spec = {"preset": preset, "overrides": overrides, "batch": B, "seq": T, "reps": reps}
         label = _label(preset, overrides)
-        providers = [Provider(n, "gptfast" if n.startswith("gptfast") else "peer", _train_setup(n),
+        providers = [Provider(n, "gptfast" if "gptfast" in n else "peer", _train_setup(n),
                               compiled=n.endswith("+compile")) for n in TRAIN_PROVIDERS]
         cases.append(Case(op="e2e", name=f"train step {label} B={B} T={T} AdamW",
                           shape=dict(spec, task="train"), dtype="bf16" if device_kind == "cuda" else "fp32",

@@ -12,7 +12,7 @@ from .ops import backends, use_backend
 __version__ = "0.1.0"
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PromptLookup", "Tokenizer", "ops", "backends", "use_backend",
-           "__version__"]
+           "patch_transformers", "unpatch_transformers", "__version__"]
 
 
 def __getattr__(name):  # lazy: keep `import gptfast` light for the CLI
@@ -22,6 +22,9 @@ def __getattr__(name):  # lazy: keep `import gptfast` light for the CLI
     if name == "PromptLookup":
         from .speculative import PromptLookup
         return PromptLookup
+    if name in ("patch_transformers", "unpatch_transformers"):
+        from . import hf_patch
+        return getattr(hf_patch, name)
     if name == "Tokenizer":
         from .tokenizer import Tokenizer
         return Tokenizer

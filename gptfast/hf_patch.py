@@ -1,0 +1,252 @@
+"""Drop-in: gptfast's ops inside a Hugging Face transformers GPT-2 model.
+
+    model = transformers.GPT2LMHeadModel.from_pretrained("path/to/gpt2").cuda()
+    gptfast.patch_transformers(model)  # the same model object; its hot ops are gptfast's now
+    loss = model(input_ids, labels=input_ids).loss  # Trainer, generate(), PEFT... work as before
+
+For people who keep their transformers pipeline (Trainer, generate, PEFT) and want the fast
+path without moving to `gptfast.GPT`. What is patched, each on this model's modules only:
+
+- attention: registered with transformers' AttentionInterface as "gptfast" and set as the
+  model's attention implementation. Without a mask it runs `ops.attention` (the flash kernel)
+  for the prompt or a training batch, and `ops.decode_attention` (split-K) for one new token
+  over the cache, with transformers' SDPA semantics (is_causal when more than one query:
+  top-left aligned). With a padding mask, or attention dropout in training, it runs
+  transformers' SDPA path instead, and says so once; `attention_dropout=False` runs the
+  kernel in training too, without dropout on the attention weights (as gptfast.GPT does).
+- layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
+  the module keeps). The residual add stays transformers' own, so the add is not fused.
+- mlp: GPT2MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
+  the activation is GELU (tanh for gelu_new / gelu_pytorch_tanh, erf for gelu).
+- cross_entropy: GPT2LMHeadModel in training with labels computes the loss with
+  `ops.linear_cross_entropy`, never holding the [B, T, V] logits; its output then has
+  logits=None (as Liger-Kernel does). Evaluation, and calls without labels, are unchanged.
+
+Each op dispatches as everywhere in gptfast (kernels on CUDA, the reference elsewhere, the
+first fallback logged). `unpatch_transformers(model)` puts transformers' code back.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import types
+
+import torch
+from torch import nn
+
+from . import ops
+
+ATTENTION_NAME = "gptfast"
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+_STATE = "_gptfast_patch"
+logger = logging.getLogger("gptfast")
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str, *args) -> None:
+    if key not in _said and not torch.compiler.is_compiling():
+        _said.add(key)
+        logger.warning(message, *args)
+
+
+def _check_model(model) -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as exc:
+        raise ImportError(f"patch_transformers needs transformers installed: {exc}") from None
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel (GPT-2), got {type(model).__name__}")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type != "gpt2":
+        raise ValueError(f"model must be a GPT-2 model (config.model_type 'gpt2'), got {model_type!r} "
+                         f"({type(model).__name__}); for GPT-1 load it with gptfast.GPT.from_pretrained(model)")
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def gptfast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface over gptfast's kernels; q/k/v [B, H, T, D] -> [B, T, H, D]."""
+    patch = getattr(module, _STATE, {})
+    if not patch.get("attention_dropout", True):
+        dropout = 0.0
+    reason = None
+    if attention_mask is not None:
+        reason = "transformers passed an attention mask (padding)"
+    elif dropout > 0:
+        reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run the "
+                  "kernel without it)")
+    elif not getattr(module, "is_causal", True) or query.shape[2] > key.shape[2]:
+        reason = "not causal self-attention"
+    if reason is not None:
+        _say_once(f"attention:{reason}", "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s",
+                  reason)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
+    tq, tk = query.shape[2], key.shape[2]
+    if tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
+            and not (torch.is_grad_enabled() and query.requires_grad):
+        # one new token over the cache: every key is visible (split-K flash-decoding)
+        lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device)
+        out = ops.decode_attention(query, key, value, lens)
+    else:
+        # SDPA's is_causal: query i sees keys 0..i (top-left), so only the first tq keys matter
+        out = ops.attention(query, key[:, :, :tq], value[:, :, :tq], causal=tq > 1, scale=scale)
+    return out.transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    try:
+        from transformers import AttentionInterface
+    except ImportError as exc:
+        raise ImportError("patching attention needs transformers >= 4.48 (AttentionInterface); "
+                          f"patch with attention=False on this version ({exc})") from None
+    AttentionInterface.register(ATTENTION_NAME, gptfast_attention)
+    try:  # the mask transformers makes for us: SDPA's (None where is_causal is enough)
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _set_attention(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+# ---- LayerNorm, MLP, loss ------------------------------------------------------------------
+
+def _layer_norm_forward(self, x):
+    if torch.is_autocast_enabled(x.device.type) or len(self.normalized_shape) != 1:
+        return nn.LayerNorm.forward(self, x)
+    return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _mlp_forward(self, hidden_states):
+    fc = self.c_fc
+    if type(fc).__name__ != "Conv1D":  # wrapped since the patch (a PEFT adapter...): its own forward
+        return self.dropout(self.c_proj(self.act(fc(hidden_states))))
+    # Conv1D keeps its weight as [in, out]: the transposed view is nn.Linear's [out, in]
+    h = ops.linear_bias_gelu(hidden_states, fc.weight.t(), fc.bias, getattr(self, _STATE)["approximate"])
+    return self.dropout(self.c_proj(h))
+
+
+def _lm_head_forward(self, x):
+    return x if getattr(self, _STATE)["hidden_only"] else nn.Linear.forward(self, x)
+
+
+def _causal_lm_forward(self, *args, labels=None, **kwargs):
+    state = getattr(self, _STATE)
+    original = state["forward"]
+    if (labels is None or not self.training or kwargs.get("return_dict") is False
+            or kwargs.get("logits_to_keep", 0) not in (0, None)
+            or getattr(self.lm_head, _STATE, None) is None):  # the head was replaced or wrapped since
+        return original(*args, labels=labels, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    head = self.lm_head
+    getattr(head, _STATE)["hidden_only"] = True
+    try:
+        out = original(*args, labels=None, **kwargs)
+    finally:
+        getattr(head, _STATE)["hidden_only"] = False
+    hidden = out.logits  # the lm_head passed the final hidden states through
+    if shift_labels is None:  # as transformers' ForCausalLMLoss: position t predicts label t + 1
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
+                                    bias=head.bias, ignore_index=ignore_index)
+    if num_items is not None:  # a sum over the batch divided by the items of all accumulated batches
+        num_items = torch.as_tensor(num_items, device=loss.device)
+        loss = loss * (targets != ignore_index).sum().to(loss.dtype) / num_items.to(loss.dtype)
+    out.loss, out.logits = loss, None
+    return out
+
+
+def _with_signature(function, bound):
+    """A copy of function (self, ...) showing bound's signature, so that what inspects
+    model.forward (Trainer's column filter, generate's argument check) sees transformers' own.
+    A method of it is rebound by copy.deepcopy to the copy, as transformers' forward is."""
+    sig = inspect.signature(bound)
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__doc__ = getattr(bound, "__doc__", None)
+    copy.__signature__ = sig.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()])
+    return copy
+
+
+# ---- public --------------------------------------------------------------------------------
+
+def patch_transformers(model, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
+                       cross_entropy: bool = True, attention_dropout: bool = True):
+    """Run a transformers GPT-2 model's hot ops through gptfast (module docstring); returns the
+    same model. Patching a patched model first undoes the earlier patch."""
+    _check_model(model)
+    if getattr(model, _STATE, None) is not None:
+        unpatch_transformers(model)
+    patched: list[nn.Module] = []
+
+    def patch(module, forward, **state):
+        setattr(module, _STATE, state)
+        module.forward = types.MethodType(forward, module)
+        patched.append(module)
+
+    act = getattr(model.config, "activation_function", None)
+    for module in model.modules():
+        name = type(module).__name__
+        if layer_norm and isinstance(module, nn.LayerNorm):
+            patch(module, _layer_norm_forward)
+        elif mlp and name == "GPT2MLP":
+            if act in _GELU:
+                patch(module, _mlp_forward, approximate=_GELU[act])
+            else:
+                _say_once(f"mlp:{act}", "gptfast: the MLP keeps transformers' code: activation %r is not GELU "
+                          "(patched: %s)", act, ", ".join(_GELU))
+        elif attention and name == "GPT2Attention":
+            setattr(module, _STATE, {"attention_dropout": attention_dropout})
+    previous = getattr(model.config, "_attn_implementation", None)
+    if attention:
+        _register_attention()
+        _set_attention(model, ATTENTION_NAME)
+    if cross_entropy and isinstance(getattr(model, "lm_head", None), nn.Linear) \
+            and type(model).__name__ == "GPT2LMHeadModel":
+        patch(model.lm_head, _lm_head_forward, hidden_only=False)
+        forward = model.forward  # transformers' (bound), called by _causal_lm_forward
+        model.forward = types.MethodType(_with_signature(_causal_lm_forward, forward), model)
+    else:
+        forward = None
+    setattr(model, _STATE, {"forward": forward, "modules": patched, "attention": previous if attention else None,
+                            "attention_modules": attention})
+    return model
+
+
+def unpatch_transformers(model):
+    """Undo patch_transformers: transformers' own forwards and attention implementation again."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return model
+    for module in state["modules"]:
+        del module.forward  # the instance attribute: the class's forward shows through again
+        delattr(module, _STATE)
+    if state["forward"] is not None:
+        del model.forward
+    for module in model.modules():
+        if type(module).__name__ == "GPT2Attention" and hasattr(module, _STATE):
+            delattr(module, _STATE)
+    if state["attention_modules"]:
+        _set_attention(model, state["attention"] or "eager")
+    delattr(model, _STATE)
+    return model

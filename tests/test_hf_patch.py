@@ -1,0 +1,240 @@
+"""gptfast.patch_transformers: a transformers GPT-2 model with gptfast's ops computes what
+transformers computes (logits, loss, gradients, generations), through the kernels under the
+interpreter on CPU and natively on a GPU."""
+import copy
+import logging
+
+import pytest
+import torch
+
+import gptfast
+from gptfast import ops
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.masking_utils")
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hf_gpt2(seed=0, **kw):
+    """A random GPT-2 with randomized LayerNorms and biases (nothing left at an identity), and
+    weights large enough that each op's error shows in the logits (transformers' init, std 0.02,
+    would hide, say, erf GELU in place of tanh)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=211, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    cfg.update(kw)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("ln_1.weight") else 0.0))
+            else:
+                p.normal_(0.0, 0.15)
+    model.config._attn_implementation = "eager"  # the unpatched model's attention: transformers' own
+    return model.to(DEV).eval()
+
+
+class Calls:
+    """Counts the calls of each gptfast op the patch routes to."""
+
+    NAMES = ("attention", "decode_attention", "layer_norm", "linear_bias_gelu", "linear_cross_entropy")
+
+    def __init__(self, monkeypatch):
+        self.n = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            original = getattr(ops, name)
+
+            def counted(*a, _name=name, _original=original, **k):
+                self.n[_name] += 1
+                return _original(*a, **k)
+            monkeypatch.setattr(ops, name, counted)
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def backend(request):
+    if request.param == "kernel":
+        pytest.importorskip("triton")
+    with gptfast.use_backend(request.param):
+        yield request.param
+
+
+def tolerance(backend):
+    return {"rtol": 1e-5, "atol": 1e-5} if backend == "torch" else {"rtol": 3e-5, "atol": 3e-5}
+
+
+def test_logits_equal_transformers(backend, monkeypatch):
+    model = hf_gpt2()
+    ids = torch.randint(0, 211, (3, 29), device=DEV)
+    with torch.no_grad():
+        want = model(ids).logits
+    calls = Calls(monkeypatch)
+    gptfast.patch_transformers(model)
+    assert model.config._attn_implementation == "gptfast"
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, **tolerance(backend))
+    assert calls.n["attention"] == 2 and calls.n["layer_norm"] == 5 and calls.n["linear_bias_gelu"] == 2, calls.n
+
+
+def test_training_loss_and_gradients_equal_transformers(backend, monkeypatch):
+    model = hf_gpt2(seed=1)
+    patched = copy.deepcopy(model)
+    calls = Calls(monkeypatch)
+    gptfast.patch_transformers(patched)
+    ids = torch.randint(0, 211, (2, 23), device=DEV)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt not trained on
+    results = []
+    for m in (model.train(), patched.train()):
+        out = m(ids, labels=labels)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    assert got.logits is None and ref.logits is not None  # the fused loss never made the logits
+    assert calls.n["linear_cross_entropy"] == 1 and calls.n["attention"] == 2
+    torch.testing.assert_close(got.loss, ref.loss, **tolerance(backend))
+    assert ref_grads.keys() == grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **tolerance(backend), msg=name)
+
+
+def test_loss_over_items_of_accumulated_batches(monkeypatch):
+    """Trainer's num_items_in_batch: the loss is the sum over this batch's targets divided by it."""
+    model = hf_gpt2(seed=2).train()
+    patched = gptfast.patch_transformers(copy.deepcopy(model))
+    ids = torch.randint(0, 211, (2, 17), device=DEV)
+    labels = ids.clone()
+    labels[1, 3:9] = -100
+    items = torch.tensor(57, device=DEV)
+    want = model(ids, labels=labels, num_items_in_batch=items).loss
+    got = patched(ids, labels=labels, num_items_in_batch=items).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    mean = patched(ids, labels=labels).loss
+    torch.testing.assert_close(got, mean * (labels[:, 1:] != -100).sum() / 57, rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_generation_equals_transformers(backend, monkeypatch):
+    model = hf_gpt2(seed=3)
+    ids = torch.randint(0, 211, (2, 11), device=DEV)
+    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+              return_dict_in_generate=True, output_logits=True)
+    want = model.generate(ids, **kw)
+    calls = Calls(monkeypatch)
+    gptfast.patch_transformers(model)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):  # each step's logits, not only its argmax
+        torch.testing.assert_close(a, b, **tolerance(backend), msg=f"step {step}")
+    # the prompt through the flash kernel, each new token over the cache through split-K decoding
+    assert calls.n["attention"] == 2 and calls.n["decode_attention"] == 2 * 8, calls.n
+
+
+def test_padding_and_dropout_run_sdpa_and_say_so(caplog):
+    model = hf_gpt2(seed=4)
+    ids = torch.randint(1, 211, (2, 10), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row
+    want = model(ids, attention_mask=mask).logits
+    gptfast.patch_transformers(model)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert "attention mask (padding)" in caplog.text
+
+    drop = gptfast.patch_transformers(hf_gpt2(seed=4, attn_pdrop=0.1)).train()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        drop(ids, labels=ids)
+    assert "attention dropout p=0.1" in caplog.text
+    keep = gptfast.patch_transformers(hf_gpt2(seed=4, attn_pdrop=0.1), attention_dropout=False).train()
+    torch.testing.assert_close(keep(ids, labels=ids).loss, hf_gpt2(seed=4).train()(ids, labels=ids).loss,
+                               rtol=1e-5, atol=1e-5)  # no dropout on the attention weights at all
+
+
+def test_unpatch_puts_transformers_back():
+    model = hf_gpt2(seed=5)
+    ids = torch.randint(0, 211, (1, 12), device=DEV)
+    want = model(ids).logits
+    gptfast.patch_transformers(model)
+    gptfast.patch_transformers(model, mlp=False)  # a second patch replaces the first
+    assert "forward" not in vars(model.transformer.h[0].mlp)
+    gptfast.unpatch_transformers(model)
+    assert model.config._attn_implementation == "eager"
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(model(ids).logits, want)
+
+
+def test_a_patched_model_copies_and_shows_transformers_signature():
+    """Trainer drops dataset columns that model.forward's signature does not name, and copies
+    of a model (deepcopy) must run on their own weights."""
+    import inspect
+
+    model = gptfast.patch_transformers(hf_gpt2(seed=7)).train()
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels"} <= set(params), list(params)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids = torch.randint(0, 211, (1, 9), device=DEV)
+    a, b = model(ids, labels=ids).loss, twin(ids, labels=ids).loss
+    assert not torch.allclose(a, b)
+    gptfast.unpatch_transformers(twin)
+    torch.testing.assert_close(twin(ids, labels=ids).loss, b, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_wrapped_after_the_patch_keep_their_own_forward():
+    """A PEFT-style wrapper put around c_fc or lm_head after patching is not bypassed."""
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    model = hf_gpt2(seed=8).train()
+    patched = gptfast.patch_transformers(copy.deepcopy(model))
+    for m in (model, patched):
+        m.transformer.h[1].mlp.c_fc = Doubled(m.transformer.h[1].mlp.c_fc)
+        m.lm_head = Doubled(m.lm_head)
+    ids = torch.randint(0, 211, (2, 9), device=DEV)
+    want = model(ids, labels=ids)
+    got = patched(ids, labels=ids)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    assert got.logits is not None  # the unfused head, as the wrapper asks
+
+
+def test_bad_models_are_refused():
+    with pytest.raises(TypeError, match="must be a transformers PreTrainedModel"):
+        gptfast.patch_transformers(torch.nn.Linear(2, 2))
+    gpt1 = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="GPT-2 model .*got 'openai-gpt'"):
+        gptfast.patch_transformers(gpt1)
+
+
+@pytest.mark.gpu
+def test_patched_bf16_training_on_cuda_matches_within_twice_transformers_error():
+    """On a GPU at GPT-2 124M's width: the patched model's loss and gradients in bf16 are as
+    close to an fp32 run as transformers' own bf16 run is (the kernels, not the reference)."""
+    cfg = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=2, n_head=12)
+    ref32 = hf_gpt2(seed=6, **cfg).train()
+    ids = torch.randint(0, 50257, (4, 512), device=DEV)
+    runs = {}
+    for name in ("fp32", "hf-bf16", "gptfast-bf16"):
+        m = copy.deepcopy(ref32)
+        if name != "fp32":
+            m = m.to(torch.bfloat16)
+        if name == "gptfast-bf16":
+            gptfast.patch_transformers(m)
+        with gptfast.use_backend("kernel" if name == "gptfast-bf16" else "torch"):
+            loss = m(ids, labels=ids).loss
+            loss.backward()
+        runs[name] = (loss.float(), m.transformer.h[0].mlp.c_fc.weight.grad.float())
+    for k in (0, 1):
+        err_hf = (runs["hf-bf16"][k] - runs["fp32"][k]).abs().max()
+        err = (runs["gptfast-bf16"][k] - runs["fp32"][k]).abs().max()
+        assert err <= 2 * err_hf + 1e-3, (k, err.item(), err_hf.item())
