@@ -207,6 +207,20 @@ def test_modules_wrapped_after_the_patch_keep_their_own_forward():
     assert got.logits is not None  # the unfused head, as the wrapper asks
 
 
+def test_patched_training_step_traces_fullgraph():
+    """torch.compile(fullgraph=True) traces the patched model's training loss with no graph
+    break (the ops are torch.library custom ops); backend "eager" keeps the test fast."""
+    torch._dynamo.reset()
+    model = hf_gpt2(seed=9).train()
+    ids = torch.randint(0, 211, (2, 17), device=DEV)
+    want = model(ids, labels=ids).loss
+    gptfast.patch_transformers(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    got = compiled(ids, labels=ids)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_models_are_refused():
     with pytest.raises(TypeError, match="must be a transformers PreTrainedModel"):
         gptfast.patch_transformers(torch.nn.Linear(2, 2))
