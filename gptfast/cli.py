@@ -339,12 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("prepare", help="tokenize a corpus once into train.bin / val.bin for gptfast train "
                                        "(nanoGPT's layout; resumes an interrupted run)")
-    d.add_argument("inputs", nargs="+", help="text (.txt, .md) or JSON-lines (.jsonl) files, or directories")
+    d.add_argument("inputs", nargs="+", help="text (.txt, .md), JSON-lines (.jsonl) or Parquet (.parquet) files, "
+                                             "or directories")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--tokenizer", help="tokenizer directory (a checkpoint's)")
     d.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the inputs instead")
     d.add_argument("--val-fraction", type=float, default=0.005, help="share of the tokens kept for validation")
-    d.add_argument("--text-field", default="text", help="the field of a JSON line that holds its text")
+    d.add_argument("--text-field", default="text", help="the field of a JSON line (column of a Parquet file) "
+                                                        "that holds its text")
     d.add_argument("--restart", action="store_true",
                    help="start afresh instead of resuming an interrupted run of the same job in --out")
     d.add_argument("--quiet", action="store_true")

@@ -13,8 +13,9 @@ A prepared directory holds nanoGPT's layout, so nanoGPT's train.py reads it as i
 A nanoGPT-prepared directory (train.bin + val.bin of GPT-2 ids, no meta.json) trains too, with
 the tokenizer given by --tokenizer or --init.
 
-Inputs: text files (.txt, .md: one document each) and JSON lines (.jsonl: one document per
-line, its "text" field), or directories searched for them. Long texts are encoded in pieces cut
+Inputs: text files (.txt, .md: one document each), JSON lines (.jsonl: one document per
+line, its "text" field) and Parquet files (.parquet, as Hugging Face datasets ship: one document
+per row, its "text" column; needs pyarrow), or directories searched for them. Long texts are encoded in pieces cut
 just before a newline with non-space characters on both sides, which for GPT-2's byte-level BPE
 (and BERT-style splitters) gives the ids of the whole text (`Tokenizer.splits_at_newlines`);
 pieces are encoded in parallel batches. The validation split is the last val_fraction of the
@@ -42,6 +43,9 @@ FORMAT = "gptfast-tokens"
 VERSION = 1
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+SOURCE_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+PARQUET_BATCH_ROWS = 1024
 PIECE_CHARS = 1 << 18  # a piece handed to the tokenizer: about 256 KB of text
 BATCH_CHARS = 16 << 20  # pieces encoded together (in parallel by the tokenizer)
 STATE = ".prepare-state.json"  # an unfinished prepare's progress (removed when it completes)
@@ -62,9 +66,9 @@ def find_sources(inputs: Sequence[str]) -> list[str]:
     for path in inputs:
         if os.path.isdir(path):
             found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                           if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+                           if name.endswith(SOURCE_SUFFIXES))
             if not found:
-                raise ValueError(f"{path} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+                raise ValueError(f"{path} holds no {'/'.join(SOURCE_SUFFIXES)} files")
             files += found
         elif os.path.isfile(path):
             files.append(path)
@@ -117,7 +121,10 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
                    ) -> Iterator[tuple[str, bool, int]]:
     """(piece, ends_document, bytes_read) for one file. A text file is one document, read in
     blocks and cut into pieces as it streams (piece_chars None: one piece, the whole file); a
-    JSON-lines file has one document per line."""
+    JSON-lines file has one document per line, a Parquet file one per row (its text_field column)."""
+    if path.endswith(PARQUET_SUFFIXES):
+        yield from _parquet_documents(path, text_field, piece_chars)
+        return
     if path.endswith(JSONL_SUFFIXES):
         with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
@@ -157,6 +164,39 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
                 searched = len(buf)  # a text with no cut point is searched once, not once a block
             yield "", False, len(block)  # progress only
     yield buf, True, 0
+
+
+def _parquet_documents(path: str, text_field: str, piece_chars: Optional[int]) -> Iterator[tuple[str, bool, int]]:
+    """The rows of a Parquet file's text column (Hugging Face datasets' shards: FineWeb, OpenWebText
+    ...), read a batch of rows at a time; a null text is no document. Progress counts the file's
+    bytes in proportion to the rows read."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a Parquet file: {exc}") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise ValueError(f"{path}: no {text_field!r} column (columns: {', '.join(schema.names)}); "
+                         "name the text column with --text-field")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column {text_field!r} must hold strings, got {kind}")
+    size, rows, row, counted = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0, 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            step, counted = size * row // rows - counted, size * row // rows
+            if text is None:
+                yield "", False, step
+                continue
+            pieces = split_text(text, piece_chars) if piece_chars else [text]
+            for k, piece in enumerate(pieces):
+                yield piece, k == len(pieces) - 1, step if k == 0 else 0
 
 
 def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.005, text_field: str = "text",

@@ -302,6 +302,68 @@ def test_cli_prepare_resumes_with_the_tokenizer_it_trained(tmp_path, monkeypatch
     assert _prepared(tmp_path / "out") == _prepared(tmp_path / "whole")
 
 
+def _write_parquet(path, texts, column="text", **extra):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({column: texts, **extra}), str(path), row_group_size=3)
+
+
+def test_prepare_reads_parquet_rows(gpt2_tok, tmp_path, monkeypatch):
+    import gptfast.data
+
+    monkeypatch.setattr(gptfast.data, "PARQUET_BATCH_ROWS", 2)  # rows over several batches and row groups
+    texts = [random_text(n, 40 + n) for n in (30, 1, 900, 55, 7, 300, 12)]
+    rows = texts[:3] + [None] + texts[3:]  # a null text is no document
+    _write_parquet(tmp_path / "shard.parquet", rows, id=list(range(len(rows))))
+    meta = prepare([str(tmp_path)], str(tmp_path / "out"), gpt2_tok, progress=False, piece_chars=200,
+                   val_fraction=0)
+    want = [i for t in texts for i in gpt2_tok.encode(t) + [gpt2_tok.eos_token_id]]
+    got, _, _, _ = open_tokens(str(tmp_path / "out"))
+    assert got.tolist() == want
+    assert meta["documents"] == len(texts) and meta["sources"]["files"] == 1
+    read = sum(n for _, _, n in gptfast.data.iter_documents(str(tmp_path / "shard.parquet"), "text", 200))
+    assert read == os.path.getsize(tmp_path / "shard.parquet")  # the progress bar ends at the file's size
+
+    _write_parquet(tmp_path / "other.parquet", texts, column="content")
+    prepare([str(tmp_path / "other.parquet")], str(tmp_path / "content"), gpt2_tok, progress=False,
+            text_field="content", val_fraction=0)
+    assert open_tokens(str(tmp_path / "content"))[0].tolist() == want
+
+
+def test_parquet_errors_name_the_file_and_column(gpt2_tok, tmp_path):
+    _write_parquet(tmp_path / "a.parquet", ["x"], column="body")
+    with pytest.raises(ValueError, match=r"a\.parquet: no 'text' column \(columns: body\).*--text-field"):
+        prepare([str(tmp_path / "a.parquet")], str(tmp_path / "o"), gpt2_tok, progress=False)
+    _write_parquet(tmp_path / "b.parquet", [1, 2], column="text")
+    with pytest.raises(ValueError, match="column 'text' must hold strings, got int64"):
+        prepare([str(tmp_path / "b.parquet")], str(tmp_path / "o"), gpt2_tok, progress=False)
+    (tmp_path / "c.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"c\.parquet: not a Parquet file"):
+        prepare([str(tmp_path / "c.parquet")], str(tmp_path / "o"), gpt2_tok, progress=False)
+
+
+def test_an_interrupted_parquet_prepare_resumes(gpt2_tok, tmp_path, monkeypatch, small_batches):
+    import gptfast.data
+
+    monkeypatch.setattr(gptfast.data, "PARQUET_BATCH_ROWS", 3)
+    _write_parquet(tmp_path / "s.parquet", [random_text(120, 60 + k) for k in range(20)])
+    prepare([str(tmp_path / "s.parquet")], str(tmp_path / "whole"), gpt2_tok, **small_batches)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(gpt2_tok, "encode_batch", _Counted(gpt2_tok, die_at=4))
+        prepare([str(tmp_path / "s.parquet")], str(tmp_path / "out"), gpt2_tok, **small_batches)
+    counted = _Counted(gpt2_tok)
+    with monkeypatch.context() as m:
+        m.setattr(gpt2_tok, "encode_batch", counted)
+        prepare([str(tmp_path / "s.parquet")], str(tmp_path / "out"), gpt2_tok, **small_batches)
+    assert _prepared(tmp_path / "out") == _prepared(tmp_path / "whole")
+    whole = _Counted(gpt2_tok)
+    with monkeypatch.context() as m:
+        m.setattr(gpt2_tok, "encode_batch", whole)
+        prepare([str(tmp_path / "s.parquet")], str(tmp_path / "again"), gpt2_tok, **small_batches)
+    assert counted.calls == whole.calls - 3  # the three batches done before the interruption
+
+
 def test_cli_prepare(tmp_path, capsys):
     text = random_text(4000, 9)
     (tmp_path / "a.txt").write_text(text)
