@@ -91,14 +91,15 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
     tq, tk = query.shape[2], key.shape[2]
-    if tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
+    if tq > 1:  # SDPA's is_causal: query i sees keys 0..i (top-left), so only the first tq keys matter
+        out = ops.attention(query, key[:, :, :tq], value[:, :, :tq], causal=True, scale=scale)
+    elif tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
             and not (torch.is_grad_enabled() and query.requires_grad):
         # one new token over the cache: every key is visible (split-K flash-decoding)
         lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device)
         out = ops.decode_attention(query, key, value, lens)
-    else:
-        # SDPA's is_causal: query i sees keys 0..i (top-left), so only the first tq keys matter
-        out = ops.attention(query, key[:, :, :tq], value[:, :, :tq], causal=tq > 1, scale=scale)
+    else:  # one query, another scale (or a gradient): every key is visible too
+        out = ops.attention(query, key, value, causal=False, scale=scale)
     return out.transpose(1, 2), None
 
 
