@@ -83,7 +83,8 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
     elif dropout > 0:
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run the "
                   "kernel without it)")
-    elif not getattr(module, "is_causal", True) or query.shape[2] > key.shape[2]:
+    elif (not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False
+          or not getattr(getattr(module, "config", None), "is_causal", True) or query.shape[2] > key.shape[2]):
         reason = "not causal self-attention"
     if reason is not None:
         _say_once(f"attention:{reason}", "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s",

@@ -158,6 +158,19 @@ def test_padding_and_dropout_run_sdpa_and_say_so(caplog):
                                rtol=1e-5, atol=1e-5)  # no dropout on the attention weights at all
 
 
+def test_bidirectional_config_runs_sdpa(caplog):
+    """transformers' config.is_causal=False (its bidirectional switch) is not causal attention."""
+    model = hf_gpt2(seed=10)
+    model.config.is_causal = False
+    ids = torch.randint(0, 211, (2, 9), device=DEV)
+    want = model(ids).logits
+    gptfast.patch_transformers(model)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "not causal self-attention" in caplog.text
+
+
 def test_unpatch_puts_transformers_back():
     model = hf_gpt2(seed=5)
     ids = torch.randint(0, 211, (1, 12), device=DEV)
