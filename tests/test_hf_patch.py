@@ -99,6 +99,19 @@ def test_training_loss_and_gradients_equal_transformers(backend, monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], **tolerance(backend), msg=name)
 
 
+def test_with_transformers_gradient_checkpointing():
+    """Trainer's gradient_checkpointing: the blocks recompute through the patched modules."""
+    model = hf_gpt2(seed=11).train()
+    patched = gptfast.patch_transformers(copy.deepcopy(model))
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 211, (2, 15), device=DEV)
+    for m in (model, patched):
+        m(ids, labels=ids).loss.backward()
+    assert patched.transformer.gradient_checkpointing
+    for (name, a), (_, b) in zip(model.named_parameters(), patched.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_loss_over_items_of_accumulated_batches(monkeypatch):
     """Trainer's num_items_in_batch: the loss is the sum over this batch's targets divided by it."""
     model = hf_gpt2(seed=2).train()
