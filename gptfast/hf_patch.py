@@ -1,4 +1,4 @@
-"""Drop-in: gptfast's ops inside a Hugging Face transformers GPT-2 model.
+"""Drop-in: gptfast's ops inside a Hugging Face transformers GPT-2 (or GPT-1) model.
 
     model = transformers.GPT2LMHeadModel.from_pretrained("path/to/gpt2").cuda()
     gptfast.patch_transformers(model)  # the same model object; its hot ops are gptfast's now
@@ -16,11 +16,15 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   kernel in training too, without dropout on the attention weights (as gptfast.GPT does).
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
   the module keeps). The residual add stays transformers' own, so the add is not fused.
-- mlp: GPT2MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
-  the activation is GELU (tanh for gelu_new / gelu_pytorch_tanh, erf for gelu).
+- mlp: the MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
+  its activation module is a GELU: the tanh form (gelu_new, gelu_pytorch_tanh, and GPT-1's
+  "gelu", which transformers computes with the tanh form) or the erf form (GPT-2's "gelu").
 - cross_entropy: GPT2LMHeadModel in training with labels computes the loss with
   `ops.linear_cross_entropy`, never holding the [B, T, V] logits; its output then has
   logits=None (as Liger-Kernel does). Evaluation, and calls without labels, are unchanged.
+
+GPT-1 (OpenAIGPT*, post-LN, no KV cache) gets the same, its attention through `ops.attention`
+in place of the Attention module's `_attn` (no mask, no attention weights asked for, no dropout).
 
 Each op dispatches as everywhere in gptfast (kernels on CUDA, the reference elsewhere, the
 first fallback logged). `unpatch_transformers(model)` puts transformers' code back.
@@ -38,7 +42,8 @@ from torch import nn
 from . import ops
 
 ATTENTION_NAME = "gptfast"
-_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+MODEL_TYPES = ("gpt2", "openai-gpt")
+_TANH_GELUS = ("NewGELUActivation", "PytorchGELUTanh", "GELUTanh")  # transformers' activation modules
 _STATE = "_gptfast_patch"
 logger = logging.getLogger("gptfast")
 _said: set[str] = set()
@@ -58,9 +63,21 @@ def _check_model(model) -> None:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel (GPT-2), got {type(model).__name__}")
     model_type = getattr(model.config, "model_type", None)
-    if model_type != "gpt2":
-        raise ValueError(f"model must be a GPT-2 model (config.model_type 'gpt2'), got {model_type!r} "
-                         f"({type(model).__name__}); for GPT-1 load it with gptfast.GPT.from_pretrained(model)")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model must be a GPT-2 or GPT-1 model (config.model_type one of {MODEL_TYPES}), got "
+                         f"{model_type!r} ({type(model).__name__})")
+
+
+def _gelu_form(act) -> "str | None":
+    """"tanh" or "none" (erf) for a GELU activation module, None for anything else."""
+    name = type(act).__name__
+    if name in _TANH_GELUS:
+        return "tanh"
+    if name == "GELUActivation":
+        return "none"
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return None
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -104,6 +121,26 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2), None
 
 
+def _gpt1_attn(self, q, k, v, *args, **kwargs):
+    """OpenAIGPT's Attention._attn (k comes transposed, [B, H, D, T]) through ops.attention when
+    it is plain causal attention: no mask, no head mask, no attention weights, no dropout."""
+    state = getattr(self, _STATE)
+    given = {**dict(zip(state["arguments"], args)), **kwargs}  # attention_mask, (head_mask,) output_attentions
+    asked = sorted(name for name, value in given.items() if value is not None and value is not False)
+    dropout = self.attn_dropout.p if self.training and state["attention_dropout"] else 0.0
+    reason = None
+    if asked:
+        reason = "it was given " + ", ".join(asked)
+    elif dropout > 0:
+        reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run "
+                  "the kernel without it)")
+    if reason is not None:
+        _say_once(f"gpt1-attention:{reason}", "gptfast: GPT-1 attention runs transformers' code: %s", reason)
+        return type(self)._attn(self, q, k, v, *args, **kwargs)
+    scale = 1.0 / math.sqrt(v.shape[-1]) if self.scale else 1.0
+    return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale)]
+
+
 def _register_attention() -> None:
     try:
         from transformers import AttentionInterface
@@ -141,6 +178,9 @@ def _mlp_forward(self, hidden_states):
     # Conv1D keeps its weight as [in, out]: the transposed view is nn.Linear's [out, in]
     h = ops.linear_bias_gelu(hidden_states, fc.weight.t(), fc.bias, getattr(self, _STATE)["approximate"])
     return self.dropout(self.c_proj(h))
+
+
+_LM_HEAD_MODELS = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel")
 
 
 def _lm_head_forward(self, x):
@@ -194,44 +234,49 @@ def _with_signature(function, bound):
 
 def patch_transformers(model, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
                        cross_entropy: bool = True, attention_dropout: bool = True):
-    """Run a transformers GPT-2 model's hot ops through gptfast (module docstring); returns the
-    same model. Patching a patched model first undoes the earlier patch."""
+    """Run a transformers GPT-2 or GPT-1 model's hot ops through gptfast (module docstring);
+    returns the same model. Patching a patched model first undoes the earlier patch."""
     _check_model(model)
     if getattr(model, _STATE, None) is not None:
         unpatch_transformers(model)
-    patched: list[nn.Module] = []
+    patched: list[tuple[nn.Module, str]] = []  # (module, attribute) of each instance override
+    gpt1 = model.config.model_type == "openai-gpt"
 
-    def patch(module, forward, **state):
+    def patch(module, function, attr="forward", **state):
         setattr(module, _STATE, state)
-        module.forward = types.MethodType(forward, module)
-        patched.append(module)
+        setattr(module, attr, types.MethodType(function, module))
+        patched.append((module, attr))
 
-    act = getattr(model.config, "activation_function", None)
     for module in model.modules():
         name = type(module).__name__
         if layer_norm and isinstance(module, nn.LayerNorm):
             patch(module, _layer_norm_forward)
-        elif mlp and name == "GPT2MLP":
-            if act in _GELU:
-                patch(module, _mlp_forward, approximate=_GELU[act])
+        elif mlp and name in ("GPT2MLP", "MLP") and hasattr(module, "c_fc") and hasattr(module, "act"):
+            form = _gelu_form(module.act)
+            if form is not None:
+                patch(module, _mlp_forward, approximate=form)
             else:
-                _say_once(f"mlp:{act}", "gptfast: the MLP keeps transformers' code: activation %r is not GELU "
-                          "(patched: %s)", act, ", ".join(_GELU))
+                _say_once(f"mlp:{type(module.act).__name__}", "gptfast: the MLP keeps transformers' code: its "
+                          "activation %s is not a GELU", type(module.act).__name__)
         elif attention and name == "GPT2Attention":
             setattr(module, _STATE, {"attention_dropout": attention_dropout})
+        elif attention and gpt1 and name == "Attention" and hasattr(module, "_attn"):
+            arguments = list(inspect.signature(type(module)._attn).parameters)[4:]  # after self, q, k, v
+            patch(module, _gpt1_attn, "_attn", attention_dropout=attention_dropout, arguments=arguments)
     previous = getattr(model.config, "_attn_implementation", None)
-    if attention:
+    interface = attention and not gpt1  # GPT-1's attention has no interface: its _attn is patched above
+    if interface:
         _register_attention()
         _set_attention(model, ATTENTION_NAME)
     if cross_entropy and isinstance(getattr(model, "lm_head", None), nn.Linear) \
-            and type(model).__name__ == "GPT2LMHeadModel":
+            and type(model).__name__ in _LM_HEAD_MODELS:
         patch(model.lm_head, _lm_head_forward, hidden_only=False)
         forward = model.forward  # transformers' (bound), called by _causal_lm_forward
         model.forward = types.MethodType(_with_signature(_causal_lm_forward, forward), model)
     else:
         forward = None
-    setattr(model, _STATE, {"forward": forward, "modules": patched, "attention": previous if attention else None,
-                            "attention_modules": attention})
+    setattr(model, _STATE, {"forward": forward, "modules": patched, "attention": previous if interface else None,
+                            "attention_modules": interface})
     return model
 
 
@@ -240,9 +285,10 @@ def unpatch_transformers(model):
     state = getattr(model, _STATE, None)
     if state is None:
         return model
-    for module in state["modules"]:
-        del module.forward  # the instance attribute: the class's forward shows through again
-        delattr(module, _STATE)
+    for module, attr in state["modules"]:
+        delattr(module, attr)  # the instance attribute: the class's method shows through again
+        if hasattr(module, _STATE):
+            delattr(module, _STATE)
     if state["forward"] is not None:
         del model.forward
     for module in model.modules():

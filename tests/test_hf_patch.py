@@ -16,15 +16,18 @@ pytest.importorskip("transformers.masking_utils")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def hf_gpt2(seed=0, **kw):
-    """A random GPT-2 with randomized LayerNorms and biases (nothing left at an identity), and
-    weights large enough that each op's error shows in the logits (transformers' init, std 0.02,
-    would hide, say, erf GELU in place of tanh)."""
+def hf_gpt2(seed=0, family="gpt2", **kw):
+    """A random GPT-2 (or GPT-1) with randomized LayerNorms and biases (nothing left at an
+    identity), and weights large enough that each op's error shows in the logits (transformers'
+    init, std 0.02, would hide, say, erf GELU in place of tanh)."""
     torch.manual_seed(seed)
     cfg = dict(vocab_size=211, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-               attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+               attn_pdrop=0.0)
     cfg.update(kw)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=None, eos_token_id=None, **cfg))
+    else:
+        model = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
@@ -63,22 +66,30 @@ def tolerance(backend):
     return {"rtol": 1e-5, "atol": 1e-5} if backend == "torch" else {"rtol": 3e-5, "atol": 3e-5}
 
 
-def test_logits_equal_transformers(backend, monkeypatch):
-    model = hf_gpt2()
+FAMILIES = ["gpt2", "gpt1"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers(backend, monkeypatch, family):
+    model = hf_gpt2(family=family)
     ids = torch.randint(0, 211, (3, 29), device=DEV)
     with torch.no_grad():
         want = model(ids).logits
     calls = Calls(monkeypatch)
     gptfast.patch_transformers(model)
-    assert model.config._attn_implementation == "gptfast"
+    if family == "gpt2":
+        assert model.config._attn_implementation == "gptfast"
     with torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got, want, **tolerance(backend))
-    assert calls.n["attention"] == 2 and calls.n["layer_norm"] == 5 and calls.n["linear_bias_gelu"] == 2, calls.n
+    layer_norms = 5 if family == "gpt2" else 4  # GPT-1 (post-LN) has no final LayerNorm
+    assert calls.n["attention"] == 2 and calls.n["layer_norm"] == layer_norms, calls.n
+    assert calls.n["linear_bias_gelu"] == 2, calls.n
 
 
-def test_training_loss_and_gradients_equal_transformers(backend, monkeypatch):
-    model = hf_gpt2(seed=1)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_and_gradients_equal_transformers(backend, monkeypatch, family):
+    model = hf_gpt2(seed=1, family=family)
     patched = copy.deepcopy(model)
     calls = Calls(monkeypatch)
     gptfast.patch_transformers(patched)
@@ -161,14 +172,29 @@ def test_padding_and_dropout_run_sdpa_and_say_so(caplog):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
     assert "attention mask (padding)" in caplog.text
 
-    drop = gptfast.patch_transformers(hf_gpt2(seed=4, attn_pdrop=0.1)).train()
-    caplog.clear()
+    for family in FAMILIES:
+        drop = gptfast.patch_transformers(hf_gpt2(seed=4, family=family, attn_pdrop=0.1)).train()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gptfast"):
+            drop(ids, labels=ids)
+        assert "attention dropout p=0.1" in caplog.text, family
+        keep = gptfast.patch_transformers(hf_gpt2(seed=4, family=family, attn_pdrop=0.1),
+                                          attention_dropout=False).train()
+        plain = hf_gpt2(seed=4, family=family).train()
+        torch.testing.assert_close(keep(ids, labels=ids).loss, plain(ids, labels=ids).loss,
+                                   rtol=1e-5, atol=1e-5)  # no dropout on the attention weights at all
+
+
+def test_gpt1_attention_weights_asked_for_run_transformers_code(caplog):
+    model = hf_gpt2(seed=12, family="gpt1")
+    ids = torch.randint(0, 211, (2, 10), device=DEV)
+    want = model(ids, output_attentions=True)
+    gptfast.patch_transformers(model)
     with caplog.at_level(logging.WARNING, logger="gptfast"):
-        drop(ids, labels=ids)
-    assert "attention dropout p=0.1" in caplog.text
-    keep = gptfast.patch_transformers(hf_gpt2(seed=4, attn_pdrop=0.1), attention_dropout=False).train()
-    torch.testing.assert_close(keep(ids, labels=ids).loss, hf_gpt2(seed=4).train()(ids, labels=ids).loss,
-                               rtol=1e-5, atol=1e-5)  # no dropout on the attention weights at all
+        got = model(ids, output_attentions=True)
+    assert "it was given output_attentions" in caplog.text
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.attentions[1], want.attentions[1])
 
 
 def test_bidirectional_config_runs_sdpa(caplog):
@@ -184,8 +210,9 @@ def test_bidirectional_config_runs_sdpa(caplog):
     assert "not causal self-attention" in caplog.text
 
 
-def test_unpatch_puts_transformers_back():
-    model = hf_gpt2(seed=5)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_puts_transformers_back(family):
+    model = hf_gpt2(seed=5, family=family)
     ids = torch.randint(0, 211, (1, 12), device=DEV)
     want = model(ids).logits
     gptfast.patch_transformers(model)
@@ -193,7 +220,7 @@ def test_unpatch_puts_transformers_back():
     assert "forward" not in vars(model.transformer.h[0].mlp)
     gptfast.unpatch_transformers(model)
     assert model.config._attn_implementation == "eager"
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any("forward" in vars(m) or "_attn" in vars(m) for m in model.modules())
     assert torch.equal(model(ids).logits, want)
 
 
@@ -256,10 +283,10 @@ def test_patched_training_step_traces_fullgraph():
 def test_bad_models_are_refused():
     with pytest.raises(TypeError, match="must be a transformers PreTrainedModel"):
         gptfast.patch_transformers(torch.nn.Linear(2, 2))
-    gpt1 = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
-        vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="GPT-2 model .*got 'openai-gpt'"):
-        gptfast.patch_transformers(gpt1)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match="GPT-2 or GPT-1 model .*got 'bert'"):
+        gptfast.patch_transformers(bert)
 
 
 @pytest.mark.gpu
