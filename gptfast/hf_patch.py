@@ -19,7 +19,7 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
 - mlp: the MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
   its activation module is a GELU: the tanh form (gelu_new, gelu_pytorch_tanh, and GPT-1's
   "gelu", which transformers computes with the tanh form) or the erf form (GPT-2's "gelu").
-- cross_entropy: GPT2LMHeadModel in training with labels computes the loss with
+- cross_entropy: GPT2LMHeadModel (OpenAIGPTLMHeadModel) in training with labels computes the loss with
   `ops.linear_cross_entropy`, never holding the [B, T, V] logits; its output then has
   logits=None (as Liger-Kernel does). Evaluation, and calls without labels, are unchanged.
 
