@@ -229,7 +229,7 @@ def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.
     job = {"sources": _source_keys(files), "text_field": text_field, "piece_chars": piece_chars,
            "tokenizer_fingerprint": tokenizer.fingerprint(), "dtype": dtype.name, "eos_token_id": eos,
            "trained_vocab_size": trained_vocab_size}
-    done = _resume_point(out, job, dtype) if resume else None
+    done = _resume_point(out, all_path, job, dtype) if resume else None
     if done is None:
         if resume is False and os.path.exists(state_path):
             logger.warning("gptfast prepare: starting afresh in %s (resume=False)", out)
@@ -269,8 +269,9 @@ def prepare(inputs: Sequence[str], out: str, tokenizer, val_fraction: float = 0.
                                          f"{tokenizer.vocab_size}")
                     ids.astype(dtype).tofile(sink)
                     tokens += ids.size
-                read += sum(n for _, _, n in batch)
-                bar.update(sum(n for _, _, n in batch))
+                step = sum(n for _, _, n in batch)
+                read += step
+                bar.update(step)
                 sink.flush()
                 os.fsync(sink.fileno())  # the ids on disk first, then the state that counts them
                 atomic_write_text(state_path, json.dumps({**job, "done": {
@@ -323,15 +324,15 @@ def _read_state(out: str) -> Optional[dict]:
         return None
 
 
-def _resume_point(out: str, job: dict, dtype: np.dtype) -> Optional[dict]:
-    """The progress an interrupted run of this same job recorded in out/, or None (and why)."""
+def _resume_point(out: str, ids_path: str, job: dict, dtype: np.dtype) -> Optional[dict]:
+    """The progress an interrupted run of this same job recorded in out/ (its ids so far in
+    ids_path), or None (and why)."""
     state = _read_state(out)
     if state is None:
         return None
     changed = [k for k in job if state.get(k) != job[k]]
     done = state.get("done", {})
-    have = os.path.getsize(os.path.join(out, ".tmp-all.bin")) if os.path.isfile(os.path.join(out, ".tmp-all.bin")) \
-        else -1
+    have = os.path.getsize(ids_path) if os.path.isfile(ids_path) else -1
     if changed:
         why = f"its {', '.join(changed)} changed" + (" (an input file was added, removed or modified)"
                                                      if "sources" in changed else "")
