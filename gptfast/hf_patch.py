@@ -32,7 +32,6 @@ first fallback logged). `unpatch_transformers(model)` puts transformers' code ba
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import types
 
@@ -40,19 +39,12 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import _dispatch
 
 ATTENTION_NAME = "gptfast"
 MODEL_TYPES = ("gpt2", "openai-gpt")
 _TANH_GELUS = ("NewGELUActivation", "PytorchGELUTanh", "GELUTanh")  # transformers' activation modules
 _STATE = "_gptfast_patch"
-logger = logging.getLogger("gptfast")
-_said: set[str] = set()
-
-
-def _say_once(key: str, message: str, *args) -> None:
-    if key not in _said and not torch.compiler.is_compiling():
-        _said.add(key)
-        logger.warning(message, *args)
 
 
 def _check_model(model) -> None:
@@ -104,8 +96,8 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
           or not getattr(getattr(module, "config", None), "is_causal", True) or query.shape[2] > key.shape[2]):
         reason = "not causal self-attention"
     if reason is not None:
-        _say_once(f"attention:{reason}", "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s",
-                  reason)
+        _dispatch.log_once(f"hf_patch:attention:{reason}",
+                           "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s", reason)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
     tq, tk = query.shape[2], key.shape[2]
@@ -135,7 +127,8 @@ def _gpt1_attn(self, q, k, v, *args, **kwargs):
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run "
                   "the kernel without it)")
     if reason is not None:
-        _say_once(f"gpt1-attention:{reason}", "gptfast: GPT-1 attention runs transformers' code: %s", reason)
+        _dispatch.log_once(f"hf_patch:gpt1-attention:{reason}",
+                           "gptfast: GPT-1 attention runs transformers' code: %s", reason)
         return type(self)._attn(self, q, k, v, *args, **kwargs)
     scale = 1.0 / math.sqrt(v.shape[-1]) if self.scale else 1.0
     return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale)]
@@ -256,8 +249,9 @@ def patch_transformers(model, attention: bool = True, layer_norm: bool = True, m
             if form is not None:
                 patch(module, _mlp_forward, approximate=form)
             else:
-                _say_once(f"mlp:{type(module.act).__name__}", "gptfast: the MLP keeps transformers' code: its "
-                          "activation %s is not a GELU", type(module.act).__name__)
+                act = type(module.act).__name__
+                _dispatch.log_once(f"hf_patch:mlp:{act}",
+                                   "gptfast: the MLP keeps transformers' code: its activation %s is not a GELU", act)
         elif attention and name == "GPT2Attention":
             setattr(module, _STATE, {"attention_dropout": attention_dropout})
         elif attention and gpt1 and name == "Attention" and hasattr(module, "_attn"):

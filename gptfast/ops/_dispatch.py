@@ -207,10 +207,15 @@ def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interp
         return True
     if mode == "kernel":
         raise KernelUnavailable(f"ops.{op}: backend='kernel' cannot run here: {reason}")
-    if op not in _fallback_logged and not _compiling():
-        _fallback_logged.add(op)
-        logger.warning("gptfast: ops.%s falls back to the PyTorch reference: %s", op, reason)
+    log_once(op, "gptfast: ops.%s falls back to the PyTorch reference: %s", op, reason)
     return False
+
+
+def log_once(key: str, message: str, *args) -> None:
+    """Log a fallback's warning the first time its key is seen (not inside a compile trace)."""
+    if key not in _fallback_logged and not _compiling():
+        _fallback_logged.add(key)
+        logger.warning(message, *args)
 
 
 def _compiling() -> bool:
