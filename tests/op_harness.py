@@ -46,7 +46,8 @@ class OpSpec:
     atol: dict = field(default_factory=lambda: dict(ATOL))
 
 
-def _nan_allocations(module: str, attr: str = "_new_empty"):
+def nan_allocations(module: str, attr: str = "_new_empty"):
+    """poison(monkeypatch): module.attr(shape, dtype, device) hands out NaN-filled floating buffers."""
     def poison(monkeypatch):
         def nan_empty(shape, dtype, device):
             t = torch.empty(shape, dtype=dtype, device=device)
@@ -55,7 +56,8 @@ def _nan_allocations(module: str, attr: str = "_new_empty"):
     return poison
 
 
-def _nan_like(module: str, attr: str):
+def nan_like(module: str, attr: str):
+    """poison(monkeypatch): module.attr(t) hands out NaN-filled buffers like t."""
     def poison(monkeypatch):
         monkeypatch.setattr(importlib.import_module(module), attr, lambda t: torch.full_like(t, float("nan")))
     return poison
@@ -113,20 +115,20 @@ def _sample(shape, dtype, device):
 SPECS = {s.name: s for s in [
     OpSpec("attention", _attention, shapes=((1, 2, 7, 16), (2, 3, 77, 32)),
            gpu_shapes=((4, 12, 1024, 64), (1, 4, 2049, 128)), grads=("q", "k", "v"),
-           poison=_nan_allocations("gptfast.ops._attention_triton")),
+           poison=nan_allocations("gptfast.ops._attention_triton")),
     OpSpec("decode_attention", _decode, shapes=((3, 2, 1, 37, 16), (2, 3, 4, 70, 64)),
            gpu_shapes=((32, 12, 1, 1024, 64), (1, 12, 4, 4096, 64)),
-           poison=_nan_allocations("gptfast.ops._attention_triton")),
+           poison=nan_allocations("gptfast.ops._attention_triton")),
     OpSpec("layer_norm", _layer_norm, shapes=((7, 1000), (3, 5, 64)), gpu_shapes=((16384, 768), (4097, 1600)),
-           grads=("x", "weight", "bias", "residual"), poison=_nan_allocations("gptfast.ops._norm_triton")),
+           grads=("x", "weight", "bias", "residual"), poison=nan_allocations("gptfast.ops._norm_triton")),
     OpSpec("bias_gelu", _bias_gelu, shapes=((7, 1000), (2, 3, 96)), gpu_shapes=((16384, 3072),),
-           grads=("x", "bias"), poison=_nan_allocations("gptfast.ops._norm_triton")),
+           grads=("x", "bias"), poison=nan_allocations("gptfast.ops._norm_triton")),
     OpSpec("linear_bias_gelu", _linear_bias_gelu, shapes=((7, 48, 100), (33, 64, 130)),
            gpu_shapes=((4096, 768, 3072), (1000, 1600, 6400)), grads=("x", "weight", "bias"),
-           poison=_nan_allocations("gptfast.ops._norm_triton")),
+           poison=nan_allocations("gptfast.ops._norm_triton")),
     OpSpec("linear_cross_entropy", _linear_cross_entropy, shapes=((7, 16, 101), (40, 24, 257)),
            gpu_shapes=((8192, 768, 50257),), grads=("x", "weight"),
-           poison=_nan_like("gptfast.ops.cross_entropy", "_empty_like"), fallback_dtype=None,
+           poison=nan_like("gptfast.ops.cross_entropy", "_empty_like"), fallback_dtype=None,
            kernel_kwargs={"chunk_size": 5}),
     OpSpec("sample", _sample, shapes=((3, 1000),), numeric=False, fallback_dtype=None),
 ]}

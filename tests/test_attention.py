@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import gptfast  # noqa: E402
 from gptfast import ops  # noqa: E402
 from gptfast.ops import _dispatch  # noqa: E402
+from op_harness import nan_allocations  # noqa: E402
 
 _KERNEL_REASON = _dispatch.triton_missing_reason() or _dispatch.module_missing_reason("_attention_triton")
 pytestmark = pytest.mark.skipif(_KERNEL_REASON is not None, reason=f"attention kernels unavailable: {_KERNEL_REASON}")
@@ -31,11 +32,7 @@ def poisoned(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an element left unwritten shows."""
     from gptfast.ops import _attention_triton as at
 
-    def nan_empty(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(at, "_new_empty", nan_empty)
+    nan_allocations("gptfast.ops._attention_triton")(monkeypatch)
     return at
 
 

@@ -21,6 +21,7 @@ from gptfast.ops import KernelUnavailable, _dispatch  # noqa: E402
 
 pytest.importorskip("triton")
 from gptfast.ops import _norm_triton as NT  # noqa: E402
+from op_harness import nan_allocations  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -33,9 +34,7 @@ APPROX = ["tanh", "none"]
 
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(NT, "_new_empty", nan_empty)
+    nan_allocations("gptfast.ops._norm_triton")(monkeypatch)
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, grad=True):
