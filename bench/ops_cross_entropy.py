@@ -1,8 +1,10 @@
 """Case: the LM head + cross-entropy, forward and backward in one call (FLOP-bound: three
 matmuls of N x C x V), with the memory each call allocates beyond its inputs (CUDA).
 
-Peers: the unfused head in PyTorch (F.linear, then F.cross_entropy on the logits; eager and
-compiled) and Liger-Kernel's fused linear cross-entropy when importable.
+Providers: gptfast's op (chunked, the chunk step in Triton on a GPU), the same chunking with
+the chunk step in PyTorch (the kernel's fallback, so the row shows what the Triton step buys),
+the reference; peers: the unfused head in PyTorch (F.linear, then F.cross_entropy on the
+logits; eager and compiled) and Liger-Kernel's fused linear cross-entropy when importable.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import ops
+from gptfast.ops import cross_entropy as _ce
 
 from . import accounting
 from .harness import Case, Provider, Skip, compiled, optional_import
@@ -25,7 +28,12 @@ def _inputs(N, C, V):
 
 
 def _fused(x, w, t):
-    return ops.linear_cross_entropy(x, w, t, backend="kernel")
+    # the chunk step "auto": Triton on a GPU, never the interpreter (TRITON_INTERPRET=1 on CPU)
+    return _ce._linear_cross_entropy(x, w, t, backend="kernel", chunk_step="auto")
+
+
+def _fused_torch_step(x, w, t):
+    return _ce._linear_cross_entropy(x, w, t, backend="kernel", chunk_step="torch")
 
 
 def _torch(x, w, t):
@@ -55,6 +63,7 @@ def linear_cross_entropy_cases(device_kind: str, quick: bool) -> list[Case]:
     for N, C, V in shapes:
         providers = [
             Provider("gptfast", "gptfast", _step(_fused)),
+            Provider("gptfast-torch-step", "gptfast", _step(_fused_torch_step)),
             Provider("reference", "reference", _step(ops.linear_cross_entropy_reference)),
             Provider("reference+compile", "peer", _step(compiled(ops.linear_cross_entropy_reference)), compiled=True),
             Provider("torch", "peer", _step(_torch)),

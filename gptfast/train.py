@@ -625,11 +625,14 @@ def perplexity(model, ids, stride: Optional[int] = None, progress: bool = True, 
     with tqdm(total=len(windows), desc="perplexity", disable=not progress) as bar:
         for group in groups:
             x = torch.stack([ids_t[b:e] for b, e, _ in group]).to(model.device)  # (G, L)
-            logits = model(x)[:, :-1].float()
-            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-            first = torch.tensor([f for _, _, f in group], device=losses.device)
-            scored = torch.arange(losses.shape[1], device=losses.device) >= first[:, None]
-            nll += float(losses[scored].sum())
-            count += int(scored.sum())
+            # each position's next token, -100 where it is not scored (already scored, or none):
+            # the loss goes through ops.linear_cross_entropy, so no [G, L, V] logits are made
+            first = torch.tensor([f for _, _, f in group], device=x.device)
+            scored = torch.arange(x.shape[1] - 1, device=x.device) >= first[:, None]
+            targets = torch.full_like(x, -100)
+            targets[:, :-1] = x[:, 1:].masked_fill(~scored, -100)
+            n_scored = int(scored.sum())
+            nll += float(model(x, targets=targets)) * n_scored
+            count += n_scored
             bar.update(len(group))
     return {"tokens": count, "nll": nll / count, "perplexity": math.exp(nll / count)}

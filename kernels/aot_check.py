@@ -88,9 +88,14 @@ def _launchers():
     return attn, norm
 
 
+def _ce_launcher():
+    from gptfast.ops import _cross_entropy_triton as ce
+    return ce
+
+
 def _kernel_modules():
     attn, norm = _launchers()
-    return [attn._attn_k, attn._dec_k, norm._ln_k, norm._gelu_k, norm._mm_k]
+    return [attn._attn_k, attn._dec_k, norm._ln_k, norm._gelu_k, norm._mm_k, _ce_launcher()._ce_k]
 
 
 class _Recorder:
@@ -174,6 +179,10 @@ def _cases(quick: bool):
         w = torch.empty(4 * c, c, dtype=dtype)
         norm._linear_bias_gelu_fwd_launch(x, w, torch.empty(4 * c, dtype=dtype) if bias else None, approx, save_pre)
 
+    def cross_entropy(dtype, vocab, write_grad):  # a chunk of the LM head's logits
+        _ce_launcher()._launch(torch.empty(1000, vocab, dtype=dtype), torch.empty(1000, dtype=torch.long),
+                               -100, write_grad)
+
     for dtype in dtypes:
         dn = _dtype_name(dtype)
         for D in (64,) if quick else attn._HEAD_DIMS:
@@ -201,6 +210,10 @@ def _cases(quick: bool):
                         label = f"N={4 * n} {approx}{' bias' if bias else ''}{' db' if db else ''}" + \
                             (f" {_dtype_name(p)} bias" if p != dtype else "")
                         yield dn, label, ("autotune",), partial(bias_gelu, dtype, 4 * n, bias, db, approx, p)
+        for vocab in (50257,) if quick else (50257, 1000, 7):
+            for write_grad in (True,) if quick else (True, False):
+                yield dn, f"V={vocab}{' grad' if write_grad else ''}", ("autotune",), \
+                    partial(cross_entropy, dtype, vocab, write_grad)
         # the epilogue kernel only where a GPU launch takes it (fp32 goes to cuBLAS + bias_gelu)
         if norm._mlp_front_path(types.SimpleNamespace(shape=(BATCH * SEQ, 768), is_cuda=True, dtype=dtype)) \
                 == "epilogue":

@@ -63,6 +63,14 @@ def nan_like(module: str, attr: str):
     return poison
 
 
+def poison_all(*poisons):
+    """poison(monkeypatch) applying each of several."""
+    def poison(monkeypatch):
+        for p in poisons:
+            p(monkeypatch)
+    return poison
+
+
 def rand(shape, dtype, device, scale=1.0, shift=0.0):
     return (torch.randn(*shape, dtype=torch.float64, device=device) * scale + shift).to(dtype)
 
@@ -128,7 +136,8 @@ SPECS = {s.name: s for s in [
            poison=nan_allocations("gptfast.ops._norm_triton")),
     OpSpec("linear_cross_entropy", _linear_cross_entropy, shapes=((7, 16, 101), (40, 24, 257)),
            gpu_shapes=((8192, 768, 50257),), grads=("x", "weight"),
-           poison=nan_like("gptfast.ops.cross_entropy", "_empty_like"), fallback_dtype=None,
+           poison=poison_all(nan_like("gptfast.ops.cross_entropy", "_empty_like"),
+                             nan_allocations("gptfast.ops._cross_entropy_triton")), fallback_dtype=None,
            kernel_kwargs={"chunk_size": 5}),
     OpSpec("sample", _sample, shapes=((3, 1000),), numeric=False, fallback_dtype=None),
 ]}

@@ -72,7 +72,20 @@ def test_perplexity_matches_direct_computation(run_dir):
     assert result["tokens"] == len(ids) - 1
     assert abs(result["nll"] - nll) < 1e-5
     long_ids = tok.encode(TEXT)[:200]  # several sliding windows: every token scored once
-    assert perplexity(model, long_ids, stride=16, progress=False)["tokens"] == len(long_ids) - 1
+    ctx, stride, total, prev_end = model.config.n_positions, 16, 0.0, 0
+    with torch.no_grad():  # each window's logits; its targets from the first one no window before scored
+        for begin in range(0, len(long_ids) - 1, stride):
+            end = min(begin + ctx, len(long_ids))
+            window = torch.tensor([long_ids[begin:end]])
+            per_token = torch.nn.functional.cross_entropy(model(window)[0, :-1], window[0, 1:], reduction="none")
+            total += per_token[max(prev_end - begin - 1, 0):].double().sum().item()
+            prev_end = end
+            if end == len(long_ids):
+                break
+    for batch_size in (1, 3):
+        got = perplexity(model, long_ids, stride=stride, progress=False, batch_size=batch_size)
+        assert got["tokens"] == len(long_ids) - 1
+        assert abs(got["nll"] - total / (len(long_ids) - 1)) < 1e-5, (got, batch_size)
 
 
 def test_cli_generate_on_tiny_model(run_dir, capsys):

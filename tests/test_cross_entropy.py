@@ -1,22 +1,42 @@
 """ops.linear_cross_entropy: the LM head + cross-entropy without the [N, V] logits, against the
 float64 reference, in every dtype, with ignored targets and every chunking; the model's
-targets= path; memory; torch.compile."""
+targets= path; memory; torch.compile. Both chunk steps: PyTorch's, and the Triton kernel's
+(kernels/cross_entropy.py; under TRITON_INTERPRET=1 on CPU), which also gets its own tests."""
+import importlib.util
+import logging
+import os
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptfast import GPT, GPTConfig, ops
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from op_harness import nan_like
+from gptfast import GPT, GPTConfig, ops  # noqa: E402
+from gptfast.ops import _dispatch, cross_entropy as CE  # noqa: E402
+
+from op_harness import nan_allocations, nan_like  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # atol on top of the 2x rule
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The chunk step: PyTorch's, or the Triton kernel's
+STEPS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"))]
+
+
+def _fused(step):
+    return partial(CE._linear_cross_entropy, backend="kernel", chunk_step=step)
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """dx starts as NaN: a row the fused op forgot to write cannot pass."""
+    """dx and the kernel's loss rows start as NaN: a row the fused op forgot to write cannot pass."""
     nan_like("gptfast.ops.cross_entropy", "_empty_like")(monkeypatch)
+    if HAS_TRITON:
+        nan_allocations("gptfast.ops._cross_entropy_triton")(monkeypatch)
 
 
 def _inputs(N, C, V, dtype, bias=False, ignore_every=4, seed=0):
@@ -46,38 +66,52 @@ def test_float64_equals_the_reference(N, C, V, chunk):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,V", [(77, 1000), (130, 257)])
-def test_every_dtype_within_twice_torchs_error(dtype, N, V):
+@pytest.mark.parametrize("N,V,bias", [(77, 1000, False), (130, 257, True)])
+def test_every_dtype_within_twice_torchs_error(dtype, N, V, bias, step):
     """The fused op is at most 2x as far from float64 as PyTorch's own unfused head in that dtype."""
-    x, w, _, t = _inputs(N, 48, V, dtype, seed=1)
-    exact = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, torch.float64)
-    torch_ = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, dtype)
-    fused = _loss_and_grads(ops.linear_cross_entropy, x, w, None, t, dtype, chunk_size=19)
-    for name, e, r, f in zip(("loss", "dx", "dw"), exact, torch_, fused):
+    x, w, b, t = _inputs(N, 48, V, dtype, bias=bias, seed=1)
+    exact = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, b, t, torch.float64)
+    torch_ = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, b, t, dtype)
+    fused = _loss_and_grads(_fused(step), x, w, b, t, dtype, chunk_size=19)
+    for name, e, r, f in zip(("loss", "dx", "dw", "db"), exact, torch_, fused):
         assert (f - e).abs().max() <= 2 * (r - e).abs().max() + TOL[dtype] * e.abs().max(), name
 
 
-def test_under_autocast_as_the_unfused_head():
+@pytest.mark.parametrize("step", STEPS)
+def test_under_autocast_as_the_unfused_head(step):
     x, w, _, t = _inputs(90, 64, 500, torch.float32, seed=2)
     exact = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch_ = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, torch.float32)
-        fused = _loss_and_grads(ops.linear_cross_entropy, x, w, None, t, torch.float32, chunk_size=32)
+        fused = _loss_and_grads(_fused(step), x, w, None, t, torch.float32, chunk_size=32)
     for name, e, r, f in zip(("loss", "dx", "dw"), exact, torch_, fused):
         assert (f - e).abs().max() <= 2 * (r - e).abs().max() + 1e-3 * e.abs().max(), name
 
 
-def test_no_grad_and_backend_torch():
+@pytest.mark.parametrize("step", STEPS)
+def test_no_grad_and_backend_torch(step):
     x, w, _, t = _inputs(50, 16, 70, torch.float32)
     x, w = x.float(), w.float()
     want = ops.linear_cross_entropy_reference(x, w, t)
     with torch.no_grad():
-        assert torch.allclose(ops.linear_cross_entropy(x, w, t, chunk_size=9), want, atol=1e-6)
+        assert torch.allclose(_fused(step)(x, w, t, chunk_size=9), want, atol=1e-6)
     assert torch.equal(ops.linear_cross_entropy(x, w, t, backend="torch"), want)
-    t_all = torch.full_like(t, -100)  # nothing to score: nan, as F.cross_entropy
-    assert ops.linear_cross_entropy(x, w, t_all).isnan() and ops.linear_cross_entropy_reference(x, w, t_all).isnan()
     assert ops.backends()["linear_cross_entropy"]["available"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_nothing_scored_gives_a_nan_loss_and_zero_gradients(step):
+    """As F.cross_entropy: a micro-batch whose targets are all ignored must not put NaN in the weights."""
+    x, w, b, t = _inputs(12, 16, 70, torch.float32, bias=True)
+    t_all = torch.full_like(t, -100)
+    for fn in (ops.linear_cross_entropy_reference, _fused(step)):
+        loss, *grads = _loss_and_grads(fn, x, w, b, t_all, torch.float32, **({} if fn is
+                                       ops.linear_cross_entropy_reference else {"chunk_size": 5}))
+        assert loss.isnan()
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
 
 
 class _Largest(TorchDispatchMode):
@@ -93,27 +127,33 @@ class _Largest(TorchDispatchMode):
         return out
 
 
-def test_never_holds_the_logits():
-    N, C, V = 400, 16, 3000
+@pytest.mark.parametrize("step", STEPS)
+def test_never_holds_the_logits(step):
+    N, C, V = (400, 16, 3000) if step == "torch" else (60, 16, 700)  # the interpreter is slow
     x, w, _, t = _inputs(N, C, V, torch.float32)
-    for fn, kw in ((ops.linear_cross_entropy, {"chunk_size": 50}), (ops.linear_cross_entropy_reference, {})):
+    for fn, kw in ((_fused(step), {"chunk_size": 50}), (ops.linear_cross_entropy_reference, {})):
         xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
         with _Largest() as seen:
             fn(xs, ws, t, **kw).backward()
-        if fn is ops.linear_cross_entropy:
+        if fn is not ops.linear_cross_entropy_reference:
             assert seen.numel == max(50 * V, V * C), seen.numel  # a chunk of logits, or dweight
         else:
             assert seen.numel == N * V  # the reference holds them all
 
 
-def test_compiles_without_graph_breaks():
-    """fullgraph=True: dynamo traces the op (its autograd.Function included); AOT autograd then
-    traces the backward too."""
+@pytest.mark.parametrize("step", STEPS)
+def test_compiles_without_graph_breaks(step):
+    """fullgraph=True: dynamo traces the op (its autograd.Function, and the kernel's custom op
+    that writes the gradient over the logits, included); AOT autograd then traces the backward."""
     x, w, _, t = _inputs(64, 16, 90, torch.float32)
-    fn = torch.compile(lambda x, w: ops.linear_cross_entropy(x, w, t, chunk_size=16), fullgraph=True,
-                       backend="aot_eager")
+    t[::5] = -100
+
+    def eager(x, w):
+        return _fused(step)(x, w, t, chunk_size=16)
+
+    fn = torch.compile(eager, fullgraph=True, backend="aot_eager")
     results = []
-    for f in (lambda x, w: ops.linear_cross_entropy(x, w, t, chunk_size=16), fn):
+    for f in (eager, fn):
         xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
         loss = f(xs, ws)
         results.append((loss, *torch.autograd.grad(loss, (xs, ws))))
@@ -133,6 +173,8 @@ def test_bad_arguments_are_named():
         ops.linear_cross_entropy(x, w, t, chunk_size=0)
     with pytest.raises(ValueError, match=r"bias must have shape \(10,\), got \(9,\)"):
         ops.linear_cross_entropy(x, w, t, bias=torch.randn(9))
+    with pytest.raises(ValueError, match=r"chunk_step must be one of \('auto', 'kernel', 'torch'\), got 'triton'"):
+        CE._linear_cross_entropy(x, w, t, chunk_step="triton")
 
 
 def test_model_targets_path_equals_the_logits_path():
@@ -154,14 +196,106 @@ def test_model_targets_path_equals_the_logits_path():
         model(x, targets=y[:, 1:])
 
 
+# ---- the Triton chunk step on its own (kernels/cross_entropy.py) -------------------------------
+
+def _rows_reference(logits, targets, ignore_index=-100):
+    """(per-row loss, d(sum of the losses)/d(logits)) in float64, ignored rows 0."""
+    lg = logits.double().requires_grad_()
+    loss = F.cross_entropy(lg, targets, ignore_index=ignore_index, reduction="none")
+    return loss.detach(), torch.autograd.grad(loss.sum(), lg)[0]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,V", [(1, 1), (3, 5), (7, 32), (9, 33), (5, 1000)])
+@pytest.mark.parametrize("write_grad", [True, False])
+def test_chunk_kernel_rows_against_float64(dtype, M, V, write_grad):
+    """Each row's loss in fp32 and, written over the logits (a strided view: rows of a wider
+    buffer), softmax - one-hot in their dtype; the columns beyond V untouched."""
+    from gptfast.ops import _cross_entropy_triton as CT
+    buf = (torch.randn(M, V + 3, device=DEV) * 4).to(dtype)
+    logits = buf[:, :V]
+    targets = torch.randint(0, V, (M,), device=DEV)
+    targets[1::3] = -100
+    want_loss, want_grad = _rows_reference(logits, targets)
+    pad = buf[:, V:].clone()
+    loss = CT.cross_entropy_rows(logits, targets, -100, write_grad)
+    assert loss.dtype == torch.float32 and loss.shape == (M,)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    if write_grad:
+        ulp = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+        torch.testing.assert_close(logits.double(), want_grad, rtol=ulp, atol=ulp)
+    assert torch.equal(buf[:, V:], pad)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_chunk_kernel_is_stable_at_large_and_masked_logits():
+    """The running max: a logit 3000 above the rest in the first block, then in the last; a row
+    whose first blocks are all -inf (a masked vocabulary) and a -inf target's infinite loss, as
+    F.cross_entropy gives them."""
+    from gptfast.ops import _cross_entropy_triton as CT
+    V = 3 * CT.INTERPRETER_BLOCK_V + 5 if DEV.type == "cpu" else 3 * CT.BLOCK_V + 5
+    logits = torch.randn(5, V, device=DEV) * 3
+    logits[0, 1] += 3000
+    logits[1, -2] += 3000
+    logits[2, : V - 7] = float("-inf")
+    logits[3, :: 2] = float("-inf")
+    targets = torch.tensor([1, 4, V - 3, 1, 0], device=DEV)  # row 3: a finite logit; row 4: target -inf
+    logits[4, 0] = float("-inf")
+    want_loss, want_grad = _rows_reference(logits, targets)
+    loss = CT.cross_entropy_rows(logits, targets, -100, True)
+    # lse - logit at 3000: an fp32 ulp there is 2.4e-4
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=5e-4)
+    torch.testing.assert_close(logits[:4].double(), want_grad[:4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_chunk_kernel_out_of_range_target_gives_nan():
+    """No host check of the targets (it would sync): an index outside [0, V) reads nothing and
+    makes that row's loss NaN, so the mean is NaN, instead of reading out of bounds."""
+    from gptfast.ops import _cross_entropy_triton as CT
+    logits = torch.randn(4, 10, device=DEV)
+    targets = torch.tensor([3, 10, -1, -100], device=DEV)
+    loss = CT.cross_entropy_rows(logits.clone(), targets, -100, False)
+    assert loss[0].isfinite() and loss[1].isnan() and loss[2].isnan() and loss[3] == 0
+    x, w = torch.randn(4, 8, device=DEV), torch.randn(10, 8, device=DEV)
+    assert _fused("kernel")(x, w, targets).isnan()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_chunk_kernel_opcheck():
+    from gptfast.ops import _cross_entropy_triton  # noqa: F401 - registers the op
+    targets = torch.tensor([2, -100, 0, 6], device=DEV)
+    for write_grad in (True, False):
+        torch.library.opcheck(torch.ops.gptfast.cross_entropy_rows.default,
+                              (torch.randn(4, 7, device=DEV), targets, -100, write_grad))
+    from gptfast.ops._cross_entropy_triton import cross_entropy_rows
+    with pytest.raises(TypeError, match="logits must be float16, bfloat16 or float32 .* got torch.float64"):
+        cross_entropy_rows(torch.randn(4, 7, dtype=torch.float64, device=DEV), targets, -100, True)
+    with pytest.raises(ValueError, match=r"unit column stride .* got logits \(4, 7\) stride \(1, 4\)"):
+        cross_entropy_rows(torch.randn(7, 4, device=DEV).t(), targets, -100, True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_chunk_step_fallback_says_why_once(monkeypatch, caplog):
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    x, w, _, t = _inputs(6, 8, 20, torch.float64)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        for _ in range(2):
+            CE._linear_cross_entropy(x, w, t, backend="kernel")
+    lines = [r.getMessage() for r in caplog.records if "chunk's loss in PyTorch" in r.getMessage()]
+    assert len(lines) == 1 and "logits dtype torch.float64 is not supported" in lines[0], lines
+
+
 @pytest.mark.gpu
-def test_gpt2_head_on_cuda_bf16_within_twice_torchs_error_in_less_memory():
-    """GPT-2's head at full size on a GPU: N=8192 rows, C=768, V=50257, bf16."""
+@pytest.mark.parametrize("step", STEPS)
+def test_gpt2_head_on_cuda_bf16_within_twice_torchs_error_in_less_memory(step):
+    """GPT-2's head at full size on a GPU: N=8192 rows, C=768, V=50257, bf16; either chunk step."""
     x, w, _, t = _inputs(8192, 768, 50257, torch.bfloat16, seed=3)
     x, w, t = x.cuda(), w.cuda(), t.cuda()
     exact = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, torch.float64)
     peaks = {}
-    for name, fn in (("torch", ops.linear_cross_entropy_reference), ("fused", ops.linear_cross_entropy)):
+    for name, fn in (("torch", ops.linear_cross_entropy_reference), ("fused", _fused(step))):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

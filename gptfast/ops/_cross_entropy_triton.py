@@ -1,0 +1,70 @@
+"""Triton fast path of the chunk step of ops.linear_cross_entropy: the loss of a chunk of
+logits and its gradient written over them (kernels/cross_entropy.py).
+
+Launcher -> torch.library custom op ``gptfast::cross_entropy_rows`` (mutates the logits,
+with a fake implementation, so torch.compile(fullgraph=True) traces it as one node) -> the
+entry point ``cross_entropy_rows``, called by gptfast/ops/cross_entropy.py per chunk.
+
+Imported lazily; nothing touches CUDA at import. No host sync: the grid is the row count.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ._dispatch import import_source_package, triton_interpret
+
+import_source_package("kernels", "kernels")
+from gptfast.kernels import cross_entropy as _ce_k  # noqa: E402
+from gptfast.kernels import LAUNCH_OPTIONS  # noqa: E402
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Columns per step of a row's loops, and warps per row: 16 fp32 values per thread per step,
+# V = 50257 in 7 steps (chosen by reasoning; to be measured on the H100: bench linear_cross_entropy).
+BLOCK_V = 4096
+NUM_WARPS = 8
+INTERPRETER_BLOCK_V = 128  # small, so the CPU tests cross several blocks and a ragged last one
+
+
+def _new_empty(shape, dtype, device):
+    """The loss rows come from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(logits, targets, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    M, V = logits.shape
+    loss = _new_empty((M,), torch.float32, logits.device)
+    if M == 0:
+        return loss
+    interp = triton_interpret() and logits.device.type == "cpu"
+    block = INTERPRETER_BLOCK_V if interp else min(BLOCK_V, triton.next_power_of_2(V))
+    _ce_k.cross_entropy_fwd_grad_kernel[(M,)](
+        logits, targets, loss, M, V, logits.stride(0), ignore_index,
+        WRITE_GRAD=write_grad, BLOCK_V=block,
+        **({} if interp else dict(num_warps=min(NUM_WARPS, max(1, block // 512)), **LAUNCH_OPTIONS)))
+    return loss
+
+
+@torch.library.custom_op("gptfast::cross_entropy_rows", mutates_args=("logits",))
+def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                        write_grad: bool) -> torch.Tensor:
+    """The rows' losses [N] fp32; with write_grad, logits hold softmax - one-hot afterwards."""
+    return _launch(logits, targets, ignore_index, write_grad)
+
+
+@_cross_entropy_rows.register_fake
+def _(logits, targets, ignore_index, write_grad):
+    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+def cross_entropy_rows(logits, targets, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """Per-row loss of logits [N, V] against targets [N] (0 for ignore_index, NaN out of range);
+    with write_grad the logits are overwritten by d(sum of the losses)/d(logits), in their dtype."""
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16 or float32 for the Triton kernel, got {logits.dtype}")
+    if logits.dim() != 2 or logits.stride(-1) != 1 or tuple(targets.shape) != (logits.shape[0],):
+        raise ValueError(f"logits must be [N, V] with unit column stride and targets [N], got logits "
+                         f"{tuple(logits.shape)} stride {logits.stride()} and targets {tuple(targets.shape)}")
+    return torch.ops.gptfast.cross_entropy_rows(logits, targets, int(ignore_index), bool(write_grad))
