@@ -11,6 +11,9 @@ One program per row of logits [M, V] (any float dtype, read as fp32):
   pass 2: (WRITE_GRAD) softmax - one-hot(target), the gradient of the row's loss, stored over
           the logits in their dtype; zeros for an ignored row, so the caller can sum the rows
           for the bias gradient and run the matmuls without masking.
+On a GPU the launcher runs the autotuned variant (block width x warps, keyed on V and
+WRITE_GRAD; the autotuner restores the logits between its timing runs, since the kernel
+writes over them); under the interpreter, a small fixed block.
 The PyTorch chunk (logsumexp, gather, sub_, exp_, scatter_add_, and the casts to fp32 and
 back) reads and writes the [M, V] block about six times; this reads it twice and writes it
 once, and the second read of a row mostly hits L2 (one 100 KB row per program).
@@ -62,3 +65,20 @@ def cross_entropy_fwd_grad_kernel(
             p = tl.exp2(x * _LOG2E - lse2)
             g = (p - tl.where(c == target, 1.0, 0.0)) * keep
             tl.store(base + c, g.to(LOGITS.dtype.element_ty), mask=c < V)
+
+
+# (BLOCK_V, num_warps): 4 to 16 fp32 values per thread per step; wide blocks mean fewer
+# serial steps over a 50257-wide row, narrow ones more rows resident per SM.
+CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in
+           ((1024, 4), (2048, 4), (4096, 8), (4096, 16), (8192, 16), (16384, 32))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Blocks no wider than the row needs (the narrowest config always stays)."""
+    width = max(1024, triton.next_power_of_2(named_args["V"]))
+    return [c for c in configs if c.kwargs["BLOCK_V"] <= width] or configs[:1]
+
+
+cross_entropy_fwd_grad_autotuned = triton.autotune(
+    CONFIGS, key=["V", "WRITE_GRAD"], restore_value=["LOGITS"],
+    prune_configs_by={"early_config_prune": _prune})(cross_entropy_fwd_grad_kernel)

@@ -21,11 +21,9 @@ from gptfast.kernels import cross_entropy as _ce_k  # noqa: E402
 from gptfast.kernels import LAUNCH_OPTIONS  # noqa: E402
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Columns per step of a row's loops, and warps per row: 16 fp32 values per thread per step,
-# V = 50257 in 7 steps (chosen by reasoning; to be measured on the H100: bench linear_cross_entropy).
-BLOCK_V = 4096
-NUM_WARPS = 8
-INTERPRETER_BLOCK_V = 128  # small, so the CPU tests cross several blocks and a ragged last one
+# On a GPU the kernel is autotuned (kernels/cross_entropy.py CONFIGS, keyed on V); under the
+# interpreter one small block, so the CPU tests cross several blocks and a ragged last one.
+INTERPRETER_BLOCK_V = 128
 
 
 def _new_empty(shape, dtype, device):
@@ -38,12 +36,11 @@ def _launch(logits, targets, ignore_index: int, write_grad: bool) -> torch.Tenso
     loss = _new_empty((M,), torch.float32, logits.device)
     if M == 0:
         return loss
-    interp = triton_interpret() and logits.device.type == "cpu"
-    block = INTERPRETER_BLOCK_V if interp else min(BLOCK_V, triton.next_power_of_2(V))
-    _ce_k.cross_entropy_fwd_grad_kernel[(M,)](
-        logits, targets, loss, M, V, logits.stride(0), ignore_index,
-        WRITE_GRAD=write_grad, BLOCK_V=block,
-        **({} if interp else dict(num_warps=min(NUM_WARPS, max(1, block // 512)), **LAUNCH_OPTIONS)))
+    args = (logits, targets, loss, M, V, logits.stride(0), ignore_index)
+    if triton_interpret() and logits.device.type == "cpu":
+        _ce_k.cross_entropy_fwd_grad_kernel[(M,)](*args, WRITE_GRAD=write_grad, BLOCK_V=INTERPRETER_BLOCK_V)
+    else:
+        _ce_k.cross_entropy_fwd_grad_autotuned[(M,)](*args, WRITE_GRAD=write_grad, **LAUNCH_OPTIONS)
     return loss
 
 

@@ -28,7 +28,7 @@ _override: list[Optional[str]] = [None]
 _fallback_logged: set[str] = set()
 
 # op name -> (implementation description, availability probe returning a reason or None)
-_REGISTRY: dict[str, tuple[str, Callable[[], Optional[str]]]] = {}
+_REGISTRY: dict[str, tuple[str, Callable[[], Optional[str]], Optional[Callable[[], str]]]] = {}
 
 
 class KernelUnavailable(RuntimeError):
@@ -186,9 +186,11 @@ def triton_probe(module: str) -> Optional[str]:
     return None
 
 
-def register(op: str, implementation: str, probe: Callable[[], Optional[str]]) -> None:
-    """Declare an op's fast implementation and a probe of whether it exists here."""
-    _REGISTRY[op] = (implementation, probe)
+def register(op: str, implementation: str, probe: Callable[[], Optional[str]],
+             ready: Optional[Callable[[], str]] = None) -> None:
+    """Declare an op's fast implementation and a probe of whether it exists here; ready(),
+    when given, says how it runs here when it is available (for backends())."""
+    _REGISTRY[op] = (implementation, probe, ready)
 
 
 def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interpreted: bool = False) -> bool:
@@ -228,12 +230,16 @@ def backends() -> dict[str, dict[str, object]]:
     """Per op: the fast implementation, whether it is available here, and why not."""
     cuda = torch.cuda.is_available()
     report = {}
-    for op, (impl, probe) in sorted(_REGISTRY.items()):
+    for op, (impl, probe, ready) in sorted(_REGISTRY.items()):
         reason = probe()
+        if reason is None and ready is not None:
+            reason_text = ready()
+        else:
+            reason_text = reason or ("ready (TRITON_INTERPRET)" if "Triton" in impl and not cuda else "ready")
         report[op] = {
             "implementation": impl,
             "available": reason is None,
-            "reason": reason or ("ready (TRITON_INTERPRET)" if "Triton" in impl and not cuda else "ready"),
+            "reason": reason_text,
             "fallback": "PyTorch reference",
         }
     report["_device"] = {

@@ -199,5 +199,14 @@ def _linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -10
     return loss * _mean_scale(targets, ignore_index, loss.dtype)
 
 
+def _ready() -> str:
+    reason = _dispatch.triton_probe(_KERNELS)
+    if reason is None and torch.cuda.is_available():
+        return "ready (chunk step: Triton on CUDA tensors)"
+    if reason is None:  # TRITON_INTERPRET=1 on a CPU machine
+        return "ready (chunk step: PyTorch under auto; the Triton interpreter with backend='kernel')"
+    return f"ready (chunk step in PyTorch here: {reason})"
+
+
 _dispatch.register("linear_cross_entropy", "chunked LM head + cross-entropy (no [N, V] logits); "
-                   "the chunk step in Triton where it runs, else PyTorch", lambda: None)
+                   "the chunk step in Triton where it runs, else PyTorch", lambda: None, _ready)
