@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -48,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--summary", action="store_true",
                    help="print the latest results/<device>/summary.md and exit (runs nothing)")
+    p.add_argument("--update-readme", nargs="?", const="latest", default=None, metavar="RESULTS_JSON",
+                   help="write the README's benchmark section from a GPU run's results.json (default: the "
+                        "newest under bench/results/) and exit (runs nothing)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
@@ -70,11 +75,34 @@ def _context(args, device: torch.device) -> harness.RunContext:
         cpu_min_run_time_s=0.05 if args.quick else 0.2)
 
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _update_readme(results: str, readme: str = README) -> int:
+    """The README shows GPU figures only: a CPU run's results are refused."""
+    try:
+        path = report.latest_results() if results == "latest" else results
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("env", {}).get("device_kind") != "cuda":
+            raise ValueError(f"{path} was measured on {doc.get('env', {}).get('device_kind')!r}: the README "
+                             "shows GPU figures only (device_kind 'cuda')")
+        rel = os.path.relpath(os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.abspath(readme)))
+        report.update_readme(readme, report.readme_block(doc, rel.replace(os.sep, "/")))
+    except (OSError, ValueError) as exc:
+        print(f"gptfast bench --update-readme: {exc}", file=sys.stderr)
+        return 2
+    print(f"updated the benchmark section of {readme} from {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.summary:
         print(report.latest_summary())
         return 0
+    if args.update_readme:
+        return _update_readme(args.update_readme)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gptfast bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2

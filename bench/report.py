@@ -241,3 +241,77 @@ def latest_summary(results_dir: Optional[str] = None, device: Optional[str] = No
                                 + "; run `gptfast bench` first")
     with open(max(candidates, key=os.path.getmtime)) as f:
         return f.read()
+
+
+# ---- the README's benchmark section ---------------------------------------------------------
+
+README_START = "<!-- bench:start: written by `gptfast bench --update-readme`; edits here are replaced -->"
+README_END = "<!-- bench:end -->"
+README_HEADER = ["op", "case", "gptfast ms", "best peer", "peer ms", "gptfast vs best peer", "% roofline"]
+
+
+def _short(reason: str, n: int = 60) -> str:
+    reason = " ".join(str(reason).split()).replace("|", "/")
+    return reason if len(reason) <= n else reason[:n - 3] + "..."
+
+
+def readme_block(doc: dict, results_dir: str) -> str:
+    """The README's benchmark section for one run: where and with what it was measured, one row
+    per case (gptfast's own provider beside the best peer of the same run), and the charts.
+    results_dir: the run's folder, as a path relative to the README."""
+    validate(doc)
+    e = doc["env"]
+    lines = [README_START,
+             f"Measured by `gptfast bench{' --quick' if doc.get('quick') else ''}` on **{e['device_name']}**"
+             + (f" ({e['sm_count']} SMs)" if e.get("sm_count") else "")
+             + f", torch {e['torch']}, Triton {e['triton']}, CUDA {e['cuda']}, commit {e['git_commit']}"
+             + (" (uncommitted changes)" if e.get("git_dirty") else "") + f", {e['date']}. "
+             f"Every row is one run: *gptfast vs best peer* = the best peer's time / gptfast's (> 1: faster). "
+             f"All providers, spreads and notes: [{results_dir}/summary.md]({results_dir}/summary.md).",
+             "", "| " + " | ".join(README_HEADER) + " |", "|" + "---|" * len(README_HEADER)]
+    for case in doc["cases"]:
+        ours = next((r for r in case["results"] if r["provider"] == "gptfast"), None)
+        peer = next((r for r in case["results"] if r["provider"] == case["best_peer"] and r["status"] == "ok"), None)
+        if ours is None:
+            continue
+        row = [case["op"], f"{case['name']} ({case['dtype']})"]
+        if ours["status"] == "ok":
+            frac = ours.get("roofline_fraction")
+            row += [_fmt(ours["median_ms"], ".4g"), case["best_peer"] or "none ran",
+                    "-" if peer is None else _fmt(peer["median_ms"], ".4g"),
+                    "-" if ours["vs_best_peer"] is None else f"{ours['vs_best_peer']:.2f}x",
+                    "-" if frac is None else f"{100 * frac:.1f}%"]
+        else:
+            row += [f"not run: {_short(ours['reason'])}", case["best_peer"] or "none ran",
+                    "-" if peer is None else _fmt(peer["median_ms"], ".4g"), "-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    for note in doc["notes"]:
+        lines += ["", f"> {note}"]
+    charts = [c["op"] for c in doc["cases"] if any(r["status"] == "ok" for r in c["results"])]
+    if charts:
+        lines.append("")
+        lines += [f"![{op}]({results_dir}/{op}.png)" for op in dict.fromkeys(charts)]
+    return "\n".join(lines + [README_END])
+
+
+def update_readme(readme: str, block: str) -> None:
+    """Replace the README's section between README_START and README_END by block (atomically)."""
+    from gptfast.checkpoint import atomic_write_text
+
+    with open(readme) as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no benchmark section to replace: it needs the lines "
+                         f"{README_START!r} and {README_END!r}, in that order")
+    atomic_write_text(readme, text[:start] + block + text[end + len(README_END):])
+
+
+def latest_results(results_dir: Optional[str] = None) -> str:
+    """The newest results/<device>/results.json."""
+    root = results_dir or RESULTS_DIR
+    found = [os.path.join(root, d, "results.json") for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
+    found = [p for p in found if os.path.isfile(p)]
+    if not found:
+        raise FileNotFoundError(f"no results.json under {root}; run `gptfast bench` first")
+    return max(found, key=os.path.getmtime)

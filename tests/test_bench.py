@@ -313,3 +313,39 @@ def test_time_budget_stops_starting_cases_and_each_case_is_kept_as_it_ends(tmp_p
     assert not (tmp_path / report.PARTIAL).exists()  # the whole run was written
     with pytest.raises(SystemExit):
         cli.parse_args(["--time-budget", "0"])
+
+
+def test_update_readme_writes_the_section_from_a_gpu_run_only(tmp_path):
+    """The README's benchmark section comes from a results.json, with gptfast beside the best peer
+    of the same run; a CPU run is refused; the text around the markers is kept."""
+    doc = _doc()
+    ours = {"provider": "gptfast", "kind": "gptfast", "status": "ok", "reason": None, "median_ms": 0.5,
+            "iqr_ms": 0.01, "q25_ms": 0.49, "q75_ms": 0.51, "n": 10, "vs_best_peer": 2.0, "roofline_fraction": 0.8}
+    doc["cases"][0]["results"].insert(0, ours)
+    skipped = dict(doc["cases"][0], name="u", results=[{"provider": "gptfast", "kind": "gptfast",
+                                                          "status": "skipped", "reason": "needs | a GPU"}])
+    doc["cases"].append(skipped)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nold figures\n{report.README_END}\nafter\n")
+    run = tmp_path / "bench" / "results" / "dev"
+    report.write_all(doc, str(run), charts=False)
+    # measured on a CPU: refused, the README untouched
+    assert cli._update_readme(str(run / "results.json"), str(readme)) == 2
+    assert "old figures" in readme.read_text()
+    doc["env"].update(device_kind="cuda", device_name="NVIDIA H200", sm_count=132, torch="2.11", triton="3.6.0",
+                      cuda="13.0", git_commit="abc1234", date="2026-12-01")
+    report.write_all(doc, str(run), charts=False)
+    assert cli._update_readme(str(run / "results.json"), str(readme)) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n" + report.README_START) and text.endswith(report.README_END + "\nafter\n")
+    assert "old figures" not in text
+    assert "**NVIDIA H200** (132 SMs), torch 2.11, Triton 3.6.0, CUDA 13.0, commit abc1234, 2026-12-01" in text
+    assert "| toy | t (fp32) | 0.5 | a | 1 | 2.00x | 80.0% |" in text
+    assert "| toy | u (fp32) | not run: needs / a GPU | a | - | - | - |" in text
+    assert "[bench/results/dev/summary.md](bench/results/dev/summary.md)" in text and "![toy](bench/results/dev/toy.png)" in text
+    # idempotent; and a README without the markers is an error naming them
+    assert cli._update_readme(str(run / "results.json"), str(readme)) == 0 and readme.read_text() == text
+    (tmp_path / "plain.md").write_text("# no markers\n")
+    with pytest.raises(ValueError, match="bench:start"):
+        report.update_readme(str(tmp_path / "plain.md"), "x")
+    assert cli._update_readme(str(tmp_path / "missing.json"), str(readme)) == 2
