@@ -1,7 +1,8 @@
 """Triton kernel: the cross-entropy of a chunk of logits and, in the same call, its gradient
 written over the logits. The inner step of ops.linear_cross_entropy (gptfast/ops/cross_entropy.py).
 
-Launcher and torch.library registration: gptfast/ops/_cross_entropy_triton.py.
+Launcher and torch.library registration: gptfast/ops/_cross_entropy_triton.py; design notes and
+what to measure: kernels/CROSS_ENTROPY_NOTES.md.
 
 One program per row of logits [M, V] (any float dtype, read as fp32):
   pass 1: the row's log-sum-exp, online over blocks of BLOCK_V (running max, rescaled sum,
