@@ -132,14 +132,14 @@ def _fused(x, weight, bias, targets, ignore_index, chunk_size, need_x, need_w, n
             continue
         if need_b:  # the kernel's ignored rows are zeros; PyTorch's hold a softmax
             db += g.sum(0, dtype=acc) if kernel else valid.to(g.dtype) @ g
-        g = g.to(x.dtype)
-        if kernel:  # its ignored rows are zeros already
+        if kernel:  # its ignored rows are zeros already; g is in the logits' dtype (autocast's
+            # under autocast, whose matmuls take it as it is: no [c, V] copy in x's dtype)
             if need_x:
                 dx[s:s + rows] = g @ weight
             if need_w:
                 dw += (g.t() @ xc).to(acc)
             continue
-        keep = valid[:, None].to(x.dtype)
+        g, keep = g.to(x.dtype), valid[:, None].to(x.dtype)
         if need_x:
             dx[s:s + rows] = (g @ weight) * keep
         if need_w:
