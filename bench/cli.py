@@ -99,7 +99,11 @@ def _update_readme(results: str, readme: str = README) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.summary:
-        print(report.latest_summary())
+        try:
+            print(report.latest_summary())
+        except FileNotFoundError as exc:
+            print(f"gptfast bench --summary: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.update_readme:
         return _update_readme(args.update_readme)

@@ -227,19 +227,21 @@ def write_all(doc: dict, out_dir: str, charts: bool = True) -> dict:
     return paths
 
 
+def _newest(name: str, results_dir: Optional[str], device: Optional[str] = None) -> str:
+    """The newest results/<device>/<name> (or that device's)."""
+    root = results_dir or RESULTS_DIR
+    found = [os.path.join(root, d, name) for d in sorted(os.listdir(root))
+             if device is None or d == device] if os.path.isdir(root) else []
+    found = [p for p in found if os.path.isfile(p)]
+    if not found:
+        raise FileNotFoundError(f"no {name} under {root}" + (f" for device {device!r}" if device else "")
+                                + "; run `gptfast bench` first")
+    return max(found, key=os.path.getmtime)
+
+
 def latest_summary(results_dir: Optional[str] = None, device: Optional[str] = None) -> str:
     """The newest results/<device>/summary.md (or that device's), for the README to include."""
-    root = results_dir or RESULTS_DIR
-    candidates = []
-    if os.path.isdir(root):
-        for name in sorted(os.listdir(root)):
-            path = os.path.join(root, name, "summary.md")
-            if os.path.isfile(path) and (device is None or name == device):
-                candidates.append(path)
-    if not candidates:
-        raise FileNotFoundError(f"no summary.md under {root}" + (f" for device {device!r}" if device else "")
-                                + "; run `gptfast bench` first")
-    with open(max(candidates, key=os.path.getmtime)) as f:
+    with open(_newest("summary.md", results_dir, device)) as f:
         return f.read()
 
 
@@ -308,10 +310,5 @@ def update_readme(readme: str, block: str) -> None:
 
 
 def latest_results(results_dir: Optional[str] = None) -> str:
-    """The newest results/<device>/results.json."""
-    root = results_dir or RESULTS_DIR
-    found = [os.path.join(root, d, "results.json") for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
-    found = [p for p in found if os.path.isfile(p)]
-    if not found:
-        raise FileNotFoundError(f"no results.json under {root}; run `gptfast bench` first")
-    return max(found, key=os.path.getmtime)
+    """The path of the newest results/<device>/results.json."""
+    return _newest("results.json", results_dir)
