@@ -10,6 +10,8 @@ then checks, for every spec, with fresh random inputs:
   within 2x the error of the reference computed in the inputs' dtype (PyTorch's own error),
   plus an atol by dtype as a fraction of the largest reference value; no NaN, same shape/dtype;
 - backend="torch" is the reference, bit for bit;
+- every tensor argument as a strided view (stride 2 in its last dim, poison between) gives what
+  contiguous inputs give, outputs and gradients;
 - torch.compile(fullgraph=True) traces the op (custom ops, no graph break) to the same result;
 - where the kernel cannot run (float64 inputs, for the Triton ops), "auto" falls back to the
   reference and logs why, once;

@@ -253,6 +253,21 @@ def test_chunk_kernel_is_stable_at_large_and_masked_logits():
     torch.testing.assert_close(logits[:4].double(), want_grad[:4], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("step", STEPS)
+def test_strided_inputs(step):
+    """x, weight and targets as strided views (a transposed weight, every other target)."""
+    x, w, _, t = _inputs(40, 16, 90, torch.float32, seed=4)
+    t2 = torch.stack([t, torch.randint(0, 90, (40,))], 1).reshape(-1)[::2]  # t, at stride 2
+    x2 = torch.stack([x, -x], 2).reshape(40, 32)[:, ::2]  # x, at column stride 2
+    w2 = w.t().contiguous().t()  # w, column-major
+    assert not (t2.is_contiguous() or x2.is_contiguous() or w2.is_contiguous())
+    want = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, torch.float32)
+    got = _loss_and_grads(lambda xs, ws, tt, **kw: _fused(step)(xs, ws, t2, chunk_size=7, **kw),
+                          x2, w2, None, t2, torch.float32)
+    for name, a, b in zip(("loss", "dx", "dw"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_chunk_kernel_out_of_range_target_gives_nan():
     """No host check of the targets (it would sync): an index outside [0, V) reads nothing and

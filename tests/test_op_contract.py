@@ -142,3 +142,36 @@ def test_every_registered_op_has_a_spec():
     assert not missing, f"ops without an OpSpec in tests/op_harness.py: {missing}"
     for name in SPECS:
         assert callable(getattr(ops, name)) and callable(getattr(ops, f"{name}_reference")), name
+
+
+def _strided(t):
+    """t's values in a view with stride 2 in its last dim; the elements between are poison (NaN,
+    or an index far out of range), so a kernel that assumes unit stride reads them."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    poison = torch.full_like(t, float("nan") if t.is_floating_point() else 10 ** 6)
+    return torch.stack([t, poison], -1).flatten(-2)[..., ::2]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_strided_inputs_give_the_contiguous_result(name):
+    """Every tensor argument as a non-contiguous view (stride 2, poison between): the kernel
+    gives what it gives on contiguous inputs, outputs and gradients."""
+    spec = SPECS[name]
+    _kernel_or_skip(spec)
+    kwargs = spec.inputs(spec.shapes[-1], torch.float32, DEV)
+    op = getattr(ops, name)
+    results = []
+    for layout in (lambda t: t, _strided):
+        args = {k: layout(v) for k, v in _fresh(kwargs).items()}
+        for g in spec.grads:  # leaves in that layout (a clone would make them contiguous)
+            args[g] = layout(kwargs[g].detach()).requires_grad_()
+        out = _tensors(op(**args, **spec.kernel_kwargs, backend="kernel"))
+        grads = []
+        if spec.grads:
+            torch.manual_seed(0)
+            loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64, device=o.device)).sum() for o in out)
+            grads = list(torch.autograd.grad(loss, [args[g] for g in spec.grads]))
+        results.append(out + grads)
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"ops.{name} result {i} on strided inputs")

@@ -316,5 +316,6 @@ def attention(q, k, v, causal, scale):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens):
-    """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] cache entries of row b."""
-    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens)
+    """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] cache entries of row b
+    (read at unit stride: a strided view of the lengths is copied)."""
+    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens.contiguous())

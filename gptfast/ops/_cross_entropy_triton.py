@@ -64,4 +64,5 @@ def cross_entropy_rows(logits, targets, ignore_index: int, write_grad: bool) -> 
     if logits.dim() != 2 or logits.stride(-1) != 1 or tuple(targets.shape) != (logits.shape[0],):
         raise ValueError(f"logits must be [N, V] with unit column stride and targets [N], got logits "
                          f"{tuple(logits.shape)} stride {logits.stride()} and targets {tuple(targets.shape)}")
-    return torch.ops.gptfast.cross_entropy_rows(logits, targets, int(ignore_index), bool(write_grad))
+    # the kernel reads targets[row] at offset row: a strided view (targets[::2]) is made contiguous
+    return torch.ops.gptfast.cross_entropy_rows(logits, targets.contiguous(), int(ignore_index), bool(write_grad))

@@ -399,19 +399,26 @@ _linear_bias_gelu_fwd.register_autograd(_linear_bias_gelu_backward, setup_contex
 
 # ---- entry points (called by gptfast/ops/norm.py) -------------------------------------------
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A [N] parameter as the kernels read it, at unit stride (a view like w[::2] is copied; a
+    differentiable copy, so its gradient still reaches w)."""
+    return None if t is None else t.contiguous()
+
+
 def layer_norm(x, weight, bias, eps, residual):
     """LN(x + residual) -> y, or (y, h) with h = x + residual when residual is given."""
-    y, h, _mean, _rstd = torch.ops.gptfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    y, h, _mean, _rstd = torch.ops.gptfast.layer_norm_fwd(x, _dense(weight), _dense(bias), residual, float(eps))
     return y if residual is None else (y, h)
 
 
 def bias_gelu(x, bias, approximate):
-    return torch.ops.gptfast.bias_gelu_fwd(x, bias, approximate)
+    return torch.ops.gptfast.bias_gelu_fwd(x, _dense(bias), approximate)
 
 
 def linear_bias_gelu(x, weight, bias, approximate):
     # Write the pre-activation only when autograd will need it (not in inference).
     save_pre = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    bias = _dense(bias)
     y, _t = torch.ops.gptfast.linear_bias_gelu_fwd(x, weight, bias, approximate, save_pre)
     return y
