@@ -276,17 +276,15 @@ def readme_block(doc: dict, results_dir: str) -> str:
         peer = next((r for r in case["results"] if r["provider"] == case["best_peer"] and r["status"] == "ok"), None)
         if ours is None:
             continue
-        row = [case["op"], f"{case['name']} ({case['dtype']})"]
+        peer_cols = [case["best_peer"] or "none ran", "-" if peer is None else _fmt(peer["median_ms"], ".4g")]
         if ours["status"] == "ok":
             frac = ours.get("roofline_fraction")
-            row += [_fmt(ours["median_ms"], ".4g"), case["best_peer"] or "none ran",
-                    "-" if peer is None else _fmt(peer["median_ms"], ".4g"),
-                    "-" if ours["vs_best_peer"] is None else f"{ours['vs_best_peer']:.2f}x",
-                    "-" if frac is None else f"{100 * frac:.1f}%"]
+            ours_cols = [_fmt(ours["median_ms"], ".4g"), *peer_cols,
+                         "-" if ours["vs_best_peer"] is None else f"{ours['vs_best_peer']:.2f}x",
+                         "-" if frac is None else f"{100 * frac:.1f}%"]
         else:
-            row += [f"not run: {_short(ours['reason'])}", case["best_peer"] or "none ran",
-                    "-" if peer is None else _fmt(peer["median_ms"], ".4g"), "-", "-"]
-        lines.append("| " + " | ".join(row) + " |")
+            ours_cols = [f"not run: {_short(ours['reason'])}", *peer_cols, "-", "-"]
+        lines.append("| " + " | ".join([case["op"], f"{case['name']} ({case['dtype']})", *ours_cols]) + " |")
     for note in doc["notes"]:
         lines += ["", f"> {note}"]
     charts = [c["op"] for c in doc["cases"] if any(r["status"] == "ok" for r in c["results"])]

@@ -20,7 +20,7 @@ import_source_package("kernels", "kernels")
 from gptfast.kernels import cross_entropy as _ce_k  # noqa: E402
 from gptfast.kernels import LAUNCH_OPTIONS  # noqa: E402
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the logits (cross_entropy.py reads it)
 # On a GPU the kernel is autotuned (kernels/cross_entropy.py CONFIGS, keyed on V); under the
 # interpreter one small block, so the CPU tests cross several blocks and a ragged last one.
 INTERPRETER_BLOCK_V = 128
@@ -59,7 +59,7 @@ def _(logits, targets, ignore_index, write_grad):
 def cross_entropy_rows(logits, targets, ignore_index: int, write_grad: bool) -> torch.Tensor:
     """Per-row loss of logits [N, V] against targets [N] (0 for ignore_index, NaN out of range);
     with write_grad the logits are overwritten by d(sum of the losses)/d(logits), in their dtype."""
-    if logits.dtype not in _SUPPORTED_DTYPES:
+    if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16 or float32 for the Triton kernel, got {logits.dtype}")
     if logits.dim() != 2 or logits.stride(-1) != 1 or tuple(targets.shape) != (logits.shape[0],):
         raise ValueError(f"logits must be [N, V] with unit column stride and targets [N], got logits "

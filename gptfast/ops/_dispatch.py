@@ -193,6 +193,10 @@ def register(op: str, implementation: str, probe: Callable[[], Optional[str]],
     _REGISTRY[op] = (implementation, probe, ready)
 
 
+# Why "auto" does not run a kernel it could run under the Triton interpreter (a test tool)
+INTERPRETER_REASON = "Triton interpreter on CPU tensors (ask for backend='kernel' to run it)"
+
+
 def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interpreted: bool = False) -> bool:
     """Decide whether this call runs the fast implementation.
 
@@ -204,7 +208,7 @@ def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interp
     if mode == "torch":
         return False
     if reason is None and mode == "auto" and interpreted:
-        reason = "Triton interpreter on CPU tensors (ask for backend='kernel' to run it)"
+        reason = INTERPRETER_REASON
     if reason is None:
         return True
     if mode == "kernel":

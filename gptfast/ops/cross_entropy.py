@@ -81,10 +81,10 @@ def _chunk_kernel(x, weight, mode: str) -> bool:
         return False
     reason = _dispatch.triton_device_reason(x, weight) or _dispatch.module_missing_reason(_KERNELS)
     dtype = _logits_dtype(x, weight)
-    if reason is None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if reason is None and dtype not in _dispatch.kernel_module(_KERNELS).SUPPORTED_DTYPES:
         reason = f"logits dtype {dtype} is not supported by the Triton kernel (float16, bfloat16, float32)"
     if reason is None and mode == "auto" and x.device.type == "cpu":
-        reason = "Triton interpreter on CPU tensors (ask for backend='kernel' to run it)"
+        reason = _dispatch.INTERPRETER_REASON
     if reason is None:
         return True
     _dispatch.log_once("linear_cross_entropy:chunk", "gptfast: ops.linear_cross_entropy computes each chunk's "
@@ -132,18 +132,15 @@ def _fused(x, weight, bias, targets, ignore_index, chunk_size, need_x, need_w, n
             continue
         if need_b:  # the kernel's ignored rows are zeros; PyTorch's hold a softmax
             db += g.sum(0, dtype=acc) if kernel else valid.to(g.dtype) @ g
-        if kernel:  # its ignored rows are zeros already; g is in the logits' dtype (autocast's
-            # under autocast, whose matmuls take it as it is: no [c, V] copy in x's dtype)
-            if need_x:
-                dx[s:s + rows] = g @ weight
-            if need_w:
-                dw += (g.t() @ xc).to(acc)
-            continue
-        g, keep = g.to(x.dtype), valid[:, None].to(x.dtype)
+        # The kernel's g is in the logits' dtype (autocast's under autocast, whose matmuls take
+        # it as it is) with ignored rows zero; PyTorch's is fp32, its ignored rows masked here.
+        keep = None if kernel else valid[:, None].to(x.dtype)
+        if not kernel:
+            g = g.to(x.dtype)
         if need_x:
-            dx[s:s + rows] = (g @ weight) * keep
+            dx[s:s + rows] = g @ weight if keep is None else (g @ weight) * keep
         if need_w:
-            dw += (g.t() @ (xc * keep)).to(acc)
+            dw += (g.t() @ (xc if keep is None else xc * keep)).to(acc)
     return loss, dx, dw, db
 
 
