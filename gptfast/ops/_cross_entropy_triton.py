@@ -9,10 +9,7 @@ Imported lazily; nothing touches CUDA at import. No host sync: the grid is the r
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import triton
 
 from ._dispatch import import_source_package, triton_interpret
 
