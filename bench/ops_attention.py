@@ -106,6 +106,56 @@ def attention_providers(variants=False):
     return providers
 
 
+# ---- a padded batch (transformers' left-padded generate, right-padded training) ----------
+
+
+def _padded_inputs(B, T, pass_):
+    """Row b left-padded by (b % 4) * T / 8 keys: kv_start for gptfast, the equivalent boolean
+    mask [B, 1, T, T] (causal & key >= start) for SDPA, built outside the timed call."""
+    base = _attention_inputs(B, T, pass_)
+
+    def make(device):
+        inputs = base(device)
+        start = (torch.arange(B, device=device) % 4) * (T // 8)
+        keys = torch.arange(T, device=device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        inputs["kv_start"] = start.to(torch.int32)
+        inputs["mask"] = (causal & (keys[None, :] >= start[:, None])[:, None, :])[:, None]
+        return inputs
+    return make
+
+
+def _padded_setup(fn, check_kernel=False):
+    def setup(inputs):
+        if check_kernel:
+            no_interpreter(inputs["q"])
+        extra = inputs["mask"] if fn is _padded_sdpa else inputs["kv_start"]
+        return _thunk(lambda q, k, v: fn(q, k, v, extra), inputs["q"], inputs["k"], inputs["v"], inputs.get("dout"))
+    return setup
+
+
+def _padded_kernel(q, k, v, kv_start):
+    return ops.attention(q, k, v, causal=True, backend="kernel", kv_start=kv_start)
+
+
+def _padded_reference(q, k, v, kv_start):
+    return ops.attention_reference(q, k, v, True, None, kv_start)
+
+
+def _padded_sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _padded_providers():
+    kernel = _padded_setup(_padded_kernel, check_kernel=True)
+    return [Provider("gptfast", "gptfast", kernel)] + \
+        [Provider(f"gptfast-{name}", "gptfast", kernel, context=env_context(GPTFAST_TMA=mode))
+         for name, mode in (("tma", "1"), ("ptr", "0"))] + \
+        [Provider("reference", "reference", _padded_setup(_padded_reference))] + \
+        [Provider(f"sdpa-{name}", "peer", _padded_setup(_padded_sdpa), context=_sdpa_context(name))
+         for name in ("efficient", "cudnn", "math")]  # SDPA's flash backend takes no mask
+
+
 def attention_cases(device_kind: str, quick: bool) -> list[Case]:
     if device_kind == "cuda":
         shapes = [(16, 1024)] if quick else [(16, 1024), (4, 4096), (1, 16384)]
@@ -119,6 +169,16 @@ def attention_cases(device_kind: str, quick: bool) -> list[Case]:
                 shape={"B": B, "H": H, "T": T, "D": D, "causal": True, "pass": pass_},
                 dtype="bf16" if device_kind == "cuda" else "fp32",
                 make_inputs=_attention_inputs(B, T, pass_), providers=attention_providers(variants=not quick),
+                flops=accounting.attention_flops(B, H, T, D, causal=True, pass_=pass_)))
+    if not quick:  # a padded batch at the first shape; FLOPs counted as unpadded (the same for every provider)
+        B, T = shapes[0]
+        B = max(B, 4)  # every padding offset
+        for pass_ in ("fwd", "fwd+bwd"):
+            cases.append(Case(
+                op="attention", name=f"{pass_} B={B} H={H} T={T} D={D} causal left-padded",
+                shape={"B": B, "H": H, "T": T, "D": D, "causal": True, "pass": pass_, "padding": "left, 0-3/8 of T"},
+                dtype="bf16" if device_kind == "cuda" else "fp32",
+                make_inputs=_padded_inputs(B, T, pass_), providers=_padded_providers(),
                 flops=accounting.attention_flops(B, H, T, D, causal=True, pass_=pass_)))
     return cases
 

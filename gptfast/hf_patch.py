@@ -11,9 +11,14 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   model's attention implementation. Without a mask it runs `ops.attention` (the flash kernel)
   for the prompt or a training batch, and `ops.decode_attention` (split-K) for one new token
   over the cache, with transformers' SDPA semantics (is_causal when more than one query:
-  top-left aligned). With a padding mask, or attention dropout in training, it runs
-  transformers' SDPA path instead, and says so once; `attention_dropout=False` runs the
-  kernel in training too, without dropout on the attention weights (as gptfast.GPT does).
+  top-left aligned). A padding mask (a left-padded batch in generate, a right-padded one in
+  training) goes to the same kernels as a key window per row (ops.attention's kv_start /
+  kv_end), once transformers' mask is checked to be exactly causal + one key range per row (one
+  host sync per forward: the layers share the mask); a query that sees no key gets 0, as in
+  SDPA. Any other mask, or attention dropout in training, runs transformers' SDPA path
+  instead, and says so once; so does a padding mask under torch.compile (reading it would
+  sync inside the graph; a trace logs nothing). `attention_dropout=False` runs the kernel in
+  training too, without dropout on the attention weights (as gptfast.GPT does).
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
   the module keeps). The residual add stays transformers' own, so the add is not fused.
 - mlp: the MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
@@ -34,6 +39,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -81,31 +87,84 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
                                   **kwargs)
 
 
+_NO_WINDOW = "no window"  # a mask that lets every query see its causal keys: plain causal attention
+_last_window = [None, None]  # [weakref to the last mask read, what it gave]: the layers of one forward share it
+
+
+def _read_window(mask, batch: int, tq: int, tk: int):
+    """transformers' 4-D attention mask ([B or 1, 1, Tq, Tk], bool or additive float) as a key window
+    per row: (kv_start, kv_end) int32 [B] when the mask is exactly the bottom-right causal mask
+    restricted to keys kv_start[b] <= j < kv_end[b] in row b (the mask of a left- or right-padded
+    batch), _NO_WINDOW when that range is every key in every row, None for any other mask. One
+    host sync (the comparison)."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (tq, tk) or mask.shape[0] not in (1, batch):
+        return None
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(batch, tq, tk)
+    keys = allowed.any(dim=1)  # [B, Tk]: the keys some query of the row sees
+    seen = keys.any(dim=1)
+    start = torch.where(seen, keys.int().argmax(dim=1), 0)
+    end = torch.where(seen, tk - keys.flip(1).int().argmax(dim=1), 0)
+    kpos = torch.arange(tk, device=mask.device)
+    window = (kpos >= start[:, None]) & (kpos < end[:, None])
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(diagonal=tk - tq)
+    if not torch.equal(allowed, causal & window[:, None, :]):
+        return None
+    if bool(((start == 0) & (end == tk)).all()):
+        return _NO_WINDOW
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def _mask_window(mask, batch: int, tq: int, tk: int):
+    """_read_window, remembered for the mask object the last call read (transformers passes every
+    layer the same one), so a forward syncs once, not once per layer."""
+    ref, value = _last_window
+    if ref is not None and ref() is mask and value[0] == (mask._version, batch, tq, tk):
+        return value[1]
+    window = _read_window(mask, batch, tq, tk)
+    _last_window[:] = [weakref.ref(mask), ((mask._version, batch, tq, tk), window)]
+    return window
+
+
 def gptfast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface over gptfast's kernels; q/k/v [B, H, T, D] -> [B, T, H, D]."""
     patch = getattr(module, _STATE, {})
     if not patch.get("attention_dropout", True):
         dropout = 0.0
-    reason = None
-    if attention_mask is not None:
-        reason = "transformers passed an attention mask (padding)"
-    elif dropout > 0:
+    tq, tk = query.shape[2], key.shape[2]
+    reason = window = None
+    if dropout > 0:
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run the "
                   "kernel without it)")
     elif (not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False
-          or not getattr(getattr(module, "config", None), "is_causal", True) or query.shape[2] > key.shape[2]):
+          or not getattr(getattr(module, "config", None), "is_causal", True) or tq > tk):
         reason = "not causal self-attention"
+    elif attention_mask is not None:
+        if torch.compiler.is_compiling():
+            reason = "a padding mask under torch.compile (reading it would sync inside the graph)"
+        else:
+            window = _mask_window(attention_mask, query.shape[0], tq, tk)
+            if window is None:
+                reason = "transformers passed an attention mask that is not causal + one key range per row"
     if reason is not None:
         _dispatch.log_once(f"hf_patch:attention:{reason}",
                            "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s", reason)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
-    tq, tk = query.shape[2], key.shape[2]
-    if tq > 1:  # SDPA's is_causal: query i sees keys 0..i (top-left), so only the first tq keys matter
+    decode = tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
+        and not (torch.is_grad_enabled() and query.requires_grad)
+    if window is not None:
+        # the mask's own causal limit is bottom-right (queries at the end of the cache); one
+        # query over the cache goes to split-K decoding, from kv_start to kv_end
+        kv_start, kv_end = (None, None) if window is _NO_WINDOW else window
+        if decode:
+            lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device) \
+                if kv_end is None else kv_end
+            out = ops.decode_attention(query, key, value, lens, kv_start=kv_start)
+        else:
+            out = ops.attention(query, key, value, causal=True, scale=scale, kv_start=kv_start, kv_end=kv_end)
+    elif tq > 1:  # SDPA's is_causal: query i sees keys 0..i (top-left), so only the first tq keys matter
         out = ops.attention(query, key[:, :, :tq], value[:, :, :tq], causal=True, scale=scale)
-    elif tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
-            and not (torch.is_grad_enabled() and query.requires_grad):
-        # one new token over the cache: every key is visible (split-K flash-decoding)
+    elif decode:  # one new token over the cache: every key is visible (split-K flash-decoding)
         lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device)
         out = ops.decode_attention(query, key, value, lens)
     else:  # one query, another scale (or a gradient): every key is visible too

@@ -148,18 +148,20 @@ def _cases(quick: bool):
     def qkv(B, T, H, D, dtype):  # [B, H, T, D] views of the [B, T, 3, H, D] projection, as the model passes
         return torch.empty(B, T, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def flash(dtype, D, causal):
+    def flash(dtype, D, causal, window=False):
         B, T, H = BATCH, SEQ, 768 // D
         q, k, v = qkv(B, T, H, D, dtype)
-        out, lse = attn._flash_fwd_launch(q, k, v, causal, D ** -0.5)
+        bounds = (torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.int32)) if window else ()
+        out, lse = attn._flash_fwd_launch(q, k, v, causal, D ** -0.5, *bounds)
         dout = attn._bhtd_like_bthd(B, H, T, D, dtype, cpu)  # grad of the model's y.transpose(1, 2).reshape
-        attn._flash_bwd_launch(dout, q, k, v, out, lse, causal, D ** -0.5)
+        attn._flash_bwd_launch(dout, q, k, v, out, lse, causal, D ** -0.5, *bounds)
 
-    def decode(dtype, D, tq, splits):
+    def decode(dtype, D, tq, splits, window=False):
         B, H = BATCH, 768 // D
         q, _, _ = qkv(B, tq, H, D, dtype)
         kc, vc = (torch.empty(B, H, DECODE_TMAX, D, dtype=dtype) for _ in range(2))
-        attn._decode_launch(q, kc, vc, torch.empty(B, dtype=torch.long), num_splits=splits)
+        attn._decode_launch(q, kc, vc, torch.empty(B, dtype=torch.long),
+                            torch.empty(B, dtype=torch.int32) if window else None, num_splits=splits)
 
     def layer_norm(dtype, n, residual, affine, pdtype):
         x = torch.empty(BATCH, SEQ, n, dtype=dtype)
@@ -192,10 +194,17 @@ def _cases(quick: bool):
                 yield dn, f"D={D} {'causal' if causal else 'full'}", \
                     ("fixed", "fixed-tma") if quick else ("autotune", "fixed", "fixed-tma"), \
                     partial(flash, dtype, D, causal)
+            if D in (64, 128):  # a key window (padded batches, transformers' masks): causal, both modes
+                yield dn, f"D={D} causal kv-window", ("fixed",) if quick else ("autotune", "fixed"), \
+                    partial(flash, dtype, D, True, True)
             # 1 split: the split kernel writes the output; 22: B*H = 12 on 132 SMs; the largest reduce
             for tq in (1,) if quick else (1, 17, attn.DECODE_MAX_TQ):  # query blocks of 16, 32, 64
                 for splits in (22,) if quick else (1, 22, attn.DECODE_MAX_SPLITS):
                     yield dn, f"D={D} Tq={tq} splits={splits}", ("autotune",), partial(decode, dtype, D, tq, splits)
+            if D == 64:
+                for splits in (22,) if quick else (1, 22):
+                    yield dn, f"D={D} Tq=1 splits={splits} kv-start", ("autotune",), \
+                        partial(decode, dtype, D, 1, splits, True)
         # 16-bit activations with fp32 parameters too (a bf16 model's LayerNorm kept in fp32)
         params = (dtype,) if quick or dtype == torch.float32 else (dtype, torch.float32)
         for n in hidden:
@@ -291,11 +300,11 @@ def collect_jobs(arch: int, quick: bool = False, kernels=None) -> list[Job]:
                 jobs[key] = Job(name, dtype, variant, _config_label(constexprs, fn, options), pruned,
                                 fn, sig, constexprs, attrs, options)
     out = list(jobs.values())
-    if quick:  # one representative config per kernel and dtype (and TMA or not)
+    if quick:  # one representative config per kernel and dtype (and TMA or not, key window or not)
         first = {}
         for j in out:
             if not j.pruned:
-                first.setdefault((j.kernel, j.dtype, j.config.endswith("tma")), j)
+                first.setdefault((j.kernel, j.dtype, j.config.endswith("tma"), "kv-" in j.variant), j)
         out = list(first.values())
     return out
 

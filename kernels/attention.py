@@ -12,6 +12,12 @@ Conventions shared by all kernels:
 - Causal masking is bottom-right aligned (query i sees keys j <= i + Tk - Tq, as the
   reference and flash-attention). Each loop is split into blocks that need no mask at all
   (the bulk, cheap) and blocks that need one (the diagonal and the ragged tail of T).
+- WINDOW (optional, a constexpr; off, the code is the causal/full one above): row b's queries
+  see only keys KV_START[b] <= j < KV_END[b] ([B] int tensors, read on the device), on top of
+  the causal limit, as a padding mask (left padding: the start; right padding: the end). Every
+  key block in the window then takes the masked path. A query that sees no key gets 0 (and
+  its saved LSE is +inf, so the backward's exp2(s - LSE) is 0 there), as SDPA gives for a fully
+  masked row.
 - Under TRITON_INTERPRET=1 nothing is autotuned: the launcher passes INTERPRETER_* configs.
 """
 import functools
@@ -69,13 +75,28 @@ def _dot_operand(x, like_ptrs, UPCAST_DOT: tl.constexpr):
     return y
 
 
+@triton.jit
+def _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, kv_lo, kv_hi, full_hi, hi) of a key loop: it runs over key blocks lo..hi, those below
+    full_hi without a mask. With a window, row b's keys [kv_lo, kv_hi) (clipped to [0, Tk]): the
+    loop starts at the block holding kv_lo, stops at kv_hi, and masks every block."""
+    if WINDOW:
+        kv_lo = tl.maximum(tl.load(KV_START + b).to(tl.int32), 0)
+        kv_hi = tl.minimum(tl.load(KV_END + b).to(tl.int32), Tk)
+        lo = (kv_lo // BLOCK_N) * BLOCK_N
+        return lo, kv_lo, kv_hi, lo, tl.minimum(hi, kv_hi)
+    else:
+        return 0, 0, Tk, full_hi, hi
+
+
 # ---- forward ------------------------------------------------------------------------------
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v_desc, b, h,
-               offs_m, offs_n0, lo, hi, Tk, causal_shift, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
+               offs_m, offs_n0, lo, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               TMA: tl.constexpr):
     # k_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T of key block 0; v_ptrs: [BLOCK_N, HEAD_DIM] to V.
     # TMA: K and V come through their [B, H, Tk, D] tensor descriptors instead (rows past Tk
     # read as zeros, so no load mask).
@@ -90,15 +111,22 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
             v = v.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
-            keep = offs_n[None, :] < Tk
+            keep = offs_n[None, :] < kv_hi  # kv_hi = Tk without a window
+            if WINDOW:
+                keep = keep & (offs_n[None, :] >= kv_lo)
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             qk = tl.where(keep, qk, float("-inf"))
-        # Every row has a valid key in the first block it sees (key 0, since Tq <= Tk when
-        # causal), so m_new is finite and no -inf - -inf NaN can appear.
+        # Without a window every row has a valid key in the first block it sees (key 0, since
+        # Tq <= Tk when causal), so m_new is finite and no -inf - -inf NaN can appear. With one,
+        # a row may see none yet: its exponent base is kept finite (l stays 0, acc 0).
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if WINDOW:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(_dot_operand(p, v_ptrs, UPCAST_DOT), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -112,6 +140,7 @@ def attn_fwd_kernel(
     V,    # [B, H, Tk, D] any strides
     O,    # [B, H, Tq, D] any strides (the launcher allocates [B, Tq, H, D] memory)
     LSE,  # [B, H, Tq] fp32 contiguous: log2-sum-exp2 of the scaled scores, for the backward
+    KV_START, KV_END,  # [B] int32 / int64: each row's key window (WINDOW only; else None)
     qk_scale,  # scale * log2(e)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -122,7 +151,7 @@ def attn_fwd_kernel(
     TMA_OK,    # 0 no descriptors, 1 TMA configs timed too, 2 TMA only: an autotune key (unused in the body)
     Q_desc, K_desc, V_desc, O_desc,  # TMA tensor descriptors of Q, K, V, O ([B, H, T, D], blocks
                                      # [1, 1, BLOCK_M or BLOCK_N, D]), or None
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact, no silent TF32); ignored for 16-bit
     UPCAST_DOT: tl.constexpr,     # interpreter only: its tl.dot multiplies bf16 as raw bits
     TMA: tl.constexpr,            # move Q, K, V, O tiles with TMA (Hopper) through the descriptors
@@ -160,17 +189,24 @@ def attn_fwd_kernel(
     else:
         hi = Tk
         full_hi = (Tk // BLOCK_N) * BLOCK_N
+    lo, kv_lo, kv_hi, full_hi, hi = _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
-                               offs_m, offs_n0, 0, full_hi, Tk, causal_shift, qk_scale,
-                               False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                               offs_m, offs_n0, lo, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                               False, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
-                               offs_m, offs_n0, full_hi, hi, Tk, causal_shift, qk_scale,
-                               True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                               offs_m, offs_n0, full_hi, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                               True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
 
-    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    if WINDOW:  # a row that saw no key: output 0, LSE +inf (the backward's probabilities are 0)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+    else:
+        l_safe = l_i
+        lse = m_i + tl.math.log2(l_i)
+    o = (acc / l_safe[:, None]).to(O.dtype.element_ty)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     _store_tile(O_desc, o_ptrs, o, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, TMA)
-    tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
 # ---- backward -----------------------------------------------------------------------------
@@ -243,6 +279,7 @@ def attn_bwd_dkdv_kernel(
     DK, DV,   # [B, H, Tk, D] any strides, written (not accumulated)
     LSE,      # [B, H, Tq] fp32 contiguous, log2 units (from the forward)
     DELTA,    # [B, H, Tq] fp32 contiguous (from the preprocess)
+    KV_START, KV_END,  # [B] int: each row's key window (WINDOW only; else None)
     qk_scale, scale,  # scale * log2(e), scale
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -252,7 +289,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Tq, Tk, T_BUCKET, TMA_OK,
     Q_desc, K_desc, V_desc, DO_desc, DK_desc, DV_desc,  # TMA descriptors ([B, H, T, D]) or None
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -289,6 +326,17 @@ def attn_bwd_dkdv_kernel(
     else:
         lo = 0
         diag_end = 0
+    if WINDOW:
+        # A key outside row b's window has no probability anywhere: its dK, dV rows are 0 (set
+        # below; the loops' values for it are discarded), and a block wholly outside skips the
+        # loops. Keys inside need no extra mask: the forward's LSE already excludes the others,
+        # and a query that saw no key has LSE +inf, so p = 0 there.
+        kv_lo = tl.maximum(tl.load(KV_START + b).to(tl.int32), 0)
+        kv_hi = tl.minimum(tl.load(KV_END + b).to(tl.int32), Tk)
+        outside = (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
+        lo = tl.where(outside, Tq, lo)
+        diag_end = tl.where(outside, Tq, diag_end)
+        q_full_end = tl.where(outside, Tq, q_full_end)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
                          b, h, offs_n, offs_m0, lo, diag_end, Tq, causal_shift, qk_scale,
                          True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
@@ -299,6 +347,10 @@ def attn_bwd_dkdv_kernel(
                          b, h, offs_n, offs_m0, tl.maximum(diag_end, q_full_end), Tq, Tq, causal_shift, qk_scale,
                          True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
 
+    if WINDOW:
+        in_window = ((offs_n >= kv_lo) & (offs_n < kv_hi))[:, None]
+        dk = tl.where(in_window, dk, 0.0)
+        dv = tl.where(in_window, dv, 0.0)
     dk = (dk * scale).to(DK.dtype.element_ty)  # dS was taken w.r.t. the unscaled scores
     dv = dv.to(DV.dtype.element_ty)
     _store_tile(DK_desc, DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
@@ -309,9 +361,10 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v_desc, b, h,
-              offs_m, offs_n0, lo, hi, Tk, causal_shift, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
+              offs_m, offs_n0, lo, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              TMA: tl.constexpr):
     # k_ptrs, v_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T and V^T of key block 0 (TMA: descriptors)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -325,7 +378,9 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_des
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            keep = offs_n[None, :] < Tk
+            keep = offs_n[None, :] < kv_hi  # kv_hi = Tk without a window
+            if WINDOW:
+                keep = keep & (offs_n[None, :] >= kv_lo)
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             p = tl.where(keep, p, 0.0)
@@ -342,6 +397,7 @@ def attn_bwd_dq_kernel(
     DQ,       # [B, H, Tq, D] any strides, written (not accumulated)
     LSE,      # [B, H, Tq] fp32 contiguous, log2 units
     DELTA,    # [B, H, Tq] fp32 contiguous
+    KV_START, KV_END,  # [B] int: each row's key window (WINDOW only; else None)
     qk_scale, scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -350,7 +406,7 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Tq, Tk, T_BUCKET, TMA_OK,
     Q_desc, K_desc, V_desc, DO_desc, DQ_desc,  # TMA descriptors ([B, H, T, D]) or None
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -386,12 +442,13 @@ def attn_bwd_dq_kernel(
     else:
         hi = Tk
         full_hi = (Tk // BLOCK_N) * BLOCK_N
+    lo, kv_lo, kv_hi, full_hi, hi = _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
-                   offs_m, offs_n0, 0, full_hi, Tk, causal_shift, qk_scale,
-                   False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                   offs_m, offs_n0, lo, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                   False, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
-                   offs_m, offs_n0, full_hi, hi, Tk, causal_shift, qk_scale,
-                   True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                   offs_m, offs_n0, full_hi, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                   True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     dq = (dq * scale).to(DQ.dtype.element_ty)
     _store_tile(DQ_desc, DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
                 + offs_d[None, :] * stride_dqd, dq, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, TMA)
@@ -460,7 +517,7 @@ DQ_CONFIGS_FP32 = _configs("dq", [(64, 32, 8, 2), (32, 32, 8, 2)])
 FIXED_CONFIGS = {"fwd": [FWD_CONFIGS[0], FWD_CONFIGS[1]], "dkdv": [DKDV_CONFIGS[0], DKDV_CONFIGS[0]],
                  "dq": [DQ_CONFIGS[0], DQ_CONFIGS[0]]}
 _FP32 = {"fwd": FWD_CONFIGS_FP32, "dkdv": DKDV_CONFIGS_FP32, "dq": DQ_CONFIGS_FP32}
-_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_PRECISION", "TMA_OK"]
+_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOW", "DOT_PRECISION", "TMA_OK"]
 
 
 def fixed_config(kind, head_dim, fp32):

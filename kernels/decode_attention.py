@@ -3,7 +3,8 @@
 q [B, H, Tq, D] (Tq small: 1 for a decode step, a few for speculative / chunked steps),
 caches [B, H, Tmax, D], cache_seqlens [B] (valid entries per row, including the Tq new ones,
 read on the device only). Query i of row b sits at position L_b - Tq + i and attends to
-cache positions 0 .. L_b - Tq + i.
+cache positions 0 .. L_b - Tq + i. With WINDOW, KV_START [B] moves the first visible position
+to S_b (left padding): query i then sees S_b .. L_b - Tq + i, and a query that sees no key gets 0.
 
 Two kernels: decode_split_kernel gives each (split, b, h) program a contiguous chunk of the
 row's valid entries (its length over the splits, in whole key blocks), so even a batch-1
@@ -25,6 +26,7 @@ def decode_split_kernel(
     Q,        # [B, H, Tq, D] any strides
     KC, VC,   # [B, H, Tmax, D] any strides
     LENS,     # [B] int32 / int64: valid cache entries per row
+    KV_START,  # [B] int32 / int64: first visible cache entry per row (WINDOW only; else None)
     O_PART,   # [B, H, NUM_SPLITS, Tq, D] fp32 contiguous: softmax-normalized partial outputs
               #   (or, when NUM_SPLITS == 1, the final output [B, H, Tq, D] in q's dtype, any strides)
     LSE_PART,  # [B, H, NUM_SPLITS, Tq] fp32 contiguous: log2-sum-exp2 of each split (unused with 1 split)
@@ -34,7 +36,7 @@ def decode_split_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,  # of the final output (NUM_SPLITS == 1 only)
     H, Tq, Tmax,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # >= Tq and >= 16 (tl.dot's minimum); the padding rows are masked
     BLOCK_N: tl.constexpr,
@@ -55,11 +57,16 @@ def decode_split_kernel(
     # the last position each query may see (padding rows see what the last real one does)
     q_last = length - Tq + tl.minimum(offs_q, Tq - 1)
 
-    # The row's own length, not Tmax, is divided among the splits (whole BLOCK_N blocks each),
-    # so a short row in a long static cache still spreads over every split that can get a
-    # block; splits past the length do no loads at all. Read on the device: no host sync.
-    split_len = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    # The row's own span of entries (first .. length), not Tmax, is divided among the splits
+    # (whole BLOCK_N blocks each), so a short row in a long static cache still spreads over
+    # every split that can get a block; splits past the length do no loads at all. Read on the
+    # device: no host sync. Every load is at or past `first`, so the window needs no mask.
+    if WINDOW:
+        first = tl.maximum(tl.load(KV_START + b).to(tl.int32), 0)
+    else:
+        first = 0
+    split_len = tl.cdiv(tl.cdiv(tl.maximum(length - first, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * split_len
     hi = tl.minimum(tl.minimum(lo + split_len, Tmax), length)
     k_ptrs = KC + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = VC + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -87,8 +94,12 @@ def decode_split_kernel(
         m_i = m_new
 
     if NUM_SPLITS == 1:
-        # l_i == 0 only for a query placed before position 0 (L_b < Tq): 0/0 = NaN, as the reference.
-        o = acc / l_i[:, None]
+        # l_i == 0 only for a query that sees no key: without a window one placed before
+        # position 0 (L_b < Tq): 0/0 = NaN, as the reference; with one, 0.
+        if WINDOW:
+            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        else:
+            o = acc / l_i[:, None]
         tl.store(O_PART + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_om + offs_d[None, :] * stride_od,
                  o.to(O_PART.dtype.element_ty), mask=q_mask)
     else:
@@ -107,7 +118,7 @@ def decode_reduce_kernel(
     O,         # [B, H, Tq, D] in q's dtype, any strides
     stride_ob, stride_oh, stride_om, stride_od,
     H, Tq,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
 ):
     # one program per (b, h, query): weights exp2(lse_s - max) over the splits
@@ -121,10 +132,15 @@ def decode_reduce_kernel(
     s_mask = offs_s < NUM_SPLITS
     rows = (bh * NUM_SPLITS + offs_s) * Tq + i
     lse = tl.load(LSE_PART + rows, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)  # -inf only when no split saw a key (L_b < Tq): NaN, as the reference
+    m = tl.max(lse, 0)  # -inf only when no split saw a key: NaN, as the reference (0 with a window)
+    if WINDOW:
+        m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)
     part = tl.load(O_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    w_sum = tl.sum(w, 0)
+    if WINDOW:
+        w_sum = tl.where(w_sum == 0.0, 1.0, w_sum)
+    o = tl.sum(part * w[:, None], 0) / w_sum
     tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od, o.to(O.dtype.element_ty))
 
 

@@ -35,7 +35,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2.0 ** -8}
 
 @dataclass(frozen=True)
 class OpSpec:
-    name: str  # ops.<name>; its reference is ops.<name>_reference
+    name: str  # ops.<name> (or, with `op`, this variant's name); its reference is ops.<name>_reference
     inputs: Callable[[tuple, torch.dtype, torch.device], dict]  # keyword arguments, freshly drawn
     shapes: tuple  # run everywhere (the CPU interpreter): small, odd
     gpu_shapes: tuple = ()  # run on a GPU only: full sizes
@@ -46,6 +46,11 @@ class OpSpec:
     fallback_dtype: Optional[torch.dtype] = torch.float64  # inputs the kernel refuses (None: none)
     kernel_kwargs: dict = field(default_factory=dict)  # arguments of the op that its reference has not
     atol: dict = field(default_factory=lambda: dict(ATOL))
+    op: str = ""  # the op, where this spec is a variant of it (other arguments): `name` is then a label
+
+    @property
+    def op_name(self) -> str:
+        return self.op or self.name
 
 
 def nan_allocations(module: str, attr: str = "_new_empty"):
@@ -84,12 +89,35 @@ def _attention(shape, dtype, device):
     return {"q": q, "k": k, "v": v, "causal": True, "scale": None}
 
 
+def _key_window(B, T, device):
+    """kv_start / kv_end [B] of a padded batch: row 0 left-padded, the last row right-padded, the
+    rest random (a start past some queries' causal limit: rows that see no key)."""
+    start = torch.randint(0, T, (B,), device=device)
+    end = torch.minimum(start + torch.randint(1, T + 1, (B,), device=device), torch.tensor(T, device=device))
+    start[0], end[0] = T // 3, T
+    start[-1], end[-1] = 0, max(1, T // 2)
+    return start, end
+
+
+def _attention_window(shape, dtype, device):
+    kwargs = _attention(shape, dtype, device)
+    kwargs["kv_start"], kwargs["kv_end"] = _key_window(shape[0], shape[2], device)
+    return kwargs
+
+
 def _decode(shape, dtype, device):
     B, H, Tq, Tmax, D = shape
     lens = torch.randint(Tq, Tmax + 1, (B,), device=device)
     lens[0] = Tmax
     return {"q": rand((B, H, Tq, D), dtype, device), "k_cache": rand((B, H, Tmax, D), dtype, device),
             "v_cache": rand((B, H, Tmax, D), dtype, device), "cache_seqlens": lens}
+
+
+def _decode_window(shape, dtype, device):
+    kwargs = _decode(shape, dtype, device)
+    lens = kwargs["cache_seqlens"]
+    kwargs["kv_start"] = (torch.rand(lens.shape, device=device) * lens).long()  # left padding < the length
+    return kwargs
 
 
 def _layer_norm(shape, dtype, device):
@@ -126,9 +154,15 @@ SPECS = {s.name: s for s in [
     OpSpec("attention", _attention, shapes=((1, 2, 7, 16), (2, 3, 77, 32)),
            gpu_shapes=((4, 12, 1024, 64), (1, 4, 2049, 128)), grads=("q", "k", "v"),
            poison=nan_allocations("gptfast.ops._attention_triton")),
+    OpSpec("attention[kv_window]", _attention_window, shapes=((3, 2, 9, 16), (2, 3, 77, 32)),
+           gpu_shapes=((4, 12, 1024, 64),), grads=("q", "k", "v"),
+           poison=nan_allocations("gptfast.ops._attention_triton"), op="attention"),
     OpSpec("decode_attention", _decode, shapes=((3, 2, 1, 37, 16), (2, 3, 4, 70, 64)),
            gpu_shapes=((32, 12, 1, 1024, 64), (1, 12, 4, 4096, 64)),
            poison=nan_allocations("gptfast.ops._attention_triton")),
+    OpSpec("decode_attention[kv_start]", _decode_window, shapes=((3, 2, 1, 37, 16), (2, 3, 4, 70, 64)),
+           gpu_shapes=((32, 12, 1, 1024, 64),), poison=nan_allocations("gptfast.ops._attention_triton"),
+           op="decode_attention"),
     OpSpec("layer_norm", _layer_norm, shapes=((7, 1000), (3, 5, 64)), gpu_shapes=((16384, 768), (4097, 1600)),
            grads=("x", "weight", "bias", "residual"), poison=nan_allocations("gptfast.ops._norm_triton")),
     OpSpec("bias_gelu", _bias_gelu, shapes=((7, 1000), (2, 3, 96)), gpu_shapes=((16384, 3072),),

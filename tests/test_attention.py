@@ -53,10 +53,12 @@ def _qkv(B, H, Tq, D, dtype, Tk=None, requires_grad=False):
 def _attention_in_dtype(q, k, v, allowed, scale):
     """What PyTorch gets in the inputs' dtype: matmuls in that dtype, softmax in fp32 then rounded.
     allowed: bool [..., Tq, Tk] or None."""
-    s = torch.matmul(q * scale, k.transpose(-2, -1))
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    s = torch.matmul(q * scale, k.transpose(-2, -1)).float()
+    if allowed is None:
+        return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+    seen = allowed.any(dim=-1, keepdim=True)  # a row that sees no key (a key window): 0, as SDPA
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)
+    p = (torch.softmax(s, dim=-1) * seen).to(q.dtype)
     return torch.matmul(p, v)
 
 
@@ -72,19 +74,35 @@ def _check(name, got, ref64, baseline, dtype):
     assert err <= 2 * base + ATOL[dtype], f"{name}: kernel error {err:.3e} > 2 x torch's {base:.3e} + {ATOL[dtype]}"
 
 
-def _run_fwd_bwd(B, H, Tq, D, dtype, causal, scale, Tk=None):
+def _window_mask(B, Tk, kv_start, kv_end):
+    """bool [B, 1, 1, Tk] of a key window (written out here, not the reference's)."""
+    keep = torch.ones(B, 1, 1, Tk, dtype=torch.bool, device=DEV)
+    for b in range(B):
+        lo = 0 if kv_start is None else max(int(kv_start[b]), 0)
+        hi = Tk if kv_end is None else min(int(kv_end[b]), Tk)
+        keep[b, ..., :lo] = False
+        keep[b, ..., max(hi, 0):] = False
+    return keep
+
+
+def _run_fwd_bwd(B, H, Tq, D, dtype, causal, scale, Tk=None, kv_start=None, kv_end=None):
     Tk = Tq if Tk is None else Tk
     q, k, v = _qkv(B, H, Tq, D, dtype, Tk, requires_grad=True)
-    out = ops.attention(q, k, v, causal=causal, scale=scale, backend="kernel")
+    window = {"kv_start": kv_start, "kv_end": kv_end}
+    out = ops.attention(q, k, v, causal=causal, scale=scale, backend="kernel", **window)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
     sc = 1.0 / math.sqrt(D) if scale is None else scale
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = ops.attention_reference(q64, k64, v64, causal, scale)
+    ref = ops.attention_reference(q64, k64, v64, causal, scale, **window)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
-    base = _attention_in_dtype(qd, kd, vd, _causal_mask(Tq, Tk) if causal else None, sc)
+    allowed = _causal_mask(Tq, Tk) if causal else None
+    if kv_start is not None or kv_end is not None:
+        window_mask = _window_mask(B, Tk, kv_start, kv_end)
+        allowed = window_mask if allowed is None else allowed & window_mask
+    base = _attention_in_dtype(qd, kd, vd, allowed, sc)
     base_grads = torch.autograd.grad(base, (qd, kd, vd), dout)
 
     assert out.dtype == dtype
@@ -123,6 +141,59 @@ def test_attention_fewer_queries_than_keys(poisoned, causal):
     # bottom-right aligned causal mask, as the reference (and a prefill continuing a cache)
     torch.manual_seed(7)
     _run_fwd_bwd(2, 2, 7, 32, FP32, causal, None, Tk=77)
+
+
+def _ints(values):
+    return None if values is None else torch.tensor(values, device=DEV)
+
+
+# (B, H, Tq, Tk, D, dtype, causal, kv_start, kv_end): padded batches as transformers masks them
+WINDOW_CASES = [
+    (2, 2, 40, 40, 16, FP32, True, [0, 13], [40, 40]),          # a left-padded row
+    (2, 3, 33, 33, 32, BF16, True, [0, 0], [20, 33]),           # a right-padded row
+    (3, 1, 77, 77, 64, FP16, True, [-5, 40, 77], [60, 99, 77]),  # clipped bounds; an empty window
+    (2, 2, 50, 50, 16, FP32, False, [3, 20], [17, 50]),          # non-causal
+    (2, 2, 7, 50, 128, FP32, True, [3, 45], None),              # queries at the end of a cache
+    (2, 1, 64, 64, 64, BF16, True, None, [1, 64]),
+]
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,dtype,causal,kv_start,kv_end", WINDOW_CASES,
+                         ids=[f"B{c[0]}T{c[2]}x{c[3]}D{c[4]}-{str(c[5])[6:]}-{'causal' if c[6] else 'full'}"
+                              f"-{c[7]}-{c[8]}" for c in WINDOW_CASES])
+def test_attention_key_window(poisoned, B, H, Tq, Tk, D, dtype, causal, kv_start, kv_end):
+    """kv_start / kv_end: each row's keys limited to a range (a padding mask), forward and all
+    three gradients; rows that see no key are 0 with zero gradients, as SDPA."""
+    torch.manual_seed(Tq * Tk + D)
+    _run_fwd_bwd(B, H, Tq, D, dtype, causal, None, Tk=Tk, kv_start=_ints(kv_start), kv_end=_ints(kv_end))
+
+
+def test_key_window_reference_is_sdpa_with_that_mask():
+    """The reference's window (and its 0 for a row that sees no key) against PyTorch's SDPA given
+    the same boolean mask, values and gradients, in float64."""
+    torch.manual_seed(8)
+    B, H, T, D = 3, 2, 12, 16
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    start, end = torch.tensor([4, 0, 9]), torch.tensor([12, 7, 9])
+    mask = _causal_mask(T, T).cpu() & _window_mask(B, T, start, end).cpu()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = ops.attention_reference(q, k, v, True, None, start, end)
+    torch.testing.assert_close(got, want)
+    assert got[0, :, :4].abs().max() == 0 and got[2].abs().max() == 0  # no key seen: 0
+    dout = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_key_window_arguments_are_checked():
+    q, k, v = _qkv(2, 1, 5, 16, FP32)
+    with pytest.raises(ValueError, match=r"kv_start must be None or an int tensor of shape \[B\]=\[2\], got \(3,\)"):
+        ops.attention(q, k, v, kv_start=torch.zeros(3, dtype=torch.int32, device=DEV))
+    with pytest.raises(TypeError, match="kv_end must be int32 or int64, got torch.float32"):
+        ops.attention(q, k, v, kv_end=torch.zeros(2, device=DEV))
+    with pytest.raises(ValueError, match="kv_start must be None or an int tensor"):
+        ops.decode_attention(q[:, :, :1], k, v, torch.tensor([5, 5], device=DEV), kv_start=[0, 1])
 
 
 def test_attention_arbitrary_strides(poisoned):
@@ -305,20 +376,37 @@ def test_attention_fwd_bwd_autotuned(D, dtype, causal, poisoned, monkeypatch):
     _run_fwd_bwd(2, 4, 300, D, dtype, causal, None, Tk=1000)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("autotune", ["0", "1"])
+@pytest.mark.parametrize("dtype", [FP16, BF16, FP32], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_key_window_full(D, dtype, autotune, poisoned, monkeypatch):
+    """Padded batches at full length: left, right and both, rows that see no key, on the fixed
+    and the autotuned configs (TMA among the candidates on Hopper)."""
+    monkeypatch.setenv("GPTFAST_ATTN_AUTOTUNE", autotune)
+    torch.manual_seed(D + int(autotune))
+    for T in (1000, 2048):
+        start = _ints([0, T // 3, 0, T - 1])
+        end = _ints([T, T, T // 2 + 7, T])
+        _run_fwd_bwd(4, 12, T, D, dtype, True, None, kv_start=start, kv_end=end)
+
+
 # ---- decode -------------------------------------------------------------------------------
 
-def _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits=None, via_ops=True):
+def _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits=None, via_ops=True, kv_start=None):
     from gptfast.ops import _attention_triton as at
     q = torch.randn(B, Tq, H, D, device=DEV, dtype=dtype).transpose(1, 2)
     k_cache = torch.randn(B, H, Tmax, D, device=DEV, dtype=dtype)
     v_cache = torch.randn(B, H, Tmax, D, device=DEV, dtype=dtype)
     if via_ops:
-        out = ops.decode_attention(q, k_cache, v_cache, lens, backend="kernel")
+        out = ops.decode_attention(q, k_cache, v_cache, lens, backend="kernel", kv_start=kv_start)
     else:
-        out = at._decode_launch(q, k_cache, v_cache, lens, num_splits)
-    ref = ops.decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), lens)
+        out = at._decode_launch(q, k_cache, v_cache, lens, kv_start, num_splits=num_splits)
+    ref = ops.decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), lens, kv_start)
     qpos = lens.long().view(-1, 1, 1) - Tq + torch.arange(Tq, device=DEV).view(1, -1, 1)
     allowed = (torch.arange(Tmax, device=DEV).view(1, 1, -1) <= qpos).unsqueeze(1)
+    if kv_start is not None:
+        allowed = allowed & _window_mask(B, Tmax, kv_start, None)
     base = _attention_in_dtype(q, k_cache, v_cache, allowed, 1.0 / math.sqrt(D))
     assert out.dtype == dtype
     _check("decode out", out, ref, base, dtype)
@@ -333,6 +421,19 @@ def test_decode_attention(poisoned, dtype, Tq, num_splits):
     # ragged: the shortest valid length (Tq: the new queries only), the full cache, two between
     lens = torch.tensor([Tq, Tmax, 33, Tmax - 1], dtype=torch.int32, device=DEV)
     _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits, via_ops=num_splits is None)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one-split"])
+@pytest.mark.parametrize("Tq", [1, 4])
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+def test_decode_attention_kv_start(poisoned, dtype, Tq, num_splits):
+    """A left-padded cache: row b sees entries kv_start[b] .. its length; a row whose start is
+    past its queries (here the last, start 40 > length 30) sees no key and gets 0."""
+    torch.manual_seed(13 * Tq)
+    B, H, D, Tmax = 5, 2, 32, 77
+    lens = torch.tensor([Tmax, 40, Tmax, 33, 30], dtype=torch.int32, device=DEV)
+    start = torch.tensor([0, 17, Tmax - 1, 16, 40], dtype=torch.int64, device=DEV)
+    _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits, via_ops=num_splits is None, kv_start=start)
 
 
 @pytest.mark.parametrize("D,Tmax,lengths", [(16, 50, [1, 50, 9]), (32, 1, [1, 1, 1]), (128, 5, [5, 2, 1])])
@@ -387,6 +488,30 @@ def test_decode_attention_no_sync_and_cuda_graph():
     assert (out.double() - ref).abs().max().item() < 2e-3
 
 
+@pytest.mark.gpu
+def test_decode_attention_kv_start_no_sync_and_cuda_graph():
+    """The left-padded decode step (transformers' batched generate) syncs nothing and replays
+    in a CUDA graph with new starts and lengths."""
+    B, H, D, Tmax = 3, 12, 64, 1024
+    q = torch.randn(B, H, 1, D, device=DEV, dtype=BF16)
+    kc, vc = (torch.randn(B, H, Tmax, D, device=DEV, dtype=BF16) for _ in range(2))
+    lens, start = torch.tensor([5, 900, 1024], device=DEV), torch.tensor([0, 300, 1000], device=DEV)
+    ops.decode_attention(q, kc, vc, lens, backend="kernel", kv_start=start)  # compile outside capture
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.decode_attention(q, kc, vc, lens, backend="kernel", kv_start=start)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.decode_attention(q, kc, vc, lens, backend="kernel", kv_start=start)
+    lens.copy_(torch.tensor([700, 3, 1024], device=DEV))
+    start.copy_(torch.tensor([699, 0, 17], device=DEV))
+    graph.replay()
+    ref = ops.decode_attention_reference(q.double(), kc.double(), vc.double(), lens, start)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+
+
 # ---- custom ops, compile, backend selection -----------------------------------------------
 
 def test_opcheck_custom_ops():
@@ -402,6 +527,16 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.gptfast.decode_attention.default,
                           (torch.randn(2, 2, 1, 16, device=DEV), kc, vc,
                            torch.tensor([3, 21], dtype=torch.int32, device=DEV)))
+    # with a key window
+    start, end = torch.tensor([4], dtype=torch.int32, device=DEV), torch.tensor([15], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.gptfast.flash_attn_fwd.default, (qg, kg, vg, True, 0.25, start, end))
+    out, lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, True, 0.25, start, end)
+    torch.library.opcheck(torch.ops.gptfast.flash_attn_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, True, 0.25, start, end))
+    torch.library.opcheck(torch.ops.gptfast.decode_attention.default,
+                          (torch.randn(2, 2, 1, 16, device=DEV), kc, vc,
+                           torch.tensor([3, 21], dtype=torch.int32, device=DEV),
+                           torch.tensor([1, 5], dtype=torch.int32, device=DEV)))
 
 
 def test_compile_fullgraph():

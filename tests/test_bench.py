@@ -230,6 +230,27 @@ def test_full_attention_cases_time_the_tma_and_pointer_variants(monkeypatch):
     assert all([p.name for p in c.providers if p.kind == "gptfast"] == ["gptfast"] for c in quick)
 
 
+def test_padded_attention_case_gives_sdpa_the_same_mask():
+    """The left-padded case: gptfast's kv_start and SDPA's boolean mask are one attention (the
+    reference with the window against SDPA's math backend with the mask, both passes)."""
+    from gptfast.bench import ops_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    padded = [c for c in ops_attention.attention_cases("cpu", quick=False) if "padded" in c.name]
+    assert [c.shape["pass"] for c in padded] == ["fwd", "fwd+bwd"]
+    for case in padded:
+        torch.manual_seed(0)
+        inputs = case.make_inputs(torch.device("cpu"))
+        assert inputs["kv_start"].unique().numel() == 4
+        providers = {p.name: p for p in case.providers}
+        want = providers["reference"].setup(inputs)()
+        with sdpa_kernel(SDPBackend.MATH):
+            got = providers["sdpa-math"].setup(inputs)()
+        if not isinstance(got, tuple):  # fwd: the output; fwd+bwd: the three gradients
+            got, want = (got,), (want,)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_full_mlp_case_times_tma_pointer_and_split_variants(monkeypatch):
     # the MLP front: the epilogue matmul with TMA only / pointers only, and the cuBLAS split path
     pytest.importorskip("triton")

@@ -160,18 +160,118 @@ def test_greedy_generation_equals_transformers(backend, monkeypatch, scaled):
     assert calls.n["attention"] == 2 + (2 - decode_layers) * 8, calls.n
 
 
-def test_padding_and_dropout_run_sdpa_and_say_so(caplog):
+def _sdpa_twin(model):
+    """The unpatched model with transformers' SDPA attention: the rule the patch follows for a row
+    that sees no key (0; transformers' eager attention gives such a padding row a uniform mix)."""
+    twin = copy.deepcopy(model)
+    twin.config._attn_implementation = "sdpa"
+    return twin
+
+
+def _padded_mask(ids):
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row (generate), its first queries see no key
+    mask[1, -3:] = 0  # a right-padded row (a training batch)
+    return mask
+
+
+def test_padded_batches_run_the_kernels(backend, monkeypatch, caplog):
+    """A padding mask goes to the kernel as a key window per row, read from transformers' mask
+    once per forward (the layers share it): every position equals transformers with SDPA."""
+    from gptfast import hf_patch
+    model = hf_gpt2(seed=4)
+    ids = torch.randint(1, 211, (3, 10), device=DEV)
+    mask = _padded_mask(ids)
+    with torch.no_grad():
+        want = _sdpa_twin(model)(ids, attention_mask=mask).logits
+    gptfast.patch_transformers(model)
+    calls = Calls(monkeypatch)
+    reads = []
+    real = hf_patch._read_window
+    monkeypatch.setattr(hf_patch, "_read_window", lambda *a: reads.append(1) or real(*a))
+    with caplog.at_level(logging.WARNING, logger="gptfast"), torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, **tolerance(backend))
+    assert calls.n["attention"] == 2 and len(reads) == 1, (calls.n, reads)
+    assert "runs SDPA" not in caplog.text
+
+
+def test_padded_training_loss_and_gradients_equal_transformers(backend, monkeypatch):
+    """Right- and left-padded rows with the pads' labels kept (as a naive collator leaves them):
+    the loss and every gradient through the windowed kernels' backward."""
+    model = hf_gpt2(seed=13).train()
+    want_model, patched = _sdpa_twin(model), gptfast.patch_transformers(copy.deepcopy(model))
+    ids = torch.randint(1, 211, (3, 21), device=DEV)
+    mask = _padded_mask(ids)
+    calls = Calls(monkeypatch)
+    losses, grads = [], []
+    for m in (want_model, patched):
+        loss = m(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert calls.n["attention"] == 2, calls.n
+    torch.testing.assert_close(losses[1], losses[0], **tolerance(backend))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **tolerance(backend), msg=name)
+
+
+def test_left_padded_batched_generation_equals_transformers(backend, monkeypatch):
+    """generate() on a left-padded batch: the prompt through the flash kernel with a key window,
+    each new token through split-K decoding from the row's first real token."""
+    model = hf_gpt2(seed=14)
+    ids = torch.randint(1, 211, (3, 8), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
+          "return_dict_in_generate": True, "output_logits": True}
+    want = _sdpa_twin(model).generate(ids, **kw)
+    gptfast.patch_transformers(model)
+    calls = Calls(monkeypatch)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b, **tolerance(backend), msg=f"step {step}")
+    assert calls.n["attention"] == 2 and calls.n["decode_attention"] == 2 * 5, calls.n
+
+
+def test_other_masks_run_sdpa_and_say_so(caplog):
     model = hf_gpt2(seed=4)
     ids = torch.randint(1, 211, (2, 10), device=DEV)
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # a left-padded row
-    want = model(ids, attention_mask=mask).logits
+    mask[0, 3] = 0  # a hole: not one key range
+    with torch.no_grad():
+        want = _sdpa_twin(model)(ids, attention_mask=mask).logits
     gptfast.patch_transformers(model)
-    with caplog.at_level(logging.WARNING, logger="gptfast"):
+    with caplog.at_level(logging.WARNING, logger="gptfast"), torch.no_grad():
         got = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
-    assert "attention mask (padding)" in caplog.text
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "not causal + one key range per row" in caplog.text
 
+
+def test_read_window_of_transformers_masks():
+    from gptfast.hf_patch import _NO_WINDOW, _read_window
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    keys = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    mask = (causal & keys[:, None, :])[:, None]  # [2, 1, 5, 5]
+    start, end = _read_window(mask, 2, 5, 5)
+    assert start.tolist() == [2, 0] and end.tolist() == [5, 3] and start.dtype == torch.int32
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert [t.tolist() for t in _read_window(additive, 2, 5, 5)] == [[2, 0], [5, 3]]
+    assert _read_window(causal[None, None].expand(1, 1, 5, 5), 3, 5, 5) is _NO_WINDOW  # batch 1, no padding
+    decode = torch.tensor([[0, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None]  # one query over a cache
+    assert [t.tolist() for t in _read_window(decode, 1, 1, 6)] == [[1], [6]]
+    assert _read_window(~mask, 2, 5, 5) is None  # not causal
+    assert _read_window(mask[..., :4], 2, 5, 5) is None  # another shape
+    holed = mask.clone()
+    holed[1, 0, 2:, 1] = False
+    assert _read_window(holed, 2, 5, 5) is None
+
+
+def test_dropout_runs_sdpa_and_says_so(caplog):
+    ids = torch.randint(1, 211, (2, 10), device=DEV)
     for family in FAMILIES:
         drop = gptfast.patch_transformers(hf_gpt2(seed=4, family=family, attn_pdrop=0.1)).train()
         caplog.clear()
@@ -277,6 +377,19 @@ def test_patched_training_step_traces_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     got = compiled(ids, labels=ids)
     assert got.logits is None
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_training_step_under_compile_runs_sdpa_fullgraph():
+    """Under torch.compile the mask is not read (that would sync in the graph): SDPA runs, the
+    trace has no graph break, and the loss is transformers' own."""
+    torch._dynamo.reset()
+    model = hf_gpt2(seed=9).train()
+    ids = torch.randint(1, 211, (3, 17), device=DEV)
+    mask = _padded_mask(ids)
+    want = _sdpa_twin(model)(ids, attention_mask=mask, labels=ids).loss
+    gptfast.patch_transformers(model)
+    got = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
 
 

@@ -29,9 +29,9 @@ def _params(numeric_only=True, gpu_shapes=True, dtypes=True):
 
 
 def _kernel_or_skip(spec):
-    reason = _dispatch._REGISTRY[spec.name][1]()
+    reason = _dispatch._REGISTRY[spec.op_name][1]()
     if reason is not None:
-        pytest.skip(f"ops.{spec.name}'s kernel is not available here: {reason}")
+        pytest.skip(f"ops.{spec.op_name}'s kernel is not available here: {reason}")
 
 
 def _fresh(kwargs):
@@ -70,7 +70,7 @@ def test_kernel_within_twice_pytorchs_error(name, shape, dtype, monkeypatch):
     if spec.poison is not None:
         spec.poison(monkeypatch)
     kwargs = spec.inputs(shape, dtype, DEV)
-    op, reference = getattr(ops, name), getattr(ops, f"{name}_reference")
+    op, reference = getattr(ops, spec.op_name), getattr(ops, f"{spec.op_name}_reference")
     runs = {"kernel": _leaves(kwargs, spec.grads), "torch": _leaves(kwargs, spec.grads),
             "exact": _leaves(kwargs, spec.grads, torch.float64)}
     for k, v in list(runs["exact"].items()):  # every floating input in float64 for the exact run
@@ -97,10 +97,10 @@ def test_kernel_within_twice_pytorchs_error(name, shape, dtype, monkeypatch):
 def test_torch_backend_is_the_reference_bit_for_bit(name):
     spec = SPECS[name]
     kwargs = spec.inputs(spec.shapes[0], spec.dtypes[0], DEV)
-    got = _tensors(getattr(ops, name)(**_fresh(kwargs), backend="torch"))
-    want = _tensors(getattr(ops, f"{name}_reference")(**_fresh(kwargs)))
+    got = _tensors(getattr(ops, spec.op_name)(**_fresh(kwargs), backend="torch"))
+    want = _tensors(getattr(ops, f"{spec.op_name}_reference")(**_fresh(kwargs)))
     for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b), f"ops.{name}(backend='torch') differs from ops.{name}_reference"
+        assert torch.equal(a, b), f"{name}(backend='torch') differs from ops.{spec.op_name}_reference"
 
 
 @pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.numeric])
@@ -111,7 +111,7 @@ def test_traces_fullgraph(name):
     _kernel_or_skip(spec)
     torch._dynamo.reset()
     kwargs = spec.inputs(spec.shapes[0], spec.dtypes[0], DEV)
-    op = getattr(ops, name)
+    op = getattr(ops, spec.op_name)
 
     def call(**kw):
         return op(**kw, **spec.kernel_kwargs, backend="kernel")
@@ -125,11 +125,11 @@ def test_auto_falls_back_and_says_why_once(name, monkeypatch, caplog):
     spec = SPECS[name]
     monkeypatch.setattr(_dispatch, "_fallback_logged", set())
     kwargs = spec.inputs(spec.shapes[0], spec.fallback_dtype, DEV)
-    op, reference = getattr(ops, name), getattr(ops, f"{name}_reference")
+    op, reference = getattr(ops, spec.op_name), getattr(ops, f"{spec.op_name}_reference")
     with caplog.at_level(logging.WARNING, logger="gptfast"):
         for _ in range(2):
             got = _tensors(op(**kwargs, backend="auto"))
-    lines = [r.getMessage() for r in caplog.records if f"ops.{name} falls back" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if f"ops.{spec.op_name} falls back" in r.getMessage()]
     assert len(lines) == 1, lines
     for a, b in zip(got, _tensors(reference(**kwargs)), strict=True):
         assert torch.equal(a, b)
@@ -138,10 +138,11 @@ def test_auto_falls_back_and_says_why_once(name, monkeypatch, caplog):
 def test_every_registered_op_has_a_spec():
     """A new op registered with _dispatch.register without an OpSpec fails here: add one to
     tests/op_harness.py and it gets the tests above."""
-    missing = sorted(set(_dispatch._REGISTRY) - set(SPECS))
+    missing = sorted(set(_dispatch._REGISTRY) - {s.op_name for s in SPECS.values()})
     assert not missing, f"ops without an OpSpec in tests/op_harness.py: {missing}"
-    for name in SPECS:
-        assert callable(getattr(ops, name)) and callable(getattr(ops, f"{name}_reference")), name
+    for spec in SPECS.values():
+        op = spec.op_name
+        assert callable(getattr(ops, op)) and callable(getattr(ops, f"{op}_reference")), spec.name
 
 
 def _strided(t):
@@ -160,7 +161,7 @@ def test_strided_inputs_give_the_contiguous_result(name):
     spec = SPECS[name]
     _kernel_or_skip(spec)
     kwargs = spec.inputs(spec.shapes[-1], torch.float32, DEV)
-    op = getattr(ops, name)
+    op = getattr(ops, spec.op_name)
     results = []
     for layout in (lambda t: t, _strided):
         args = {k: layout(v) for k, v in _fresh(kwargs).items()}
@@ -174,4 +175,4 @@ def test_strided_inputs_give_the_contiguous_result(name):
             grads = list(torch.autograd.grad(loss, [args[g] for g in spec.grads]))
         results.append(out + grads)
     for i, (a, b) in enumerate(zip(*results, strict=True)):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"ops.{name} result {i} on strided inputs")
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name} result {i} on strided inputs")

@@ -151,21 +151,21 @@ def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype, tma_tens
 
 # ---- flash-attention launchers ------------------------------------------------------------
 
-def _flash_fwd_launch(q, k, v, causal: bool, scale: float):
+def _flash_fwd_launch(q, k, v, causal: bool, scale: float, kv_start=None, kv_end=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     out = _bhtd_like_bthd(B, H, Tq, D, q.dtype, q.device)
     lse = _new_empty((B, H, Tq), torch.float32, q.device)
-    args = (q, k, v, out, lse, scale * _attn_k.LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, Tq, Tk, _t_bucket(Tq, Tk))
-    flags = dict(CAUSAL=causal, HEAD_DIM=D, **_dot_flags(q.dtype))
+    args = (q, k, v, out, lse, kv_start, kv_end, scale * _attn_k.LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Tq, Tk, _t_bucket(Tq, Tk))
+    flags = dict(CAUSAL=causal, WINDOW=kv_start is not None, HEAD_DIM=D, **_dot_flags(q.dtype))
     _launch("fwd", _attn_k.attn_fwd_autotuned, _attn_k.attn_fwd_kernel,
             lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), args, flags, D, q.dtype,
             dict(Q_desc=q, K_desc=k, V_desc=v, O_desc=out))
     return out, lse
 
 
-def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float, kv_start=None, kv_end=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dev = q.device
@@ -181,10 +181,11 @@ def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float):
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     scales = (scale * _attn_k.LOG2E, scale)
     tail = (H, Tq, Tk, _t_bucket(Tq, Tk))
-    flags = dict(CAUSAL=causal, HEAD_DIM=D, **_dot_flags(q.dtype))
+    flags = dict(CAUSAL=causal, WINDOW=kv_start is not None, HEAD_DIM=D, **_dot_flags(q.dtype))
     inputs = dict(Q_desc=q, K_desc=k, V_desc=v, DO_desc=dout)
-    dkdv_args = (*common, dk, dv, lse, delta, *scales, *strides, *dk.stride(), *dv.stride(), *tail)
-    dq_args = (*common, dq, lse, delta, *scales, *strides, *dq.stride(), *tail)
+    window = (kv_start, kv_end)
+    dkdv_args = (*common, dk, dv, lse, delta, *window, *scales, *strides, *dk.stride(), *dv.stride(), *tail)
+    dq_args = (*common, dq, lse, delta, *window, *scales, *strides, *dq.stride(), *tail)
     _launch("dkdv", _attn_k.attn_bwd_dkdv_autotuned, _attn_k.attn_bwd_dkdv_kernel,
             lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H), dkdv_args, flags, D, q.dtype,
             dict(inputs, DK_desc=dk, DV_desc=dv))
@@ -211,7 +212,7 @@ def _decode_num_splits(device: torch.device, batch_heads: int, tmax: int, block_
     return max(1, min(want, max_splits))
 
 
-def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int] = None):
+def _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start=None, num_splits: Optional[int] = None):
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     dev = q.device
@@ -232,15 +233,15 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
     launch = {} if triton_interpret() else dict(num_warps=num_warps, num_stages=_dec_k.DECODE_NUM_STAGES,
                                                    **LAUNCH_OPTIONS)
     _dec_k.decode_split_kernel[(num_splits, B * H)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
+        q, k_cache, v_cache, cache_seqlens, kv_start, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         H, Tq, Tmax,
-        NUM_SPLITS=num_splits, HEAD_DIM=D, **_dot_flags(q.dtype),
+        NUM_SPLITS=num_splits, WINDOW=kv_start is not None, HEAD_DIM=D, **_dot_flags(q.dtype),
         BLOCK_Q=block_q, BLOCK_N=block_n, **launch)
     if num_splits > 1:
         _dec_k.decode_reduce_kernel[(B * H * Tq,)](
             o_part, lse_part, out, *out.stride(), H, Tq,
-            NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
+            NUM_SPLITS=num_splits, WINDOW=kv_start is not None, HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
             **({} if triton_interpret() else dict(num_warps=_dec_k.REDUCE_NUM_WARPS, **LAUNCH_OPTIONS)))
     return out
 
@@ -248,28 +249,31 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, num_splits: Optional[int]
 # ---- custom ops ---------------------------------------------------------------------------
 
 @torch.library.custom_op("gptfast::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] fp32 in log2 units, for the backward)."""
-    return _flash_fwd_launch(q, k, v, causal, scale)
+    """(out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] fp32 in log2 units, for the backward).
+    kv_start, kv_end: both or neither, [B] int, contiguous: each row's key window."""
+    return _flash_fwd_launch(q, k, v, causal, scale, kv_start, kv_end)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, kv_start=None, kv_end=None):
     B, H, Tq, D = q.shape
     return q.new_empty((B, Tq, H, D)).transpose(1, 2), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, causal: bool, scale: float
+                    lse: torch.Tensor, causal: bool, scale: float,
+                    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype."""
-    return _flash_bwd_launch(dout, q, k, v, out, lse, causal, scale)
+    return _flash_bwd_launch(dout, q, k, v, out, lse, causal, scale, kv_start, kv_end)
 
 
 @_flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale):
+def _(dout, q, k, v, out, lse, causal, scale, kv_start=None, kv_end=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     return (q.new_empty((B, Tq, H, D)).transpose(1, 2), k.new_empty((B, Tk, H, D)).transpose(1, 2),
@@ -277,17 +281,17 @@ def _(dout, q, k, v, out, lse, causal, scale):
 
 
 def _flash_attn_setup(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, kv_start, kv_end = inputs
     out, lse = output
     ctx.causal = causal
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
 
 
 def _flash_attn_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gptfast.flash_attn_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gptfast.flash_attn_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, kv_start, kv_end)
+    return dq, dk, dv, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup)
@@ -295,27 +299,43 @@ _flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_att
 
 @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cache_seqlens: torch.Tensor) -> torch.Tensor:
+                      cache_seqlens: torch.Tensor, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out [B, H, Tq, D] in q's dtype; see kernels/decode_attention.py for the semantics."""
-    return _decode_launch(q, k_cache, v_cache, cache_seqlens)
+    return _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start)
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens):
+def _(q, k_cache, v_cache, cache_seqlens, kv_start=None):
     B, H, Tq, D = q.shape
     return q.new_empty((B, Tq, H, D)).transpose(1, 2)
 
 
 # ---- entry points (called by gptfast/ops/attention.py) ------------------------------------
 
-def attention(q, k, v, causal, scale):
-    """softmax(q k^T * scale + causal mask) v; differentiable w.r.t. q, k, v."""
+def _window(q, tk, kv_start, kv_end):
+    """Both window bounds, dense ([B] tensors read at unit stride), or (None, None) without a
+    window; a missing bound is the whole range (0 or Tk)."""
+    if kv_start is None and kv_end is None:
+        return None, None
+    B = q.shape[0]
+    if kv_start is None:
+        kv_start = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if kv_end is None:
+        kv_end = torch.full((B,), tk, dtype=torch.int32, device=q.device)
+    return kv_start.contiguous(), kv_end.contiguous()
+
+
+def attention(q, k, v, causal, scale, kv_start=None, kv_end=None):
+    """softmax(q k^T * scale + causal mask [+ key window]) v; differentiable w.r.t. q, k, v."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale)
+    kv_start, kv_end = _window(q, k.shape[2], kv_start, kv_end)
+    out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale, kv_start, kv_end)
     return out
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens):
-    """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] cache entries of row b
-    (read at unit stride: a strided view of the lengths is copied)."""
-    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens.contiguous())
+def decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start=None):
+    """Attention of q [B, H, Tq, D] over cache entries kv_start[b] (default 0) .. cache_seqlens[b]
+    of row b (both read at unit stride: a strided view is copied)."""
+    if kv_start is not None:
+        kv_start = kv_start.contiguous()
+    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens.contiguous(), kv_start)

@@ -35,26 +35,70 @@ def _check_qkv(q, k, v, name_q="q", name_k="k", name_v="v"):
         raise ValueError(f"head dim of q ({q.shape[-1]}) and {name_k} ({k.shape[-1]}) must match")
 
 
-def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None):
-    """softmax(q k^T * scale + causal mask) v, accumulated in fp32 (fp64 for fp64)."""
+def _check_window(name, t, q):
+    """kv_start / kv_end: None or an int tensor [B] on q's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != q.shape[0]:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be None or an int tensor of shape [B]=[{q.shape[0]}], got {shape}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _window_softmax(s, allowed, windowed: bool):
+    """softmax over the allowed keys. windowed: a query with no allowed key gets all-zero weights
+    (SDPA's rule for a fully masked row) instead of NaN, and a NaN-free gradient."""
+    if not windowed:
+        return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    seen = allowed.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)
+    return torch.softmax(s, dim=-1) * seen
+
+
+def _key_window(q, tk, kv_start, kv_end):
+    """bool [B, 1, 1, Tk]: key j of row b inside kv_start[b] <= j < kv_end[b] (a missing bound: no limit)."""
+    kpos = torch.arange(tk, device=q.device).view(1, 1, 1, -1)
+    keep = torch.ones(q.shape[0], 1, 1, tk, dtype=torch.bool, device=q.device)
+    if kv_start is not None:
+        keep = keep & (kpos >= kv_start.to(torch.long).view(-1, 1, 1, 1))
+    if kv_end is not None:
+        keep = keep & (kpos < kv_end.to(torch.long).view(-1, 1, 1, 1))
+    return keep
+
+
+def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None, kv_start=None, kv_end=None):
+    """softmax(q k^T * scale + causal mask [+ key window]) v, accumulated in fp32 (fp64 for fp64).
+
+    causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as flash-attention).
+    kv_start, kv_end (optional [B] ints): row b's queries see only keys kv_start[b] <= j <
+    kv_end[b] as well: a padding mask (left padding sets the start, right padding the end).
+    With a window, a query that sees no key gets 0, as SDPA gives for a fully masked row.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    tq, tk = q.shape[-2], k.shape[-2]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
     if causal:
-        tq, tk = q.shape[-2], k.shape[-2]
-        # query i sees keys j <= i + (Tk - Tq): bottom-right aligned, as flash-attention
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-        s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
+        allowed = allowed.tril(diagonal=tk - tq)
+    windowed = kv_start is not None or kv_end is not None
+    if windowed:
+        allowed = allowed & _key_window(q, tk, kv_start, kv_end)
+    p = _window_softmax(s, allowed, windowed)
     return torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, H, Tq, Dv)
 
 
-def decode_attention_reference(q, k_cache, v_cache, cache_seqlens):
+def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None):
     """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] entries of row b.
 
     cache_seqlens counts the valid entries including the Tq new ones (already
     written to the cache): query i of row b sits at position L_b - Tq + i and
-    attends to cache positions 0 .. L_b - Tq + i.
+    attends to cache positions 0 .. L_b - Tq + i. kv_start (optional [B] ints, a left
+    padding) moves the first visible position to kv_start[b]; with it, a query that sees
+    no key gets 0.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -64,8 +108,9 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens):
     qpos = lens - tq + torch.arange(tq, device=q.device).view(1, -1, 1)  # (B, Tq, 1)
     kpos = torch.arange(tmax, device=q.device).view(1, 1, -1)  # (1, 1, Tmax)
     allowed = (kpos <= qpos).unsqueeze(1)  # (B, 1, Tq, Tmax)
-    s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    if kv_start is not None:
+        allowed = allowed & _key_window(q, tmax, kv_start, None)
+    p = _window_softmax(s, allowed, kv_start is not None)
     return torch.matmul(p, v_cache.to(acc)).to(q.dtype)
 
 
@@ -88,18 +133,23 @@ def _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens) -> Optional[str]:
     return _dispatch.kernel_module(_KERNELS).decode_unsupported_reason(q, k_cache, v_cache, cache_seqlens)
 
 
-def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backend: Optional[str] = None):
-    """Scaled dot-product attention, q/k/v [B, H, T, D]; causal by default."""
+def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backend: Optional[str] = None, *,
+              kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None):
+    """Scaled dot-product attention, q/k/v [B, H, T, D]; causal by default. kv_start / kv_end:
+    an optional key window per row (a padding mask); see attention_reference."""
     _check_qkv(q, k, v)
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    _check_window("kv_start", kv_start, q)
+    _check_window("kv_end", kv_end, q)
     reason = _attention_kernel_reason(q, k, v, causal, scale)
     if _dispatch.use_kernel("attention", backend, reason, interpreted=q.device.type == "cpu"):
-        return _dispatch.kernel_module(_KERNELS).attention(q, k, v, causal, scale)
-    return attention_reference(q, k, v, causal, scale)
+        return _dispatch.kernel_module(_KERNELS).attention(q, k, v, causal, scale, kv_start, kv_end)
+    return attention_reference(q, k, v, causal, scale, kv_start, kv_end)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] = None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] = None, *,
+                     kv_start: Optional[torch.Tensor] = None):
     """Attention of new queries over a static cache; see decode_attention_reference."""
     _check_qkv(q, k_cache, v_cache, "q", "k_cache", "v_cache")
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1 \
@@ -108,10 +158,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
         raise ValueError(f"cache_seqlens must be an int tensor of shape [B]=[{q.shape[0]}], got {shape}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    _check_window("kv_start", kv_start, q)
     reason = _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens)
     if _dispatch.use_kernel("decode_attention", backend, reason, interpreted=q.device.type == "cpu"):
-        return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens)
-    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens)
+        return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start)
+    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start)
 
 
 def _probe() -> Optional[str]:
