@@ -14,8 +14,9 @@ Conventions shared by all kernels:
   (the bulk, cheap) and blocks that need one (the diagonal and the ragged tail of T).
 - WINDOW (optional, a constexpr; off, the code is the causal/full one above): row b's queries
   see only keys KV_START[b] <= j < KV_END[b] ([B] int tensors, read on the device), on top of
-  the causal limit, as a padding mask (left padding: the start; right padding: the end). Every
-  key block in the window then takes the masked path. A query that sees no key gets 0 (and
+  the causal limit, as a padding mask (left padding: the start; right padding: the end). The
+  block the window starts inside and the blocks past the bulk take the masked path; the blocks
+  wholly inside the window and the causal limit stay unmasked. A query that sees no key gets 0 (and
   its saved LSE is +inf, so the backward's exp2(s - LSE) is 0 there), as SDPA gives for a fully
   masked row.
 - Under TRITON_INTERPRET=1 nothing is autotuned: the launcher passes INTERPRETER_* configs.
@@ -77,16 +78,23 @@ def _dot_operand(x, like_ptrs, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(lo, kv_lo, kv_hi, full_hi, hi) of a key loop: it runs over key blocks lo..hi, those below
-    full_hi without a mask. With a window, row b's keys [kv_lo, kv_hi) (clipped to [0, Tk]): the
-    loop starts at the block holding kv_lo, stops at kv_hi, and masks every block."""
+    """(lo, head_hi, full_hi, hi, kv_lo, kv_hi) of a key loop over blocks lo..hi: masked below
+    head_hi, unmasked from there to full_hi, masked again up to hi. The caller's full_hi / hi are
+    the causal ones (keys below full_hi seen by every row of the query block, none at or past hi).
+    With a window, row b's keys [kv_lo, kv_hi) (clipped to [0, Tk]): the loop starts at the block
+    holding kv_lo (masked when kv_lo is not block-aligned), stops at kv_hi, and the unmasked bulk
+    is the blocks wholly inside both. Without one, lo = head_hi = 0: no head."""
     if WINDOW:
         kv_lo = tl.maximum(tl.load(KV_START + b).to(tl.int32), 0)
         kv_hi = tl.minimum(tl.load(KV_END + b).to(tl.int32), Tk)
+        hi = tl.minimum(hi, kv_hi)
         lo = (kv_lo // BLOCK_N) * BLOCK_N
-        return lo, kv_lo, kv_hi, lo, tl.minimum(hi, kv_hi)
+        # lo <= head_hi <= full_hi <= hi, so the three ranges tile lo..hi (all empty if hi <= lo)
+        head_hi = tl.maximum(tl.minimum(tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N, hi), lo)
+        full_hi = tl.maximum(tl.minimum(full_hi, (kv_hi // BLOCK_N) * BLOCK_N), head_hi)
+        return lo, head_hi, full_hi, hi, kv_lo, kv_hi
     else:
-        return 0, 0, Tk, full_hi, hi
+        return 0, 0, full_hi, hi, 0, Tk
 
 
 # ---- forward ------------------------------------------------------------------------------
@@ -189,9 +197,13 @@ def attn_fwd_kernel(
     else:
         hi = Tk
         full_hi = (Tk // BLOCK_N) * BLOCK_N
-    lo, kv_lo, kv_hi, full_hi, hi = _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW, BLOCK_N)
+    lo, head_hi, full_hi, hi, kv_lo, kv_hi = _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW, BLOCK_N)
+    if WINDOW:  # the block the window starts inside
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
+                                   offs_m, offs_n0, lo, head_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                                   True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
-                               offs_m, offs_n0, lo, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                               offs_m, offs_n0, head_hi, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
                                False, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                                offs_m, offs_n0, full_hi, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
@@ -442,9 +454,13 @@ def attn_bwd_dq_kernel(
     else:
         hi = Tk
         full_hi = (Tk // BLOCK_N) * BLOCK_N
-    lo, kv_lo, kv_hi, full_hi, hi = _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW, BLOCK_N)
+    lo, head_hi, full_hi, hi, kv_lo, kv_hi = _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW, BLOCK_N)
+    if WINDOW:  # the block the window starts inside
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
+                       offs_m, offs_n0, lo, head_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                       True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
-                   offs_m, offs_n0, lo, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
+                   offs_m, offs_n0, head_hi, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
                    False, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                    offs_m, offs_n0, full_hi, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,

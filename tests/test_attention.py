@@ -155,6 +155,9 @@ WINDOW_CASES = [
     (2, 2, 50, 50, 16, FP32, False, [3, 20], [17, 50]),          # non-causal
     (2, 2, 7, 50, 128, FP32, True, [3, 45], None),              # queries at the end of a cache
     (2, 1, 64, 64, 64, BF16, True, None, [1, 64]),
+    # bounds on and off the 16-key blocks: a partial head block, unmasked bulk, a partial tail
+    (3, 2, 100, 100, 32, FP32, True, [16, 33, 48], [100, 80, 64]),
+    (2, 2, 100, 100, 16, BF16, False, [32, 7], [96, 71]),
 ]
 
 
