@@ -17,6 +17,10 @@ then checks, for every spec, with fresh random inputs:
   reference and logs why, once;
 - and that every registered op has a spec, so none goes without these checks.
 
+An optional argument that sends the kernel down another path (attention's key window) gets a
+spec of its own, `op=` naming the op and `name` the variant ("attention[kv_window]"), so every
+check above runs with that argument too.
+
 The op's own test file keeps what is particular to it (masks, ragged caches, distributions).
 Benchmarks come from bench/ the same way (bench/README.md, "Adding a case").
 """
