@@ -29,7 +29,9 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   logits=None (as Liger-Kernel does). Evaluation, and calls without labels, are unchanged.
 
 GPT-1 (OpenAIGPT*, post-LN, no KV cache) gets the same, its attention through `ops.attention`
-in place of the Attention module's `_attn` (no mask, no attention weights asked for, no dropout).
+in place of the Attention module's `_attn` (no attention weights asked for, no dropout; no mask,
+or a right-padding one, as kv_end: a left pad's row, which sees no key, gets a uniform mix of
+every key from transformers' GPT-1, so left padding keeps transformers' code).
 
 Each op dispatches as everywhere in gptfast (kernels on CUDA, the reference elsewhere, the
 first fallback logged). `unpatch_transformers(model)` puts transformers' code back.
@@ -88,7 +90,18 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
 _NO_WINDOW = "no window"  # a mask that lets every query see its causal keys: plain causal attention
-_last_window = [None, None]  # [weakref to the last mask read, what it gave]: the layers of one forward share it
+_last_window = [None, None]  # [weakref to the last mask read, (its key, what it gave)]: a forward's layers share it
+
+
+def _key_range(keys):
+    """keys: bool [B, Tk], the keys each row's queries see. (start, end, in_range): the first
+    seen key, one past the last (0, 0 for a row that sees none), and bool [B, Tk] of start <= j < end."""
+    tk = keys.shape[1]
+    seen = keys.any(dim=1)
+    start = torch.where(seen, keys.int().argmax(dim=1), 0)
+    end = torch.where(seen, tk - keys.flip(1).int().argmax(dim=1), 0)
+    kpos = torch.arange(tk, device=keys.device)
+    return start, end, (kpos >= start[:, None]) & (kpos < end[:, None])
 
 
 def _read_window(mask, batch: int, tq: int, tk: int):
@@ -100,28 +113,38 @@ def _read_window(mask, batch: int, tq: int, tk: int):
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (tq, tk) or mask.shape[0] not in (1, batch):
         return None
     allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(batch, tq, tk)
-    keys = allowed.any(dim=1)  # [B, Tk]: the keys some query of the row sees
-    seen = keys.any(dim=1)
-    start = torch.where(seen, keys.int().argmax(dim=1), 0)
-    end = torch.where(seen, tk - keys.flip(1).int().argmax(dim=1), 0)
-    kpos = torch.arange(tk, device=mask.device)
-    window = (kpos >= start[:, None]) & (kpos < end[:, None])
+    start, end, in_range = _key_range(allowed.any(dim=1))  # the keys some query of the row sees
     causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(diagonal=tk - tq)
-    if not torch.equal(allowed, causal & window[:, None, :]):
+    if not torch.equal(allowed, causal & in_range[:, None, :]):
         return None
     if bool(((start == 0) & (end == tk)).all()):
         return _NO_WINDOW
     return start.to(torch.int32), end.to(torch.int32)
 
 
-def _mask_window(mask, batch: int, tq: int, tk: int):
-    """_read_window, remembered for the mask object the last call read (transformers passes every
-    layer the same one), so a forward syncs once, not once per layer."""
+def _read_gpt1_window(mask, batch: int, tk: int):
+    """GPT-1's padding mask ([B or 1, 1, 1, T], additive: 0 where a key is seen) as kv_end int32 [B]
+    when it is right padding (row b sees keys 0 .. kv_end[b] - 1, at least one), _NO_WINDOW
+    without padding, None otherwise: left padding too, since transformers' GPT-1 gives a query
+    that sees no key a uniform mix of every key (its causal mask is -1e4, not -inf), not 0."""
+    if mask.dim() != 4 or tuple(mask.shape[1:3]) != (1, 1) or mask.shape[-1] != tk or mask.shape[0] not in (1, batch):
+        return None
+    keys = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, 0].expand(batch, tk)
+    start, end, in_range = _key_range(keys)
+    if not torch.equal(keys, in_range) or bool(((start != 0) | (end == 0)).any()):
+        return None
+    return _NO_WINDOW if bool((end == tk).all()) else end.to(torch.int32)
+
+
+def _remembered(mask, key: tuple, read):
+    """read(), remembered for the mask object the last call read (transformers passes every layer
+    the same one), so a forward syncs once, not once per layer."""
     ref, value = _last_window
-    if ref is not None and ref() is mask and value[0] == (mask._version, batch, tq, tk):
+    key = (mask._version, *key)
+    if ref is not None and ref() is mask and value[0] == key:
         return value[1]
-    window = _read_window(mask, batch, tq, tk)
-    _last_window[:] = [weakref.ref(mask), ((mask._version, batch, tq, tk), window)]
+    window = read()
+    _last_window[:] = [weakref.ref(mask), (key, window)]
     return window
 
 
@@ -142,7 +165,9 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         if torch.compiler.is_compiling():
             reason = "a padding mask under torch.compile (reading it would sync inside the graph)"
         else:
-            window = _mask_window(attention_mask, query.shape[0], tq, tk)
+            batch = query.shape[0]
+            window = _remembered(attention_mask, ("gpt2", batch, tq, tk),
+                                 lambda: _read_window(attention_mask, batch, tq, tk))
             if window is None:
                 reason = "transformers passed an attention mask that is not causal + one key range per row"
     if reason is not None:
@@ -174,23 +199,35 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
 
 def _gpt1_attn(self, q, k, v, *args, **kwargs):
     """OpenAIGPT's Attention._attn (k comes transposed, [B, H, D, T]) through ops.attention when
-    it is plain causal attention: no mask, no head mask, no attention weights, no dropout."""
+    it is plain causal attention: no head mask, no attention weights, no dropout, and no mask
+    or a right-padding one (the kernel's kv_end)."""
     state = getattr(self, _STATE)
     given = {**dict(zip(state["arguments"], args)), **kwargs}  # attention_mask, (head_mask,) output_attentions
-    asked = sorted(name for name, value in given.items() if value is not None and value is not False)
+    asked = sorted(name for name, value in given.items()
+                   if value is not None and value is not False and name != "attention_mask")
+    mask = given.get("attention_mask")
     dropout = self.attn_dropout.p if self.training and state["attention_dropout"] else 0.0
-    reason = None
+    reason = window = None
     if asked:
         reason = "it was given " + ", ".join(asked)
     elif dropout > 0:
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run "
                   "the kernel without it)")
+    elif mask is not None:
+        if torch.compiler.is_compiling():
+            reason = "a padding mask under torch.compile (reading it would sync inside the graph)"
+        else:
+            batch, tk = q.shape[0], v.shape[2]
+            window = _remembered(mask, ("gpt1", batch, tk), lambda: _read_gpt1_window(mask, batch, tk))
+            if window is None:
+                reason = "it was given an attention_mask that is not right padding"
     if reason is not None:
         _dispatch.log_once(f"hf_patch:gpt1-attention:{reason}",
                            "gptfast: GPT-1 attention runs transformers' code: %s", reason)
         return type(self)._attn(self, q, k, v, *args, **kwargs)
     scale = 1.0 / math.sqrt(v.shape[-1]) if self.scale else 1.0
-    return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale)]
+    kv_end = None if window is None or window is _NO_WINDOW else window
+    return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale, kv_end=kv_end)]
 
 
 def _register_attention() -> None:

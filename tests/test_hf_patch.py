@@ -9,6 +9,7 @@ import torch
 
 import gptfast
 from gptfast import ops
+from gptfast.ops import _dispatch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.masking_utils")
@@ -186,6 +187,7 @@ def test_padded_batches_run_the_kernels(backend, monkeypatch, caplog):
         want = _sdpa_twin(model)(ids, attention_mask=mask).logits
     gptfast.patch_transformers(model)
     calls = Calls(monkeypatch)
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
     reads = []
     real = hf_patch._read_window
     monkeypatch.setattr(hf_patch, "_read_window", lambda *a: reads.append(1) or real(*a))
@@ -237,7 +239,8 @@ def test_left_padded_batched_generation_equals_transformers(backend, monkeypatch
     assert calls.n["attention"] == 2 and calls.n["decode_attention"] == 2 * 5, calls.n
 
 
-def test_other_masks_run_sdpa_and_say_so(caplog):
+def test_other_masks_run_sdpa_and_say_so(caplog, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
     model = hf_gpt2(seed=4)
     ids = torch.randint(1, 211, (2, 10), device=DEV)
     mask = torch.ones_like(ids)
@@ -249,6 +252,52 @@ def test_other_masks_run_sdpa_and_say_so(caplog):
         got = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert "not causal + one key range per row" in caplog.text
+
+
+def test_gpt1_right_padded_batches_run_the_kernel(backend, monkeypatch, caplog):
+    """GPT-1 with a right-padding mask (its fine-tuning batches): the kernel with kv_end, logits
+    and the training gradients equal to transformers' own code at every position. Left padding
+    keeps transformers' code (a row that sees no key gets a uniform mix there, 0 in the kernel)."""
+    model = hf_gpt2(seed=15, family="gpt1")
+    patched = gptfast.patch_transformers(copy.deepcopy(model))
+    ids = torch.randint(1, 211, (3, 19), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[0, -6:] = 0
+    mask[2, -1:] = 0
+    calls = Calls(monkeypatch)
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        for m in (model.train(), patched.train()):
+            m(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert calls.n["attention"] == 2, calls.n
+    assert "GPT-1 attention runs transformers' code" not in caplog.text
+    for (name, a), (_, b) in zip(model.named_parameters(), patched.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **tolerance(backend), msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(patched.eval()(ids, attention_mask=mask).logits,
+                                   model.eval()(ids, attention_mask=mask).logits, **tolerance(backend))
+
+    left = mask.flip(1)
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gptfast"), torch.no_grad():
+        got = patched(ids, attention_mask=left).logits
+    assert "not right padding" in caplog.text
+    torch.testing.assert_close(got, model(ids, attention_mask=left).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_read_gpt1_window():
+    from gptfast.hf_patch import _NO_WINDOW, _read_gpt1_window
+    keys = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    additive = ((1.0 - keys) * torch.finfo(torch.float32).min)[:, None, None, :]
+    assert _read_gpt1_window(additive, 2, 5).tolist() == [3, 5]
+    assert _read_gpt1_window(torch.zeros(1, 1, 1, 5), 2, 5) is _NO_WINDOW
+    assert _read_gpt1_window(additive.flip(-1), 2, 5) is None  # left padding
+    assert _read_gpt1_window(additive[..., :4], 2, 5) is None
+    holed = additive.clone()
+    holed[1, ..., 2] = torch.finfo(torch.float32).min
+    assert _read_gpt1_window(holed, 2, 5) is None
+    assert _read_gpt1_window(torch.full((2, 1, 1, 5), torch.finfo(torch.float32).min), 2, 5) is None  # no key
 
 
 def test_read_window_of_transformers_masks():
