@@ -140,7 +140,7 @@ def _remembered(mask, key: tuple, read):
     """read(), remembered for the mask object the last call read (transformers passes every layer
     the same one), so a forward syncs once, not once per layer."""
     ref, value = _last_window
-    key = (mask._version, *key)
+    key = (None if mask.is_inference() else mask._version, *key)  # inference tensors have no version counter
     if ref is not None and ref() is mask and value[0] == key:
         return value[1]
     window = read()

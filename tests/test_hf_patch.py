@@ -196,6 +196,9 @@ def test_padded_batches_run_the_kernels(backend, monkeypatch, caplog):
     torch.testing.assert_close(got, want, **tolerance(backend))
     assert calls.n["attention"] == 2 and len(reads) == 1, (calls.n, reads)
     assert "runs SDPA" not in caplog.text
+    with torch.inference_mode():  # a serving loop's mode: its tensors have no version counter
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, **tolerance(backend))
+    assert calls.n["attention"] == 4 and len(reads) == 2, (calls.n, reads)
 
 
 def test_padded_training_loss_and_gradients_equal_transformers(backend, monkeypatch):
