@@ -98,22 +98,25 @@ def _timed(fn, ctx: RunContext) -> float:
 
 
 def _generator(name: str, spec: dict, ctx: RunContext, dtype):
-    """-> generate(ids, n) returning [B, T + n] ids, greedy, never stopping early."""
+    """-> generate(ids, n, mask) returning [B, T + n] ids, greedy, never stopping early. mask: the
+    attention mask of a left-padded batch (1 for real tokens), or None."""
     if name.startswith("gptfast"):
         model = _build("gptfast", spec, ctx.device, dtype).eval()
         # never stop early at a random model's eos, or tokens/s would count tokens not made
         kw = dict(temperature=0.0, ignore_eos=True)
         if name == "gptfast-no-graph":
             kw["cuda_graph"] = False
-        return lambda ids, n: model.generate(ids, max_new_tokens=n, **kw)
+        return lambda ids, n, mask=None: model.generate(ids, max_new_tokens=n, attention_mask=mask, **kw)
     if name.startswith("hf-transformers"):
         model = _build_hf(name, spec, ctx.device, dtype).eval()
 
-        def hf_generate(ids, n):
+        def hf_generate(ids, n, mask=None):
             with torch.inference_mode():
-                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+                return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return hf_generate
+    if spec.get("left_padded"):
+        raise Skip("the static-cache loop takes no padding mask")
     from .reference_model import decode_one, generate_static
 
     model = _build("nanogpt", spec, ctx.device, dtype).eval()
@@ -122,7 +125,7 @@ def _generator(name: str, spec: dict, ctx: RunContext, dtype):
         mode = "reduce-overhead" if ctx.is_cuda else None  # CUDA graphs for the decode step
         step = torch.compile(decode_one, mode=mode, fullgraph=True)
     cache_len = spec["prompt"] + spec["new_tokens"]  # one cache for the N-token and the 1-token runs
-    return lambda ids, n: generate_static(model, ids, n, step, max_seq_len=cache_len)
+    return lambda ids, n, mask=None: generate_static(model, ids, n, step, max_seq_len=cache_len)
 
 
 def _measure_generation(spec: dict):
@@ -131,12 +134,16 @@ def _measure_generation(spec: dict):
         generate = provider.setup({"spec": spec, "ctx": ctx, "dtype": dtype})
         B, P, N = spec["batch"], spec["prompt"], spec["new_tokens"]
         ids = torch.randint(0, 50000, (B, P), device=ctx.device)
+        mask = None
+        if spec.get("left_padded"):  # row b left-padded by (b % 4) / 8 of the prompt: prompts of 4 lengths
+            mask = (torch.arange(P, device=ctx.device)[None, :] >= _left_pads(B, P, ctx.device)[:, None]).long()
+            ids = ids * mask
         out = []
-        first = _timed(lambda: out.append(generate(ids, N)), ctx)
+        first = _timed(lambda: out.append(generate(ids, N, mask)), ctx)
         if tuple(out[0].shape) != (B, P + N):
             raise RuntimeError(f"expected {B}x{P + N} ids back, got {tuple(out[0].shape)}")
-        full = [_timed(lambda: generate(ids, N), ctx) for _ in range(spec["reps"])]
-        one = [_timed(lambda: generate(ids, 1), ctx) for _ in range(spec["reps"])]
+        full = [_timed(lambda: generate(ids, N, mask), ctx) for _ in range(spec["reps"])]
+        one = [_timed(lambda: generate(ids, 1, mask), ctx) for _ in range(spec["reps"])]
         t_full, t_one = statistics.median(full), statistics.median(one)
         metrics = {
             "tokens_per_s": B * N / t_full,
@@ -147,6 +154,10 @@ def _measure_generation(spec: dict):
         }
         return {"times_s": full, "metrics": metrics, "first_call_s": first}
     return measure
+
+
+def _left_pads(B: int, P: int, device) -> torch.Tensor:
+    return (torch.arange(B, device=device) % 4) * (P // 8)
 
 
 def _gen_setup(name):
@@ -166,18 +177,23 @@ def generation_cases(device_kind: str, quick: bool) -> list[Case]:
         batches = (1, 16)
     else:  # CPU: a tiny GPT-2 (the real vocabulary), a short prompt and few tokens
         presets, prompt, new, reps, batches = [("gpt2", CPU_TINY)], 16, 8, 2, (1,)
+    runs = [(preset, overrides, B, False) for preset, overrides in presets for B in batches]
+    if not quick:  # a batch of prompts of four lengths, left-padded as a tokenizer pads for generate
+        runs.append((presets[0][0], presets[0][1], 16 if device_kind == "cuda" else 4, True))
     cases = []
-    for preset, overrides in presets:
-        for B in batches:
-            spec = {"preset": preset, "overrides": overrides, "batch": B, "prompt": prompt,
-                    "new_tokens": new, "reps": reps}
-            label = _label(preset, overrides)
-            providers = [Provider(n, _gen_kind(n), _gen_setup(n), compiled=n.endswith("+compile"))
-                         for n in GEN_PROVIDERS]
-            cases.append(Case(op="e2e", name=f"generate {label} B={B} prompt={prompt} new={new}",
-                              shape=dict(spec, task="generate"), dtype="bf16" if device_kind == "cuda" else "fp32",
-                              make_inputs=lambda d: {}, providers=providers,
-                              measure=_measure_generation(spec)))
+    for preset, overrides, B, padded in runs:
+        spec = {"preset": preset, "overrides": overrides, "batch": B, "prompt": prompt,
+                "new_tokens": new, "reps": reps}
+        if padded:
+            spec["left_padded"] = True
+        label = _label(preset, overrides)
+        providers = [Provider(n, _gen_kind(n), _gen_setup(n), compiled=n.endswith("+compile"))
+                     for n in GEN_PROVIDERS]
+        cases.append(Case(op="e2e", name=f"generate {label} B={B} prompt={prompt}{' left-padded' if padded else ''}"
+                                         f" new={new}",
+                          shape=dict(spec, task="generate"), dtype="bf16" if device_kind == "cuda" else "fp32",
+                          make_inputs=lambda d: {}, providers=providers,
+                          measure=_measure_generation(spec)))
     return cases
 
 

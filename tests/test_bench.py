@@ -123,6 +123,21 @@ def test_run_case_records_every_provider():
     assert rec["best_peer"] == "peer"
 
 
+def test_left_padded_generation_case_runs_the_padded_providers():
+    """The full run's left-padded generate case: gptfast and transformers (with and without the
+    patch) take the mask; the static-cache loop, which cannot, is skipped with the reason."""
+    pytest.importorskip("transformers")
+    from gptfast.bench import e2e
+    (case,) = [c for c in e2e.generation_cases("cpu", quick=False) if "left-padded" in c.name]
+    assert case.shape["left_padded"] and case.shape["batch"] == 4
+    case.providers = [p for p in case.providers if p.name in ("gptfast", "hf-transformers+gptfast", "static-cache")]
+    ctx = harness.RunContext(device=torch.device("cpu"), compile_budget_s=0.0, cpu_min_run_time_s=0.01)
+    by = {r["provider"]: r for r in harness.run_case(case, ctx)["results"]}
+    assert by["gptfast"]["status"] == by["hf-transformers+gptfast"]["status"] == "ok", by
+    assert by["gptfast"]["metrics"]["tokens_per_s"] > 0
+    assert by["static-cache"]["status"] == "skipped" and "padding mask" in by["static-cache"]["reason"]
+
+
 def test_speculative_projection():
     from gptfast.bench.e2e import expected_tokens_per_round
     assert expected_tokens_per_round(0.0, 4) == 1.0
