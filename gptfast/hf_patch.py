@@ -13,12 +13,13 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   over the cache, with transformers' SDPA semantics (is_causal when more than one query:
   top-left aligned). A padding mask (a left-padded batch in generate, a right-padded one in
   training) goes to the same kernels as a key window per row (ops.attention's kv_start /
-  kv_end), once transformers' mask is checked to be exactly causal + one key range per row (one
-  host sync per forward: the layers share the mask); a query that sees no key gets 0, as in
-  SDPA. Any other mask, or attention dropout in training, runs transformers' SDPA path
-  instead, and says so once; so does a padding mask under torch.compile (reading it would
-  sync inside the graph; a trace logs nothing). `attention_dropout=False` runs the kernel in
-  training too, without dropout on the attention weights (as gptfast.GPT does).
+  kv_end), once transformers' mask is checked to be exactly causal + one key range per row over
+  the keys written so far (a static cache's tail dropped; two host syncs per forward: the
+  layers share the mask); a query that sees no key gets 0, as in SDPA. Any other mask, or
+  attention dropout in training, runs transformers' SDPA path instead, and says so once; so
+  does a padding mask under torch.compile (reading it would sync inside the graph; a trace
+  logs nothing). `attention_dropout=False` runs the kernel in training too, without dropout
+  on the attention weights (as gptfast.GPT does).
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
   the module keeps). The residual add stays transformers' own, so the add is not fused.
 - mlp: the MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
@@ -106,20 +107,26 @@ def _key_range(keys):
 
 def _read_window(mask, batch: int, tq: int, tk: int):
     """transformers' 4-D attention mask ([B or 1, 1, Tq, Tk], bool or additive float) as a key window
-    per row: (kv_start, kv_end) int32 [B] when the mask is exactly the bottom-right causal mask
-    restricted to keys kv_start[b] <= j < kv_end[b] in row b (the mask of a left- or right-padded
-    batch), _NO_WINDOW when that range is every key in every row, None for any other mask. One
-    host sync (the comparison)."""
+    per row over the first `used` keys: (kv_start, kv_end, used), the int32 [B] bounds None where
+    the window is every key in every row. The mask must be exactly the bottom-right causal mask
+    over keys 0 .. used - 1, restricted to kv_start[b] <= j < kv_end[b] in row b, and no query
+    sees a key past those: the mask of a left- or right-padded batch, in a cache that may be
+    longer than what is written (a static cache's tail: its prefill's causal mask is top-left,
+    which is bottom-right once the keys stop at the last seen one). None for any other mask.
+    Two host syncs (the last key, the comparison)."""
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (tq, tk) or mask.shape[0] not in (1, batch):
         return None
     allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(batch, tq, tk)
     start, end, in_range = _key_range(allowed.any(dim=1))  # the keys some query of the row sees
-    causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(diagonal=tk - tq)
-    if not torch.equal(allowed, causal & in_range[:, None, :]):
+    used = int(end.max())  # no query sees a key at or past this one
+    if used < tq:  # the first queries would see nothing under a bottom-right mask
         return None
-    if bool(((start == 0) & (end == tk)).all()):
-        return _NO_WINDOW
-    return start.to(torch.int32), end.to(torch.int32)
+    causal = torch.ones(tq, used, dtype=torch.bool, device=mask.device).tril(diagonal=used - tq)
+    if not torch.equal(allowed[..., :used], causal & in_range[:, None, :used]):
+        return None
+    if bool(((start == 0) & (end == used)).all()):
+        return None, None, used
+    return start.to(torch.int32), end.to(torch.int32), used
 
 
 def _read_gpt1_window(mask, batch: int, tk: int):
@@ -180,7 +187,9 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
     if window is not None:
         # the mask's own causal limit is bottom-right (queries at the end of the cache); one
         # query over the cache goes to split-K decoding, from kv_start to kv_end
-        kv_start, kv_end = (None, None) if window is _NO_WINDOW else window
+        kv_start, kv_end, used = window
+        if used < tk:  # keys no query sees (a static cache's unwritten tail)
+            key, value, tk = key[:, :, :used], value[:, :, :used], used
         if decode:
             lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device) \
                 if kv_end is None else kv_end

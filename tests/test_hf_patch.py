@@ -304,22 +304,50 @@ def test_read_gpt1_window():
 
 
 def test_read_window_of_transformers_masks():
-    from gptfast.hf_patch import _NO_WINDOW, _read_window
+    from gptfast.hf_patch import _read_window
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     keys = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     mask = (causal & keys[:, None, :])[:, None]  # [2, 1, 5, 5]
-    start, end = _read_window(mask, 2, 5, 5)
-    assert start.tolist() == [2, 0] and end.tolist() == [5, 3] and start.dtype == torch.int32
+    start, end, used = _read_window(mask, 2, 5, 5)
+    assert start.tolist() == [2, 0] and end.tolist() == [5, 3] and used == 5 and start.dtype == torch.int32
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    assert [t.tolist() for t in _read_window(additive, 2, 5, 5)] == [[2, 0], [5, 3]]
-    assert _read_window(causal[None, None].expand(1, 1, 5, 5), 3, 5, 5) is _NO_WINDOW  # batch 1, no padding
+    start, end, used = _read_window(additive, 2, 5, 5)
+    assert (start.tolist(), end.tolist(), used) == ([2, 0], [5, 3], 5)
+    assert _read_window(causal[None, None].expand(1, 1, 5, 5), 3, 5, 5) == (None, None, 5)  # batch 1, no padding
     decode = torch.tensor([[0, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None]  # one query over a cache
-    assert [t.tolist() for t in _read_window(decode, 1, 1, 6)] == [[1], [6]]
+    start, end, used = _read_window(decode, 1, 1, 6)
+    assert (start.tolist(), end.tolist(), used) == ([1], [6], 6)
+    # a static cache: 5 queries over 8 slots, top-left causal, the last 3 slots unwritten
+    static = torch.zeros(2, 1, 5, 8, dtype=torch.bool)
+    static[..., :5] = mask
+    start, end, used = _read_window(static, 2, 5, 8)
+    assert (start.tolist(), end.tolist(), used) == ([2, 0], [5, 3], 5)
     assert _read_window(~mask, 2, 5, 5) is None  # not causal
     assert _read_window(mask[..., :4], 2, 5, 5) is None  # another shape
+    assert _read_window(mask[:, :, :, :3].contiguous(), 2, 5, 3) is None  # more queries than keys seen
     holed = mask.clone()
     holed[1, 0, 2:, 1] = False
     assert _read_window(holed, 2, 5, 5) is None
+
+
+def test_left_padded_generation_with_a_static_cache(backend, monkeypatch):
+    """cache_implementation="static": the prefill's mask is top-left causal over a longer cache, which
+    the patch reads as the window over the written keys; prompt and steps run the kernels."""
+    model = hf_gpt2(seed=16)
+    ids = torch.randint(1, 211, (3, 8), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
+          "cache_implementation": "static", "return_dict_in_generate": True, "output_logits": True}
+    want = _sdpa_twin(model).generate(ids, **kw)
+    gptfast.patch_transformers(model)
+    calls = Calls(monkeypatch)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b, **tolerance(backend), msg=f"step {step}")
+    assert calls.n["attention"] == 2 and calls.n["decode_attention"] == 2 * 3, calls.n
 
 
 def test_dropout_runs_sdpa_and_says_so(caplog):
