@@ -221,9 +221,12 @@ def test_padded_training_loss_and_gradients_equal_transformers(backend, monkeypa
         torch.testing.assert_close(grads[1][name], grads[0][name], **tolerance(backend), msg=name)
 
 
-def test_left_padded_batched_generation_equals_transformers(backend, monkeypatch):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_batched_generation_equals_transformers(backend, monkeypatch, cache):
     """generate() on a left-padded batch: the prompt through the flash kernel with a key window,
-    each new token through split-K decoding from the row's first real token."""
+    each new token through split-K decoding from the row's first real token. static
+    (cache_implementation="static"): the prefill's mask is top-left causal over a longer cache,
+    read as the window over the keys written so far."""
     model = hf_gpt2(seed=14)
     ids = torch.randint(1, 211, (3, 8), device=DEV)
     mask = torch.ones_like(ids)
@@ -232,6 +235,8 @@ def test_left_padded_batched_generation_equals_transformers(backend, monkeypatch
     ids = ids.masked_fill(mask == 0, 0)
     kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
           "return_dict_in_generate": True, "output_logits": True}
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     want = _sdpa_twin(model).generate(ids, **kw)
     gptfast.patch_transformers(model)
     calls = Calls(monkeypatch)
@@ -328,26 +333,6 @@ def test_read_window_of_transformers_masks():
     holed = mask.clone()
     holed[1, 0, 2:, 1] = False
     assert _read_window(holed, 2, 5, 5) is None
-
-
-def test_left_padded_generation_with_a_static_cache(backend, monkeypatch):
-    """cache_implementation="static": the prefill's mask is top-left causal over a longer cache, which
-    the patch reads as the window over the written keys; prompt and steps run the kernels."""
-    model = hf_gpt2(seed=16)
-    ids = torch.randint(1, 211, (3, 8), device=DEV)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    kw = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
-          "cache_implementation": "static", "return_dict_in_generate": True, "output_logits": True}
-    want = _sdpa_twin(model).generate(ids, **kw)
-    gptfast.patch_transformers(model)
-    calls = Calls(monkeypatch)
-    got = model.generate(ids, **kw)
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
-        torch.testing.assert_close(a, b, **tolerance(backend), msg=f"step {step}")
-    assert calls.n["attention"] == 2 and calls.n["decode_attention"] == 2 * 3, calls.n
 
 
 def test_dropout_runs_sdpa_and_says_so(caplog):
