@@ -260,6 +260,13 @@ def test_attention_tma_fewer_queries_than_keys(poisoned, tma_forced, causal):
     assert tma_forced == TMA_ALL
 
 
+def test_attention_tma_key_window(poisoned, tma_forced):
+    # the head, bulk and tail loops of a window through the tensor descriptors
+    torch.manual_seed(9)
+    _run_fwd_bwd(3, 2, 100, 32, BF16, True, None, kv_start=_ints([16, 33, 0]), kv_end=_ints([100, 80, 41]))
+    assert tma_forced == TMA_ALL
+
+
 def test_attention_tma_unaddressable_layout_falls_back(poisoned, tma_forced, caplog):
     # head dim not unit-stride: TMA cannot address it; pointer loads, with the reason logged once
     from gptfast.ops import _tma
