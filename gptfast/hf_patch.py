@@ -90,7 +90,6 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
                                   **kwargs)
 
 
-_NO_WINDOW = "no window"  # a mask that lets every query see its causal keys: plain causal attention
 _last_window = [None, None]  # [weakref to the last mask read, (its key, what it gave)]: a forward's layers share it
 
 
@@ -130,8 +129,8 @@ def _read_window(mask, batch: int, tq: int, tk: int):
 
 
 def _read_gpt1_window(mask, batch: int, tk: int):
-    """GPT-1's padding mask ([B or 1, 1, 1, T], additive: 0 where a key is seen) as kv_end int32 [B]
-    when it is right padding (row b sees keys 0 .. kv_end[b] - 1, at least one), _NO_WINDOW
+    """GPT-1's padding mask ([B or 1, 1, 1, T], additive: 0 where a key is seen) as (kv_end,), int32
+    [B], when it is right padding (row b sees keys 0 .. kv_end[b] - 1, at least one), (None,)
     without padding, None otherwise: left padding too, since transformers' GPT-1 gives a query
     that sees no key a uniform mix of every key (its causal mask is -1e4, not -inf), not 0."""
     if mask.dim() != 4 or tuple(mask.shape[1:3]) != (1, 1) or mask.shape[-1] != tk or mask.shape[0] not in (1, batch):
@@ -140,19 +139,25 @@ def _read_gpt1_window(mask, batch: int, tk: int):
     start, end, in_range = _key_range(keys)
     if not torch.equal(keys, in_range) or bool(((start != 0) | (end == 0)).any()):
         return None
-    return _NO_WINDOW if bool((end == tk).all()) else end.to(torch.int32)
+    return (None,) if bool((end == tk).all()) else (end.to(torch.int32),)
 
 
-def _remembered(mask, key: tuple, read):
-    """read(), remembered for the mask object the last call read (transformers passes every layer
-    the same one), so a forward syncs once, not once per layer."""
+def _mask_window(mask, key: tuple, read, refused: str):
+    """(window, reason): read() (a window, or None for a mask it cannot take), remembered for the
+    mask object the last call read (transformers passes every layer the same one), so a forward
+    syncs once, not once per layer; reason (why SDPA / transformers' code runs) when there is no
+    window: `refused`, or torch.compile, under which the mask is not read (that would sync
+    inside the graph)."""
+    if torch.compiler.is_compiling():
+        return None, "a padding mask under torch.compile (reading it would sync inside the graph)"
     ref, value = _last_window
     key = (None if mask.is_inference() else mask._version, *key)  # inference tensors have no version counter
     if ref is not None and ref() is mask and value[0] == key:
-        return value[1]
-    window = read()
-    _last_window[:] = [weakref.ref(mask), (key, window)]
-    return window
+        window = value[1]
+    else:
+        window = read()
+        _last_window[:] = [weakref.ref(mask), (key, window)]
+    return window, (refused if window is None else None)
 
 
 def gptfast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -169,14 +174,10 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
           or not getattr(getattr(module, "config", None), "is_causal", True) or tq > tk):
         reason = "not causal self-attention"
     elif attention_mask is not None:
-        if torch.compiler.is_compiling():
-            reason = "a padding mask under torch.compile (reading it would sync inside the graph)"
-        else:
-            batch = query.shape[0]
-            window = _remembered(attention_mask, ("gpt2", batch, tq, tk),
-                                 lambda: _read_window(attention_mask, batch, tq, tk))
-            if window is None:
-                reason = "transformers passed an attention mask that is not causal + one key range per row"
+        batch = query.shape[0]
+        window, reason = _mask_window(
+            attention_mask, ("gpt2", batch, tq, tk), lambda: _read_window(attention_mask, batch, tq, tk),
+            "transformers passed an attention mask that is not causal + one key range per row")
     if reason is not None:
         _dispatch.log_once(f"hf_patch:attention:{reason}",
                            "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s", reason)
@@ -184,24 +185,19 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
     decode = tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
         and not (torch.is_grad_enabled() and query.requires_grad)
-    if window is not None:
-        # the mask's own causal limit is bottom-right (queries at the end of the cache); one
-        # query over the cache goes to split-K decoding, from kv_start to kv_end
+    kv_start = kv_end = None
+    if window is not None:  # the mask's causal limit is bottom-right (queries at the end of the keys)
         kv_start, kv_end, used = window
         if used < tk:  # keys no query sees (a static cache's unwritten tail)
             key, value, tk = key[:, :, :used], value[:, :, :used], used
-        if decode:
-            lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device) \
-                if kv_end is None else kv_end
-            out = ops.decode_attention(query, key, value, lens, kv_start=kv_start)
-        else:
-            out = ops.attention(query, key, value, causal=True, scale=scale, kv_start=kv_start, kv_end=kv_end)
     elif tq > 1:  # SDPA's is_causal: query i sees keys 0..i (top-left), so only the first tq keys matter
-        out = ops.attention(query, key[:, :, :tq], value[:, :, :tq], causal=True, scale=scale)
-    elif decode:  # one new token over the cache: every key is visible (split-K flash-decoding)
-        lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device)
-        out = ops.decode_attention(query, key, value, lens)
-    else:  # one query, another scale (or a gradient): every key is visible too
+        key, value = key[:, :, :tq], value[:, :, :tq]
+    if decode:  # one new token over the cache: split-K flash-decoding, from kv_start to kv_end
+        lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device) if kv_end is None else kv_end
+        out = ops.decode_attention(query, key, value, lens, kv_start=kv_start)
+    elif tq > 1 or window is not None:
+        out = ops.attention(query, key, value, causal=True, scale=scale, kv_start=kv_start, kv_end=kv_end)
+    else:  # one query, another scale (or a gradient): every key is visible
         out = ops.attention(query, key, value, causal=False, scale=scale)
     return out.transpose(1, 2), None
 
@@ -223,19 +219,15 @@ def _gpt1_attn(self, q, k, v, *args, **kwargs):
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run "
                   "the kernel without it)")
     elif mask is not None:
-        if torch.compiler.is_compiling():
-            reason = "a padding mask under torch.compile (reading it would sync inside the graph)"
-        else:
-            batch, tk = q.shape[0], v.shape[2]
-            window = _remembered(mask, ("gpt1", batch, tk), lambda: _read_gpt1_window(mask, batch, tk))
-            if window is None:
-                reason = "it was given an attention_mask that is not right padding"
+        batch, tk = q.shape[0], v.shape[2]
+        window, reason = _mask_window(mask, ("gpt1", batch, tk), lambda: _read_gpt1_window(mask, batch, tk),
+                                      "it was given an attention_mask that is not right padding")
     if reason is not None:
         _dispatch.log_once(f"hf_patch:gpt1-attention:{reason}",
                            "gptfast: GPT-1 attention runs transformers' code: %s", reason)
         return type(self)._attn(self, q, k, v, *args, **kwargs)
     scale = 1.0 / math.sqrt(v.shape[-1]) if self.scale else 1.0
-    kv_end = None if window is None or window is _NO_WINDOW else window
+    (kv_end,) = window if window is not None else (None,)
     return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale, kv_end=kv_end)]
 
 

@@ -295,11 +295,12 @@ def test_gpt1_right_padded_batches_run_the_kernel(backend, monkeypatch, caplog):
 
 
 def test_read_gpt1_window():
-    from gptfast.hf_patch import _NO_WINDOW, _read_gpt1_window
+    from gptfast.hf_patch import _read_gpt1_window
     keys = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     additive = ((1.0 - keys) * torch.finfo(torch.float32).min)[:, None, None, :]
-    assert _read_gpt1_window(additive, 2, 5).tolist() == [3, 5]
-    assert _read_gpt1_window(torch.zeros(1, 1, 1, 5), 2, 5) is _NO_WINDOW
+    (end,) = _read_gpt1_window(additive, 2, 5)
+    assert end.tolist() == [3, 5] and end.dtype == torch.int32
+    assert _read_gpt1_window(torch.zeros(1, 1, 1, 5), 2, 5) == (None,)
     assert _read_gpt1_window(additive.flip(-1), 2, 5) is None  # left padding
     assert _read_gpt1_window(additive[..., :4], 2, 5) is None
     holed = additive.clone()

@@ -312,7 +312,7 @@ def _(q, k_cache, v_cache, cache_seqlens, kv_start=None):
 
 # ---- entry points (called by gptfast/ops/attention.py) ------------------------------------
 
-def _window(q, tk, kv_start, kv_end):
+def _dense_window(q, tk, kv_start, kv_end):
     """Both window bounds, dense ([B] tensors read at unit stride), or (None, None) without a
     window; a missing bound is the whole range (0 or Tk)."""
     if kv_start is None and kv_end is None:
@@ -328,7 +328,7 @@ def _window(q, tk, kv_start, kv_end):
 def attention(q, k, v, causal, scale, kv_start=None, kv_end=None):
     """softmax(q k^T * scale + causal mask [+ key window]) v; differentiable w.r.t. q, k, v."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kv_start, kv_end = _window(q, k.shape[2], kv_start, kv_end)
+    kv_start, kv_end = _dense_window(q, k.shape[2], kv_start, kv_end)
     out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale, kv_start, kv_end)
     return out
 
