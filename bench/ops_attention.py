@@ -125,12 +125,13 @@ def _padded_inputs(B, T, pass_):
     return make
 
 
-def _padded_setup(fn, check_kernel=False):
+def _padded_setup(fn, padding="kv_start", check_kernel=False):
+    """fn(q, k, v, inputs[padding]): the padding as that provider takes it (kv_start, or SDPA's mask)."""
     def setup(inputs):
         if check_kernel:
             no_interpreter(inputs["q"])
-        extra = inputs["mask"] if fn is _padded_sdpa else inputs["kv_start"]
-        return _thunk(lambda q, k, v: fn(q, k, v, extra), inputs["q"], inputs["k"], inputs["v"], inputs.get("dout"))
+        pad = inputs[padding]
+        return _thunk(lambda q, k, v: fn(q, k, v, pad), inputs["q"], inputs["k"], inputs["v"], inputs.get("dout"))
     return setup
 
 
@@ -152,7 +153,7 @@ def _padded_providers():
         [Provider(f"gptfast-{name}", "gptfast", kernel, context=env_context(GPTFAST_TMA=mode))
          for name, mode in (("tma", "1"), ("ptr", "0"))] + \
         [Provider("reference", "reference", _padded_setup(_padded_reference))] + \
-        [Provider(f"sdpa-{name}", "peer", _padded_setup(_padded_sdpa), context=_sdpa_context(name))
+        [Provider(f"sdpa-{name}", "peer", _padded_setup(_padded_sdpa, "mask"), context=_sdpa_context(name))
          for name in ("efficient", "cudnn", "math")]  # SDPA's flash backend takes no mask
 
 
