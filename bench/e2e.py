@@ -22,7 +22,7 @@ import time
 import torch
 
 from . import accounting
-from .harness import Case, Provider, RunContext, Skip, optional_import
+from .harness import Case, Provider, RunContext, Skip, left_pads, optional_import
 
 # The CPU cases check the plumbing on a model small enough for a shared CPU; not GPT-2 124M.
 CPU_TINY = {"n_layer": 2, "n_head": 2, "n_embd": 128}
@@ -136,7 +136,7 @@ def _measure_generation(spec: dict):
         ids = torch.randint(0, 50000, (B, P), device=ctx.device)
         mask = None
         if spec.get("left_padded"):  # row b left-padded by (b % 4) / 8 of the prompt: prompts of 4 lengths
-            mask = (torch.arange(P, device=ctx.device)[None, :] >= _left_pads(B, P, ctx.device)[:, None]).long()
+            mask = (torch.arange(P, device=ctx.device)[None, :] >= left_pads(B, P, ctx.device)[:, None]).long()
             ids = ids * mask
         out = []
         first = _timed(lambda: out.append(generate(ids, N, mask)), ctx)
@@ -154,10 +154,6 @@ def _measure_generation(spec: dict):
         }
         return {"times_s": full, "metrics": metrics, "first_call_s": first}
     return measure
-
-
-def _left_pads(B: int, P: int, device) -> torch.Tensor:
-    return (torch.arange(B, device=device) % 4) * (P // 8)
 
 
 def _gen_setup(name):

@@ -133,6 +133,12 @@ def no_interpreter(*tensors) -> None:
 _COMPILED: dict[Any, Callable] = {}
 
 
+def left_pads(B: int, T: int, device) -> torch.Tensor:
+    """Left padding of a benchmark's padded batch: row b padded by (b % 4) / 8 of T, so the
+    batch holds prompts of four lengths (the attention and generate cases share it)."""
+    return (torch.arange(B, device=device) % 4) * (T // 8)
+
+
 def compiled(fn: Callable, **options) -> Callable:
     """torch.compile(fn), memoised, so rotated input copies share one compiled graph."""
     key = (fn, tuple(sorted(options.items())))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gptfast import ops
 
 from . import accounting
-from .harness import Case, Provider, Skip, compiled, env_context, no_interpreter, optional_import
+from .harness import Case, Provider, Skip, compiled, env_context, left_pads, no_interpreter, optional_import
 
 D = 64
 H = 12
@@ -110,13 +110,13 @@ def attention_providers(variants=False):
 
 
 def _padded_inputs(B, T, pass_):
-    """Row b left-padded by (b % 4) * T / 8 keys: kv_start for gptfast, the equivalent boolean
+    """Row b left-padded by harness.left_pads: kv_start for gptfast, the equivalent boolean
     mask [B, 1, T, T] (causal & key >= start) for SDPA, built outside the timed call."""
     base = _attention_inputs(B, T, pass_)
 
     def make(device):
         inputs = base(device)
-        start = (torch.arange(B, device=device) % 4) * (T // 8)
+        start = left_pads(B, T, device)
         keys = torch.arange(T, device=device)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         inputs["kv_start"] = start.to(torch.int32)
