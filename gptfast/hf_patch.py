@@ -17,8 +17,8 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   the keys written so far (a static cache's tail dropped; two host syncs per forward: the
   layers share the mask); a query that sees no key gets 0, as in SDPA. Any other mask, or
   attention dropout in training, runs transformers' SDPA path instead, and says so once; so
-  does a padding mask under torch.compile (reading it would sync inside the graph; a trace
-  logs nothing). `attention_dropout=False` runs the kernel in training too, without dropout
+  does a padding mask under torch.compile (reading it would sync inside the graph; it is
+  logged as the trace reaches it). `attention_dropout=False` runs the kernel in training too, without dropout
   on the attention weights (as gptfast.GPT does).
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
   the module keeps). The residual add stays transformers' own, so the add is not fused.

@@ -3,6 +3,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gptfast
 from gptfast import ops
@@ -46,6 +47,23 @@ def test_fallback_logged_once_per_op(caplog, monkeypatch):
             assert not _dispatch.use_kernel("demo_op", None, "no CUDA device")
     lines = [r.getMessage() for r in caplog.records if "demo_op" in r.getMessage()]
     assert lines == ["gptfast: ops.demo_op falls back to the PyTorch reference: no CUDA device"]
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
+def test_fallback_chosen_under_compile_is_logged_once_without_a_graph_break(compiler, caplog, monkeypatch):
+    """The first call is compiled (no eager call before it says why): the trace logs the
+    fallback once, fullgraph holds, and the compiled calls after it log nothing more."""
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch._dynamo.reset()
+    w, b = torch.randn(12), torch.randn(12)
+    fn = torch.compile(lambda x: ops.layer_norm(x, w, b) * 2, fullgraph=True, backend=compiler)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        for _ in range(3):
+            x = torch.randn(5, 12)
+            torch.testing.assert_close(fn(x), 2 * F.layer_norm(x, (12,), w, b))
+    lines = [r.getMessage() for r in caplog.records if "ops.layer_norm" in r.getMessage()]
+    assert len(lines) == 1 and "falls back to the PyTorch reference: tensor on cpu" in lines[0], lines
 
 
 def test_kernel_request_that_cannot_run_raises():

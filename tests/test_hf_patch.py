@@ -115,7 +115,10 @@ def test_with_transformers_gradient_checkpointing():
     """Trainer's gradient_checkpointing: the blocks recompute through the patched modules."""
     model = hf_gpt2(seed=11).train()
     patched = gptfast.patch_transformers(copy.deepcopy(model))
-    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(patched, "activation_checkpointing_enable"):  # newer transformers, where the old name is deprecated
+        patched.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 211, (2, 15), device=DEV)
     for m in (model, patched):
         m(ids, labels=ids).loss.backward()
@@ -446,17 +449,22 @@ def test_patched_training_step_traces_fullgraph():
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_training_step_under_compile_runs_sdpa_fullgraph():
+def test_padded_training_step_under_compile_runs_sdpa_fullgraph(monkeypatch, caplog):
     """Under torch.compile the mask is not read (that would sync in the graph): SDPA runs, the
-    trace has no graph break, and the loss is transformers' own."""
+    trace has no graph break, the loss is transformers' own, and the trace says why, once."""
     torch._dynamo.reset()
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
     model = hf_gpt2(seed=9).train()
     ids = torch.randint(1, 211, (3, 17), device=DEV)
     mask = _padded_mask(ids)
     want = _sdpa_twin(model)(ids, attention_mask=mask, labels=ids).loss
     gptfast.patch_transformers(model)
-    got = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, labels=ids)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        got = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
+    said = [r.getMessage() for r in caplog.records if "runs SDPA" in r.getMessage()]
+    why = "a padding mask under torch.compile (reading it would sync inside the graph)"
+    assert said == [f"gptfast: transformers attention runs SDPA, not gptfast's kernel: {why}"], said
 
 
 def test_bad_models_are_refused():

@@ -218,15 +218,31 @@ def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interp
 
 
 def log_once(key: str, message: str, *args) -> None:
-    """Log a fallback's warning the first time its key is seen (not inside a compile trace)."""
-    if key not in _fallback_logged and not _compiling():
+    """Log a fallback's warning the first time its key is seen.
+
+    A fallback chosen while torch.compile traces is logged too, once, as the trace reaches it,
+    with no graph break: Dynamo hands the call to a non-strict trace (plain Python). On a torch
+    without torch._dynamo.nonstrict_trace it is skipped inside a trace (logging there would
+    break the graph); the eager call before compiling, or `gptfast backends`, says why then.
+    """
+    if not _compiling():
+        _log_first(key, message, *args)
+    elif _log_first_traced is not None:
+        _log_first_traced(key, message, *args)
+
+
+def _log_first(key: str, message: str, *args) -> int:
+    if key not in _fallback_logged:
         _fallback_logged.add(key)
         logger.warning(message, *args)
+    return 0  # a non-strict trace needs an output it can put in a graph (None is not one)
+
+
+_nonstrict_trace = getattr(getattr(torch, "_dynamo", None), "nonstrict_trace", None)
+_log_first_traced = _nonstrict_trace(_log_first) if _nonstrict_trace is not None else None
 
 
 def _compiling() -> bool:
-    # Logging inside a torch.compile trace would break the graph; the eager call before
-    # compiling (or `gptfast backends`) reports the fallback instead.
     return torch.compiler.is_compiling()
 
 
