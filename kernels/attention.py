@@ -97,6 +97,18 @@ def _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW: tl.constexpr, BLOCK_N:
         return 0, 0, full_hi, hi, 0, Tk
 
 
+@triton.jit
+def _keys_seen(offs_m, offs_n, kv_lo, kv_hi, causal_shift, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: whether query row offs_m sees key offs_n (in Tk, i.e. below kv_hi
+    without a window; in kv_lo .. kv_hi - 1 with one; causal: at most offs_m + causal_shift)."""
+    keep = offs_n[None, :] < kv_hi
+    if WINDOW:
+        keep = keep & (offs_n[None, :] >= kv_lo)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+    return keep
+
+
 # ---- forward ------------------------------------------------------------------------------
 
 @triton.jit
@@ -119,12 +131,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
             v = v.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
-            keep = offs_n[None, :] < kv_hi  # kv_hi = Tk without a window
-            if WINDOW:
-                keep = keep & (offs_n[None, :] >= kv_lo)
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(_keys_seen(offs_m, offs_n, kv_lo, kv_hi, causal_shift, CAUSAL, WINDOW), qk, float("-inf"))
         # Without a window every row has a valid key in the first block it sees (key 0, since
         # Tq <= Tk when causal), so m_new is finite and no -inf - -inf NaN can appear. With one,
         # a row may see none yet: its exponent base is kept finite (l stays 0, acc 0).
@@ -390,12 +397,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_des
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            keep = offs_n[None, :] < kv_hi  # kv_hi = Tk without a window
-            if WINDOW:
-                keep = keep & (offs_n[None, :] >= kv_lo)
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_keys_seen(offs_m, offs_n, kv_lo, kv_hi, causal_shift, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_dot_operand(ds, k_ptrs, UPCAST_DOT), tl.trans(kT), dq, input_precision=DOT_PRECISION)
