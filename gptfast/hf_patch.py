@@ -14,7 +14,7 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   top-left aligned). A padding mask (a left-padded batch in generate, a right-padded one in
   training) goes to the same kernels as a key window per row (ops.attention's kv_start /
   kv_end), once transformers' mask is checked to be exactly causal + one key range per row over
-  the keys written so far (a static cache's tail dropped; two host syncs per forward: the
+  the keys written so far (a static cache's tail dropped; three host syncs per forward: the
   layers share the mask); a query that sees no key gets 0, as in SDPA. Any other mask, or
   attention dropout in training, runs transformers' SDPA path instead, and says so once; so
   does a padding mask under torch.compile (reading it would sync inside the graph; it is
@@ -111,19 +111,31 @@ def _read_window(mask, batch: int, tq: int, tk: int):
     over keys 0 .. used - 1, restricted to kv_start[b] <= j < kv_end[b] in row b, and no query
     sees a key past those: the mask of a left- or right-padded batch, in a cache that may be
     longer than what is written (a static cache's tail: its prefill's causal mask is top-left,
-    which is bottom-right once the keys stop at the last seen one). None for any other mask.
-    Two host syncs (the last key, the comparison)."""
-    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (tq, tk) or mask.shape[0] not in (1, batch):
+    which is bottom-right once the keys stop at the last seen one). None for any other mask, and
+    for an additive one that leaves a query no key (see below). Up to three host syncs (the last key,
+    the comparison, the bounds). A mask wider than the keys is read over its
+    first tk columns, as transformers 4.x's attention functions slice it (its GPT-2 may pass one
+    column more than there are keys)."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != tq or mask.shape[3] < tk or mask.shape[0] not in (1, batch):
         return None
+    mask = mask[..., :tk]
     allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0].expand(batch, tq, tk)
     start, end, in_range = _key_range(allowed.any(dim=1))  # the keys some query of the row sees
-    used = int(end.max())  # no query sees a key at or past this one
+    # no query sees a key at or past `used`; with as many queries as keys, top-left and
+    # bottom-right causal agree, and every key is kept (a batch whose rows are all right-padded)
+    used = tk if tq == tk else int(end.max())
     if used < tq:  # the first queries would see nothing under a bottom-right mask
         return None
     causal = torch.ones(tq, used, dtype=torch.bool, device=mask.device).tril(diagonal=used - tq)
     if not torch.equal(allowed[..., :used], causal & in_range[:, None, :used]):
         return None
-    if bool(((start == 0) & (end == used)).all()):
+    every_key, unseen = torch.stack([((start == 0) & (end == used)).all(),
+                                     ((start > used - tq) | (end == 0)).any()]).tolist()
+    if unseen and mask.dtype != torch.bool:
+        # A query sees no key (a left pad): an additive mask (transformers 4.x's GPT-2 before
+        # masking_utils) gives it a mean over every key under SDPA or eager, not the kernel's 0.
+        return None
+    if every_key:
         return None, None, used
     return start.to(torch.int32), end.to(torch.int32), used
 
@@ -160,6 +172,29 @@ def _mask_window(mask, key: tuple, read, refused: str):
     return window, (refused if window is None else None)
 
 
+def _causal(module, kwargs) -> bool:
+    """Whether transformers' SDPA path would mask causally a call without a mask: the is_causal
+    it was passed, else the module's (transformers 4.x passes is_causal=False for any call with
+    a mask or one query, 5.x passes none; a mask, where there is one, says what is seen)."""
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    return bool(causal) and getattr(getattr(module, "config", None), "is_causal", True)
+
+
+def _scaling(module, head_dim: int) -> float:
+    """The score scale of a call that was passed none: the module's own (transformers 5.x's
+    GPT-2 sets module.scaling), else what transformers 4.x's GPT-2 eager path computes from the
+    config (scale_attn_weights, scale_attn_by_inverse_layer_idx), which its SDPA path ignored."""
+    scaling = getattr(module, "scaling", None)
+    if scaling is not None:
+        return float(scaling)
+    scale = head_dim ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(module.layer_idx + 1)
+    return scale
+
+
 def gptfast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface over gptfast's kernels; q/k/v [B, H, T, D] -> [B, T, H, D]."""
     patch = getattr(module, _STATE, {})
@@ -170,8 +205,7 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
     if dropout > 0:
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run the "
                   "kernel without it)")
-    elif (not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False
-          or not getattr(getattr(module, "config", None), "is_causal", True) or tq > tk):
+    elif tq > tk or (attention_mask is None and tq > 1 and not _causal(module, kwargs)):
         reason = "not causal self-attention"
     elif attention_mask is not None:
         batch = query.shape[0]
@@ -182,7 +216,7 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         _dispatch.log_once(f"hf_patch:attention:{reason}",
                            "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s", reason)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
+    scale = _scaling(module, query.shape[-1]) if scaling is None else float(scaling)
     decode = tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
         and not (torch.is_grad_enabled() and query.requires_grad)
     kv_start = kv_end = None
