@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import gc
 import importlib
+import importlib.metadata
 import os
 import platform
 import re
@@ -398,6 +399,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+PEER_PACKAGES = ("transformers", "liger-kernel", "flash-attn")
+
+
+def peer_versions() -> dict:
+    """The installed version of each peer library a case may time (None where it is not
+    installed), read from the package metadata: nothing is imported."""
+    versions = {}
+    for name in PEER_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "device_kind": device.type,
@@ -416,6 +432,7 @@ def environment(device: torch.device) -> dict:
     }
     triton, reason = optional_import("triton")
     env["triton"] = getattr(triton, "__version__", None) if triton else None
+    env["peers"] = peer_versions()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device_name=props.name, sm_count=props.multi_processor_count,

@@ -120,6 +120,8 @@ def _env_lines(doc: dict) -> list[str]:
     lines = [f"- device: **{e['device_name']}** ({e['device_kind']}"
              + (f", {e['sm_count']} SMs" if e.get("sm_count") else "") + ")",
              f"- torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, python {e.get('python')}",
+             "- peers: " + (", ".join(f"{name} {version or 'not installed'}"
+                                      for name, version in e.get("peers", {}).items()) or "not recorded"),
              f"- git commit {e['git_commit']}{' (uncommitted changes)' if e.get('git_dirty') else ''}, "
              f"date {e['date']}{', --quick' if doc.get('quick') else ''}"]
     if rf.get("copy_gbps"):
@@ -266,7 +268,9 @@ def readme_block(doc: dict, results_dir: str) -> str:
     lines = [README_START,
              f"Measured by `gptfast bench{' --quick' if doc.get('quick') else ''}` on **{e['device_name']}**"
              + (f" ({e['sm_count']} SMs)" if e.get("sm_count") else "")
-             + f", torch {e['torch']}, Triton {e['triton']}, CUDA {e['cuda']}, commit {e['git_commit']}"
+             + f", torch {e['torch']}, Triton {e['triton']}, CUDA {e['cuda']}"
+             + "".join(f", {name} {version}" for name, version in e.get("peers", {}).items() if version)
+             + f", commit {e['git_commit']}"
              + (" (uncommitted changes)" if e.get("git_dirty") else "") + f", {e['date']}. "
              f"Every row is one run: *gptfast vs best peer* = the best peer's time / gptfast's (> 1: faster). "
              f"All providers, spreads and notes: [{results_dir}/summary.md]({results_dir}/summary.md).",

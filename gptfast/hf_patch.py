@@ -18,8 +18,8 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   layers share the mask); a query that sees no key gets 0, as in SDPA. Any other mask, or
   attention dropout in training, runs transformers' SDPA path instead, and says so once; so
   does a padding mask under torch.compile (reading it would sync inside the graph; it is
-  logged as the trace reaches it). `attention_dropout=False` runs the kernel in training too, without dropout
-  on the attention weights (as gptfast.GPT does).
+  logged as the trace reaches it). `attention_dropout=False` runs the kernel in training too,
+  without dropout on the attention weights (as gptfast.GPT does).
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
   the module keeps). The residual add stays transformers' own, so the add is not fused.
 - mlp: the MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
@@ -112,10 +112,10 @@ def _read_window(mask, batch: int, tq: int, tk: int):
     sees a key past those: the mask of a left- or right-padded batch, in a cache that may be
     longer than what is written (a static cache's tail: its prefill's causal mask is top-left,
     which is bottom-right once the keys stop at the last seen one). None for any other mask, and
-    for an additive one that leaves a query no key (see below). Up to three host syncs (the last key,
-    the comparison, the bounds). A mask wider than the keys is read over its
-    first tk columns, as transformers 4.x's attention functions slice it (its GPT-2 may pass one
-    column more than there are keys)."""
+    for an additive one that leaves a query no key (see below). Up to three host syncs (the last
+    key, the comparison, the bounds). A mask wider than the keys is read over its first tk
+    columns, as transformers 4.x's attention functions slice it (its GPT-2 may pass one column
+    more than there are keys)."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != tq or mask.shape[3] < tk or mask.shape[0] not in (1, batch):
         return None
     mask = mask[..., :tk]

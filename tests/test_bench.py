@@ -216,6 +216,11 @@ def test_quick_run_writes_valid_json_and_markdown(tmp_path, capsys):
         doc = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     report.validate(doc)
     assert doc["env"]["device_kind"] == "cpu" and any("GPU figures need a GPU" in n for n in doc["notes"])
+    import transformers
+    assert doc["env"]["peers"]["transformers"] == transformers.__version__  # the peers' versions, beside torch's
+    assert set(doc["env"]["peers"]) == {"transformers", "liger-kernel", "flash-attn"}
+    with open(tmp_path / "summary.md") as f:
+        assert f"transformers {transformers.__version__}" in f.read()
     assert set(doc["ops"]) == set(cli.OPS)
     assert {c["op"] for c in doc["cases"]} == set(cli.OPS)
     assert doc["roofline"]["copy_gbps"] > 0 and doc["roofline"]["matmul_tflops"] > 0
@@ -369,13 +374,15 @@ def test_update_readme_writes_the_section_from_a_gpu_run_only(tmp_path):
     assert cli._update_readme(str(run / "results.json"), str(readme)) == 2
     assert "old figures" in readme.read_text()
     doc["env"].update(device_kind="cuda", device_name="NVIDIA H200", sm_count=132, torch="2.11", triton="3.6.0",
-                      cuda="13.0", git_commit="abc1234", date="2026-12-01")
+                      cuda="13.0", git_commit="abc1234", date="2026-12-01",
+                      peers={"transformers": "5.2.0", "liger-kernel": None, "flash-attn": "2.8.3"})
     report.write_all(doc, str(run), charts=False)
     assert cli._update_readme(str(run / "results.json"), str(readme)) == 0
     text = readme.read_text()
     assert text.startswith("# x\n\nbefore\n" + report.README_START) and text.endswith(report.README_END + "\nafter\n")
     assert "old figures" not in text
-    assert "**NVIDIA H200** (132 SMs), torch 2.11, Triton 3.6.0, CUDA 13.0, commit abc1234, 2026-12-01" in text
+    assert ("**NVIDIA H200** (132 SMs), torch 2.11, Triton 3.6.0, CUDA 13.0, transformers 5.2.0, flash-attn 2.8.3, "
+            "commit abc1234, 2026-12-01") in text  # the installed peers' versions; liger-kernel is not
     assert "| toy | t (fp32) | 0.5 | a | 1 | 2.00x | 80.0% |" in text
     assert "| toy | u (fp32) | not run: needs / a GPU | a | - | - | - |" in text
     assert "[bench/results/dev/summary.md](bench/results/dev/summary.md)" in text and "![toy](bench/results/dev/toy.png)" in text
