@@ -83,7 +83,20 @@ def _extra(r: dict) -> str:
         parts.append(f"first call {r['first_call_s']:.2g} s")
     for kernel, config in (r.get("autotuned") or {}).items():  # what the autotuners chose
         parts.append(f"{kernel.removesuffix('_kernel')}: {config}")
+    if r.get("fallbacks"):  # what ran instead of a gptfast kernel (the whole lines are in the JSON)
+        parts.append("ran a fallback: " + _fallback_note(r["fallbacks"]))
     return ", ".join(parts)
+
+
+def _fallback_note(lines: list) -> str:
+    """'ops.layer_norm, ops.attention (tensor on cpu ...)': the fallback lines grouped by reason,
+    an op's line shortened to its name."""
+    by_reason: dict = {}
+    for line in lines:
+        what, _, reason = line.partition(": ")
+        by_reason.setdefault(reason, []).append(what.split(" ", 1)[0] if what.startswith("ops.") else what)
+    return "; ".join(f"{', '.join(whats)} ({reason})" if reason else ", ".join(whats)
+                     for reason, whats in by_reason.items())
 
 
 def _rows(case: dict):
@@ -283,7 +296,8 @@ def readme_block(doc: dict, results_dir: str) -> str:
         peer_cols = [case["best_peer"] or "none ran", "-" if peer is None else _fmt(peer["median_ms"], ".4g")]
         if ours["status"] == "ok":
             frac = ours.get("roofline_fraction")
-            ours_cols = [_fmt(ours["median_ms"], ".4g"), *peer_cols,
+            ours_cols = [_fmt(ours["median_ms"], ".4g") + (" (ran a fallback)" if ours.get("fallbacks") else ""),
+                         *peer_cols,
                          "-" if ours["vs_best_peer"] is None else f"{ours['vs_best_peer']:.2f}x",
                          "-" if frac is None else f"{100 * frac:.1f}%"]
         else:

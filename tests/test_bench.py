@@ -1,6 +1,7 @@
 """The benchmark suite: its accounting (FLOPs, bytes, statistics, ratios), its JSON schema,
 and one `--quick` run on this machine that must write valid JSON and markdown."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -121,6 +122,42 @@ def test_run_case_records_every_provider():
     assert "boom" in by["crashes"]["reason"]
     assert "compile budget" in by["compiled"]["reason"]
     assert rec["best_peer"] == "peer"
+
+
+def test_a_provider_that_ran_a_fallback_says_so(caplog, monkeypatch):
+    """Every provider's record lists the fallbacks gptfast took while it ran, even where an
+    earlier provider (or call) logged the same one; the terminal sees each line once; the
+    summary and the README row say it ran a fallback."""
+    from gptfast import ops
+    from gptfast.ops import _dispatch
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    monkeypatch.setattr(harness, "_fallbacks_shown", set())
+    x, w, b = torch.randn(5, 12), torch.randn(12), torch.randn(12)
+    ops.layer_norm(x, w, b)  # logged before the run: the records must still say it
+    mine = harness.Provider("gptfast", "gptfast", lambda i: (lambda: ops.layer_norm(x, w, b)))
+    case = harness.Case(op="toy", name="ln 5x12", shape={}, dtype="fp32", make_inputs=lambda d: {},
+                        providers=[mine, mine, harness.Provider("eager", "reference",
+                                                                lambda i: (lambda: ops.layer_norm_reference(x, w, b)))],
+                        bytes=4.0 * 5 * 12 * 2)
+    ctx = harness.RunContext(device=torch.device("cpu"), compile_budget_s=0.0, cpu_min_run_time_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        rec = harness.run_case(case, ctx)
+    first, second, eager = rec["results"]
+    want = "ops.layer_norm falls back to the PyTorch reference: "  # on a CPU tensor, or the interpreter
+    assert first["fallbacks"] == second["fallbacks"] and first["fallbacks"][0].startswith(want), first
+    assert "fallbacks" not in eager
+    assert _dispatch._fallback_logged == {"layer_norm"}  # log_once's memory is kept
+    shown = [r for r in caplog.records if want in r.getMessage() and r.funcName == "fallbacks_logged"]
+    assert len(shown) == 1, shown  # the terminal sees the line once for the three providers
+    doc = {"schema": report.SCHEMA, "env": _doc()["env"], "roofline": {}, "notes": [], "cases": [rec]}
+    reason = first["fallbacks"][0].split(": ", 1)[1]
+    assert f"ran a fallback: ops.layer_norm ({reason})" in report.format_table(doc)
+    assert report._fallback_note(["ops.a falls back to the PyTorch reference: why", "ops.b falls back to x: why",
+                                  "transformers attention runs SDPA, not gptfast's kernel: other"]) \
+        == "ops.a, ops.b (why); transformers attention runs SDPA, not gptfast's kernel (other)"
+    doc["env"].update(device_kind="cuda", device_name="GPU", sm_count=1, torch="t", triton="t", cuda="c",
+                      git_commit="g", date="d")
+    assert " (ran a fallback) |" in report.readme_block(doc, "bench/results/gpu")
 
 
 def test_left_padded_generation_case_runs_the_padded_providers():
