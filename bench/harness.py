@@ -274,7 +274,7 @@ class _FallbackLines(logging.Handler):
         self.lines = lines
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.funcName == "_log_first":  # _dispatch.log_once: an op's (or the patch's) fallback
+        if getattr(record, _dispatch.FALLBACK_RECORD, False):  # log_once: an op's (or the patch's) fallback
             self.lines.append(record.getMessage().removeprefix("gptfast: "))
 
 

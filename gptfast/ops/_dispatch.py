@@ -217,6 +217,10 @@ def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interp
     return False
 
 
+# Set on the log record of every fallback line (what `gptfast bench` collects per provider)
+FALLBACK_RECORD = "gptfast_fallback"
+
+
 def log_once(key: str, message: str, *args) -> None:
     """Log a fallback's warning the first time its key is seen.
 
@@ -234,7 +238,7 @@ def log_once(key: str, message: str, *args) -> None:
 def _log_first(key: str, message: str, *args) -> int:
     if key not in _fallback_logged:
         _fallback_logged.add(key)
-        logger.warning(message, *args)
+        logger.warning(message, *args, extra={FALLBACK_RECORD: True})
     return 0  # a non-strict trace needs an output it can put in a graph (None is not one)
 
 
