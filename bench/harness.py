@@ -21,7 +21,6 @@ import datetime
 import gc
 import importlib
 import importlib.metadata
-import logging
 import os
 import platform
 import re
@@ -268,48 +267,12 @@ def config_label(config) -> str:
     return " ".join(parts)
 
 
-class _FallbackLines(logging.Handler):
-    def __init__(self, lines: list):
-        super().__init__(logging.WARNING)
-        self.lines = lines
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, _dispatch.FALLBACK_RECORD, False):  # log_once: an op's (or the patch's) fallback
-            self.lines.append(record.getMessage().removeprefix("gptfast: "))
-
-
-_fallbacks_shown: set = set()  # the fallback lines this process has let through to the terminal
-
-
-@contextlib.contextmanager
-def fallbacks_logged():
-    """The fallback lines gptfast logs inside the block, as a list filled as they come. Each
-    fallback logs here again, whatever logged it before (log_once's memory starts empty in the
-    block and keeps what it had after), so every provider's record says what ran instead; the
-    terminal still sees each line once."""
-    lines: list = []
-    handler, before, propagate = _FallbackLines(lines), _dispatch._fallback_logged, _dispatch.logger.propagate
-    _dispatch._fallback_logged = set()
-    _dispatch.logger.addHandler(handler)
-    _dispatch.logger.propagate = False
-    try:
-        yield lines
-    finally:
-        _dispatch.logger.removeHandler(handler)
-        _dispatch.logger.propagate = propagate
-        _dispatch._fallback_logged = before | _dispatch._fallback_logged
-        for line in dict.fromkeys(lines):
-            if line not in _fallbacks_shown:
-                _fallbacks_shown.add(line)
-                _dispatch.logger.warning("gptfast: %s", line)
-
-
 def run_provider(case: Case, provider: Provider, ctx: RunContext) -> dict:
     """One provider on one case -> a result record (status "ok" or "skipped", never silent).
     gptfast providers also record the config each autotuned kernel ran with ("autotuned"), and
     any provider the fallbacks gptfast took while it ran ("fallbacks": a gptfast row that ran a
     reference is labelled so)."""
-    with fallbacks_logged() as fallbacks:
+    with _dispatch.fallbacks_logged() as fallbacks:
         rec = _run_provider(case, provider, ctx)
     if fallbacks and rec["status"] == "ok":
         rec["fallbacks"] = list(dict.fromkeys(fallbacks))

@@ -217,8 +217,8 @@ def use_kernel(op: str, backend: Optional[str], reason: Optional[str], *, interp
     return False
 
 
-# Set on the log record of every fallback line (what `gptfast bench` collects per provider)
-FALLBACK_RECORD = "gptfast_fallback"
+# Set on the log record of every fallback line (what fallbacks_logged collects)
+_FALLBACK_RECORD = "gptfast_fallback"
 
 
 def log_once(key: str, message: str, *args) -> None:
@@ -238,12 +238,49 @@ def log_once(key: str, message: str, *args) -> None:
 def _log_first(key: str, message: str, *args) -> int:
     if key not in _fallback_logged:
         _fallback_logged.add(key)
-        logger.warning(message, *args, extra={FALLBACK_RECORD: True})
+        logger.warning(message, *args, extra={_FALLBACK_RECORD: True})
     return 0  # a non-strict trace needs an output it can put in a graph (None is not one)
 
 
 _nonstrict_trace = getattr(getattr(torch, "_dynamo", None), "nonstrict_trace", None)
 _log_first_traced = _nonstrict_trace(_log_first) if _nonstrict_trace is not None else None
+
+
+class _FallbackLines(logging.Handler):
+    def __init__(self, lines: list):
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, _FALLBACK_RECORD, False):  # log_once: an op's (or the patch's) fallback
+            self.lines.append(record.getMessage().removeprefix("gptfast: "))
+
+
+_fallbacks_shown: set = set()  # the fallback lines this process has let through to the terminal
+
+
+@contextlib.contextmanager
+def fallbacks_logged():
+    """The fallback lines gptfast logs inside the block, as a list filled as they come. Each
+    fallback logs here again, whatever logged it before (log_once's memory starts empty in the
+    block and keeps what it had after), so each block (a benchmark provider's run) says what ran
+    instead; the terminal still sees each line once."""
+    global _fallback_logged
+    lines: list = []
+    handler, before, propagate = _FallbackLines(lines), _fallback_logged, logger.propagate
+    _fallback_logged = set()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        _fallback_logged = before | _fallback_logged
+        for line in dict.fromkeys(lines):
+            if line not in _fallbacks_shown:
+                _fallbacks_shown.add(line)
+                logger.warning("gptfast: %s", line)
 
 
 def _compiling() -> bool:
