@@ -144,8 +144,8 @@ void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temperature
                   logits.scalar_type() == at::kBFloat16,
               "gptfast::sample: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
   const int64_t B = logits.size(0);
-  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) < (int64_t{1} << 31),
-              "gptfast::sample: vocab size must be in [1, 2^31), got ", logits.size(1));
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) <= gptfast::kMaxVocab,
+              "gptfast::sample: vocab size must be in [1, 2^31 - 2^16], got ", logits.size(1));
   auto check_row = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "gptfast::sample: ", name, " must have shape [B]=[", B,
                 "], got ", t.sizes());

@@ -59,4 +59,8 @@ GPTFAST_HD uint32_t ordered_key(uint32_t bits) {
 // kernel accumulates with atomics. A vocab below 2^31 cannot overflow 64 bits.
 constexpr double kMassScale = 4294967296.0;
 
+// Largest vocab the kernels take: their int loops step past the last token by at most
+// kThreads * kLoadUnroll (8192) before testing it, so V stays 2^16 below 2^31 (no overflow).
+constexpr int64_t kMaxVocab = (int64_t{1} << 31) - (int64_t{1} << 16);
+
 }  // namespace gptfast

@@ -78,7 +78,16 @@ void launch(const at::Tensor& logits, const at::Tensor& t, const at::Tensor& k, 
                              key.const_data_ptr<int64_t>(),
                              tokens.mutable_data_ptr<int64_t>(),
                              return_probs ? probs.mutable_data_ptr<float>() : nullptr};
-  C10_CUDA_CHECK(launch_sample(a, blocks_for<cuda_t>(logits, request, strict), stream));
+  const int C = blocks_for<cuda_t>(logits, request, strict);
+  cudaError_t err = launch_sample(a, C, stream);
+  if (err != cudaSuccess && C != 1 && !strict) {
+    // A cluster launch the device refused (MPS or a green context limiting SMs, say): the
+    // one-block kernel gives the same tokens.
+    TORCH_WARN_ONCE("gptfast::sample: the ", C, "-block cluster launch failed (", cudaGetErrorString(err),
+                    "); sampling with one block per row");
+    err = launch_sample(a, 1, stream);
+  }
+  C10_CUDA_CHECK(err);
 }
 
 // Explicit cases, not AT_DISPATCH: float64 is rejected by check_sample_inputs and must
@@ -144,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor> sample_with_cluster_cuda(const at::Tensor& lo
 // Blocks per row gptfast::sample uses for logits of this shape, dtype and device (the
 // environment included): 1 is the one-block kernel. For tests and benchmarks.
 int64_t sample_blocks_per_row_cuda(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) > 0 && logits.size(1) > 0 && logits.size(1) < (int64_t{1} << 31),
-              "gptfast::_sample_blocks_per_row: logits must be non-empty 2-D [B, V] with V < 2^31, got shape ",
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) > 0 && logits.size(1) > 0 && logits.size(1) <= kMaxVocab,
+              "gptfast::_sample_blocks_per_row: logits must be non-empty 2-D [B, V] with V <= 2^31 - 2^16, got shape ",
               logits.sizes());
   const EnvRequest& env = env_request();
   TORCH_CHECK(env.request >= 0, kClusterEnv, " must be auto, 0, 1, 2, 4 or 8, got '", env.raw, "'");

@@ -62,9 +62,10 @@ inline cudaLaunchConfig_t cluster_launch_config(int C, int64_t rows, size_t dyn_
   return cfg;
 }
 
-// Fills caps[i] for C blocks per row on `device` (the current device).
+// Fills caps[i] for C blocks per row on `device` (the current device). false: a query
+// failed (not cached, so the next call asks again); true: caps[i] holds the answer.
 template <typename T, int C>
-void query_cluster_caps(int device, int i, ClusterCaps& caps) {
+bool query_cluster_caps(int device, int i, ClusterCaps& caps) {
   auto kernel = sample_cluster_kernel<T, C>;
   cudaFuncAttributes fa{};
   int cluster_launch = 0, optin = 0;
@@ -72,16 +73,16 @@ void query_cluster_caps(int device, int i, ClusterCaps& caps) {
       cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
     cudaGetLastError();  // leave no error behind for the launch check
-    return;
+    return false;
   }
   // The code the runtime loaded for this device must come from compute_90 or newer: an
   // sm_80 build (or compute_80 PTX JIT-compiled for an H100) has only the __trap stub.
-  if (!cluster_launch || fa.ptxVersion < 90 || fa.binaryVersion < 90) return;
+  if (!cluster_launch || fa.ptxVersion < 90 || fa.binaryVersion < 90) return true;
   const int64_t dyn = static_cast<int64_t>(optin) - static_cast<int64_t>(fa.sharedSizeBytes);
   if (dyn <= 0 || cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn)) !=
                       cudaSuccess) {
     cudaGetLastError();
-    return;
+    return false;
   }
   // Resident clusters at the largest shared-memory size: the fewest, so a batch that
   // passes this test never needs a second wave.
@@ -90,13 +91,15 @@ void query_cluster_caps(int device, int i, ClusterCaps& caps) {
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     cudaGetLastError();
-    return;
+    return false;
   }
   caps.max_clusters[i] = clusters;
   caps.max_dyn_smem[i] = dyn;
+  return true;
 }
 
-// The caps of the current device (the caller has made `device` current), queried once.
+// The caps of the current device (the caller has made `device` current), queried once
+// (until a query succeeds: a failed one gives no cluster path for that call only).
 template <typename T>
 const ClusterCaps& cluster_caps(int device) {
   constexpr int kMaxDevices = 64;
@@ -107,9 +110,11 @@ const ClusterCaps& cluster_caps(int device) {
   if (device < 0 || device >= kMaxDevices) return none;
   std::lock_guard<std::mutex> lock(mu);
   if (!done[device]) {
-    query_cluster_caps<T, 2>(device, 0, caps[device]);
-    query_cluster_caps<T, 4>(device, 1, caps[device]);
-    query_cluster_caps<T, 8>(device, 2, caps[device]);
+    ClusterCaps found;
+    const bool ok = query_cluster_caps<T, 2>(device, 0, found) & query_cluster_caps<T, 4>(device, 1, found) &
+                    query_cluster_caps<T, 8>(device, 2, found);
+    if (!ok) return none;  // one block per row this time; asked again next time
+    caps[device] = found;
     done[device] = true;
   }
   return caps[device];

@@ -64,6 +64,12 @@ def uniform_from_key(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def row_keys(batch: int, generator, device) -> torch.Tensor:
     """int64 keys [B] for a call: from a key tensor, a torch.Generator, or torch's RNG."""
+    source = getattr(generator, "device", None)
+    if (source is not None and source.type != "cuda" and torch.device(device).type == "cuda"
+            and torch.cuda.is_current_stream_capturing()):
+        # A CPU draw (or copy) would run once, at capture: every replay would reuse its keys.
+        raise ValueError(f"generator must be on the logits' device {device} while a CUDA graph captures "
+                         f"the call (a CUDA torch.Generator, a CUDA key tensor, or None), got one on {source}")
     if isinstance(generator, torch.Tensor):
         if generator.dtype != torch.int64 or tuple(generator.shape) != (batch,):
             raise ValueError(f"generator as a key tensor must be int64 of shape ({batch},), "
