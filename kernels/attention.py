@@ -148,7 +148,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
     return acc, l_i, m_i
 
 
-@triton.jit
+# Arguments the bodies never read (autotune keys): not specialized (== 1, divisible by 16), so
+# their values do not multiply the compiled variants.
+_KEY_ONLY = ["T_BUCKET", "TMA_OK"]
+
+
+@triton.jit(do_not_specialize=_KEY_ONLY)
 def attn_fwd_kernel(
     Q,    # [B, H, Tq, D] any strides
     K,    # [B, H, Tk, D] any strides
@@ -291,7 +296,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, st
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ONLY)
 def attn_bwd_dkdv_kernel(
     Q, K, V,  # [B, H, Tq|Tk, D] any strides
     DO,       # [B, H, Tq, D] any strides
@@ -404,7 +409,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_des
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ONLY)
 def attn_bwd_dq_kernel(
     Q, K, V,  # [B, H, Tq|Tk, D] any strides
     DO,       # [B, H, Tq, D] any strides

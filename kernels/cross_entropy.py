@@ -36,7 +36,7 @@ def cross_entropy_fwd_grad_kernel(
 ):
     row = tl.program_id(0)
     base = LOGITS + row.to(tl.int64) * stride_l
-    target = tl.load(TARGETS + row).to(tl.int32)
+    target = tl.load(TARGETS + row)  # in its own dtype: an int64 past 2^31 must not wrap into range
     cols = tl.arange(0, BLOCK_V)
 
     m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # running max, in log2 units
@@ -53,6 +53,7 @@ def cross_entropy_fwd_grad_kernel(
 
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
+    target = tl.where(valid & in_range, target, -1).to(tl.int32)  # -1: no column is the target
     x_t = tl.load(base + target, mask=valid & in_range, other=0.0).to(tl.float32)
     loss = lse2 * _LN2 - x_t
     loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)

@@ -27,7 +27,9 @@ from . import tma_config_allowed, tma_placeholder_block
 from .gelu import gelu_fp32
 
 
-@triton.jit
+# M_BUCKET and TMA_OK are never read in the body (autotune keys): not specialized, so their
+# values do not multiply the compiled variants.
+@triton.jit(do_not_specialize=["M_BUCKET", "TMA_OK"])
 def matmul_bias_gelu_kernel(
     A,  # [M, K] activations, strides (stride_am, stride_ak)
     W,  # [N, K] weight (nn.Linear layout), strides (stride_wn, stride_wk)

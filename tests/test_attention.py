@@ -253,6 +253,18 @@ def test_attention_tma(poisoned, tma_forced, B, H, T, D, dtype, causal, scale):
     assert tma_forced == TMA_ALL
 
 
+def test_tma_layout_rules():
+    """What cannot be a TMA descriptor keeps to pointer loads, with the reason."""
+    from gptfast.ops._tma import layout_reason
+    q = torch.randn(2, 3, 5, 16, dtype=BF16)
+    assert layout_reason({"q": q}) is None
+    assert "last dim is not contiguous" in layout_reason({"q": q.transpose(-1, -2)})
+    assert "not multiples of 16 bytes" in layout_reason({"q": torch.randn(2, 3, 5, 12, dtype=BF16)[..., :8]})
+    expanded = torch.randn(2, 1, 5, 16, dtype=BF16).expand(2, 3, 5, 16)  # one head shared by three
+    assert layout_reason({"q": q, "k": expanded}) == "k has a zero stride (strides (80, 0, 16, 1), shape (2, 3, 5, 16))"
+    assert layout_reason({"k": torch.randn(1, 3, 5, 16, dtype=BF16).expand(1, 3, 5, 16)}) is None
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_tma_fewer_queries_than_keys(poisoned, tma_forced, causal):
     torch.manual_seed(8)

@@ -273,10 +273,11 @@ def test_chunk_kernel_out_of_range_target_gives_nan():
     """No host check of the targets (it would sync): an index outside [0, V) reads nothing and
     makes that row's loss NaN, so the mean is NaN, instead of reading out of bounds."""
     from gptfast.ops import _cross_entropy_triton as CT
-    logits = torch.randn(4, 10, device=DEV)
-    targets = torch.tensor([3, 10, -1, -100], device=DEV)
+    logits = torch.randn(5, 10, device=DEV)
+    targets = torch.tensor([3, 10, -1, -100, 2**32 + 3], device=DEV)  # the last is 3 if cut to 32 bits
     loss = CT.cross_entropy_rows(logits.clone(), targets, -100, False)
-    assert loss[0].isfinite() and loss[1].isnan() and loss[2].isnan() and loss[3] == 0
+    assert loss[0].isfinite() and loss[1].isnan() and loss[2].isnan() and loss[3] == 0 and loss[4].isnan()
+    targets = targets[:4]
     x, w = torch.randn(4, 8, device=DEV), torch.randn(10, 8, device=DEV)
     assert _fused("kernel")(x, w, targets).isnan()
 

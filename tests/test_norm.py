@@ -256,6 +256,9 @@ def _opcheck_samples():
     mean, var = h.mean(-1), h.var(-1, unbiased=False)
     rstd = (var + 1e-5).rsqrt()
     W = rand(40, 48, scale=0.2)
+    xt, rt, dyt = rand(48, 5).t(), rand(48, 5).t(), rand(48, 5, grad=False).t()  # [5, 48], strides (1, 5)
+    ht = (xt + rt).detach().t().contiguous().t()
+    mean_t, rstd_t = ht.mean(-1), (ht.var(-1, unbiased=False) + 1e-5).rsqrt()
     return [
         ("layer_norm_fwd", (x, w, b, r, 1e-5)),
         ("layer_norm_fwd", (x, None, None, None, 1e-5)),
@@ -265,10 +268,24 @@ def _opcheck_samples():
         ("bias_gelu_bwd", (dy, x.detach(), b.detach(), "tanh", True)),
         ("linear_bias_gelu_fwd", (x, W, rand(40), "tanh", True)),
         ("linear_bias_gelu_fwd", (x, W, None, "none", False)),
+        # non-contiguous inputs: the outputs are contiguous, and the fakes must say so too
+        ("layer_norm_fwd", (xt, w, b, rt, 1e-5)),
+        ("layer_norm_fwd", (xt, w, b, None, 1e-5)),
+        ("layer_norm_bwd", (dyt, None, ht, w.detach(), b.detach(), mean_t, rstd_t)),
+        ("bias_gelu_fwd", (xt, b, "tanh")),
+        ("bias_gelu_bwd", (dyt, xt.detach(), b.detach(), "tanh", True)),
+        ("linear_bias_gelu_fwd", (xt, W, rand(40), "tanh", True)),
     ]
 
 
-@pytest.mark.parametrize("i", range(8))
+OPCHECK_SAMPLES = 14
+
+
+def test_opcheck_samples_counted():
+    assert len(_opcheck_samples()) == OPCHECK_SAMPLES
+
+
+@pytest.mark.parametrize("i", range(OPCHECK_SAMPLES))
 def test_opcheck(i):
     name, args = _opcheck_samples()[i]
     torch.library.opcheck(getattr(torch.ops.gptfast, name).default, args)

@@ -274,9 +274,11 @@ def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, residual, eps):
-    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    # Contiguous whatever x's layout, as the launcher's outputs are (empty_like would keep x's
+    # strides, and compiled code reading the real outputs through them would be wrong).
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x), h, stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), h, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
@@ -293,7 +295,7 @@ def _(dy, dh, h, weight, bias, mean, rstd):
     n = h.shape[-1]
     dw = weight.new_empty((n,)) if weight is not None else h.new_empty((0,), dtype=torch.float32)
     db = bias.new_empty((n,)) if bias is not None else h.new_empty((0,), dtype=torch.float32)
-    return torch.empty_like(h), dw, db
+    return h.new_empty(h.shape), dw, db  # contiguous, as the launcher's
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -324,7 +326,7 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: s
 
 @_bias_gelu_fwd.register_fake
 def _(x, bias, approximate):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the launcher's
 
 
 @torch.library.custom_op("gptfast::bias_gelu_bwd", mutates_args=())
@@ -337,7 +339,7 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tenso
 @_bias_gelu_bwd.register_fake
 def _(dy, x, bias, approximate, compute_db):
     db = bias.new_empty((x.shape[-1],)) if compute_db else x.new_empty((0,), dtype=torch.float32)
-    return torch.empty_like(x), db
+    return x.new_empty(x.shape), db  # contiguous, as the launcher's
 
 
 def _bias_gelu_setup(ctx, inputs, output):

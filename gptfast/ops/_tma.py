@@ -40,6 +40,8 @@ def layout_reason(tensors: dict) -> Optional[str]:
             return f"{name}'s data is not 16-byte aligned"
         if any(st * t.element_size() % 16 for st in t.stride()[:-1]):
             return f"{name}'s strides {tuple(t.stride())} are not multiples of 16 bytes"
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):  # expanded (broadcast) dims
+            return f"{name} has a zero stride (strides {tuple(t.stride())}, shape {tuple(t.shape)})"
     return None
 
 
