@@ -31,7 +31,34 @@ def _device(name: str):
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available here ({why}, torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def _at_least(low: int):
+    """An argparse type: an int >= low (the error names the flag and the value)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's "invalid int value" for text that is no int
+    return parse
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def cmd_generate(args) -> int:
@@ -62,13 +89,18 @@ def cmd_generate(args) -> int:
     if args.verbose:
         print(f"[gptfast] loaded {path} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} "
               f"in {time.perf_counter() - t0:.2f}s; prompt {len(ids)} tokens", file=sys.stderr)
-    budget = model.config.n_positions - len(ids)
+    ctx, whose = model.config.n_positions, "the model's"
+    if isinstance(draft, gptfast.GPT) and draft.config.n_positions < ctx:  # the draft runs over the same tokens
+        ctx, whose = draft.config.n_positions, "the draft model's"
+    budget = ctx - len(ids)
     if budget <= 0:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.config.n_positions}")
+        raise ValueError(f"the prompt has {len(ids)} tokens; {whose} context is {ctx}")
     max_new = min(args.max_new_tokens, budget)
     if max_new < args.max_new_tokens:
-        print(f"[gptfast] generating {max_new} tokens: the context ({model.config.n_positions}) is full after that",
-              file=sys.stderr)
+        print(f"[gptfast] generating {max_new} tokens: {whose} context ({ctx}) is full after that", file=sys.stderr)
+    if draft is not None:  # before anything is printed
+        from gptfast.speculative import check_draft
+        check_draft(model, draft, args.draft_tokens, len(ids) + max_new)
     out = sys.stdout
     for n in range(args.num_samples):
         if args.num_samples > 1:
@@ -306,15 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text (streams to stdout)")
     g.add_argument("prompt", nargs="?", help="prompt text (default: read standard input)")
     g.add_argument("--model", help="HF GPT-2 directory, nanoGPT checkpoint or hub name (default: shipped model)")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=100)
+    g.add_argument("--max-new-tokens", "-n", type=_at_least(1), default=100)
     g.add_argument("--temperature", "-t", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", type=_nonempty, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--num-samples", type=_at_least(1), default=1)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--backend", choices=["auto", "kernel", "torch"])
@@ -404,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pair", help="second text of a text-pair task")
     c.add_argument("--choice", action="append", help="a choice (repeat; multiple-choice models)")
     c.add_argument("--data", help="a data file: accuracy when every row has a label, else one prediction per row")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=_at_least(1), default=32)
     c.add_argument("--device", default="auto")
     c.add_argument("--dtype", default="float32")
     c.add_argument("--json", action="store_true")
@@ -413,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("perplexity", help="perplexity of a model on a text file or token files")
     e.add_argument("file", help="a text file, a .bin token file, or a prepared directory (its val.bin)")
     e.add_argument("--model")
-    e.add_argument("--stride", type=int)
-    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--stride", type=_at_least(1), help="tokens each window moves on (default: half the context)")
+    e.add_argument("--batch-size", type=_at_least(1), default=1, help="windows per forward pass")
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--json", action="store_true")
@@ -424,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or completion (LAMBADA-style) JSON lines")
     z.add_argument("file", help='JSON lines: {"context", "choices", "label"} or {"context", "continuation"}')
     z.add_argument("--model")
-    z.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    z.add_argument("--batch-size", type=_at_least(1), default=8, help="sequences per forward pass")
     z.add_argument("--delimiter", default=" ", help="put between the context and each continuation")
-    z.add_argument("--limit", type=int, help="the first N rows only")
+    z.add_argument("--limit", type=_at_least(1), help="the first N rows only")
     z.add_argument("--device", default="auto")
     z.add_argument("--dtype", default="float32")
     z.add_argument("--json", action="store_true")

@@ -16,16 +16,17 @@ its first tokens. Rows are the JSON lines the fine-tuning data uses (gptfast.fin
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
 def prepare_requests(rows: Sequence[dict], tokenizer, delimiter: str = " ",
-                     source: str = "rows") -> tuple[str, list]:
+                     source: str = "rows", context_len: Optional[int] = None) -> tuple[str, list]:
     """The task ("choice" or "completion") and, per row, [(context ids, continuation ids), ...];
-    a bad row is an error that names it."""
+    a bad row is an error that names it (with context_len, the model's context: a continuation
+    it cannot score too)."""
     if not rows:
         raise ValueError(f"{source} holds no rows")
     kinds = {("choices" in r) for r in rows}
@@ -47,8 +48,26 @@ def prepare_requests(rows: Sequence[dict], tokenizer, delimiter: str = " ",
                 raise ValueError(f"{source}: row {n}: 'label' must be an index into its {len(conts)} choices, "
                                  f"got {label!r}")
         ctx = tokenizer.encode(context)
-        out.append([(ctx, tokenizer.encode(delimiter + c if context else c)) for c in conts])
+        pairs = [(ctx, tokenizer.encode(delimiter + c if context else c)) for c in conts]
+        for i, (_, cont) in enumerate(pairs):
+            problem = _unscorable(ctx, cont, context_len)
+            if problem:
+                which = f"choice {i}" if task == "choice" else "the continuation"
+                raise ValueError(f"{source}: row {n}: {which} {problem}")
+        out.append(pairs)
     return task, out
+
+
+def _unscorable(ctx: list, cont: list, context_len: Optional[int]) -> Optional[str]:
+    """Why a continuation cannot be scored after ctx in context_len positions, or None."""
+    if not cont:
+        return "encodes to no tokens"
+    if not ctx and len(cont) < 2:
+        return "is a single token with no context before it: nothing predicts it"
+    if context_len is not None and len(cont) >= context_len:
+        return (f"is {len(cont)} tokens: it must be shorter than the model's context of {context_len} "
+                "(one position before it)")
+    return None
 
 
 @torch.no_grad()
@@ -65,11 +84,9 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
     ctx_len = model.config.n_positions
     seqs = []
     for n, (ctx, cont) in enumerate(pairs):
-        if not cont:
-            raise ValueError(f"request {n}: the continuation encodes to no tokens")
-        if len(cont) >= ctx_len or not ctx and len(cont) < 2:
-            raise ValueError(f"request {n}: a {len(cont)}-token continuation cannot be scored in a "
-                             f"{ctx_len}-token context{' without a context' if not ctx else ''}")
+        problem = _unscorable(ctx, cont, ctx_len)
+        if problem:
+            raise ValueError(f"pair {n}: the continuation {problem}")
         ids = (ctx + cont)[-ctx_len:]
         scored = len(cont) if ctx else len(cont) - 1  # with no context the first token is no target
         seqs.append((ids, scored))
@@ -106,7 +123,7 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
 def evaluate_zero_shot(model, tokenizer, rows: Sequence[dict], batch_size: int = 8, delimiter: str = " ",
                        progress: bool = False, source: str = "rows") -> dict:
     """Accuracy (and accuracy_norm, or perplexity) of rows; see the module docstring."""
-    task, requests = prepare_requests(rows, tokenizer, delimiter, source)
+    task, requests = prepare_requests(rows, tokenizer, delimiter, source, model.config.n_positions)
     return evaluate_requests(model, rows, task, requests, batch_size, progress)
 
 

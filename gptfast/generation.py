@@ -61,6 +61,8 @@ def _unpack(input_ids: Prompt, attention_mask) -> _Prompts:
         return _Prompts(rows, layout, input_ids.shape[1], pad)
     if attention_mask is not None:
         raise ValueError("attention_mask is only accepted with a tensor input_ids")
+    if isinstance(input_ids, (list, tuple)) and not input_ids:
+        raise ValueError("input_ids is empty: a prompt needs at least one token")
     if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(i, int) for i in input_ids):
         return _Prompts([list(input_ids)], "single", len(input_ids), 0)
     if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, (list, tuple)) for r in input_ids):
@@ -154,6 +156,11 @@ def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p,
         if bad:
             raise ValueError(f"prompt {b} holds token id {bad[0]}, outside the vocabulary [0, {cfg.vocab_size})")
     use_graph = _use_cuda_graph(cuda_graph, device, max_new_tokens)
+    if stop_strings is not None:
+        if isinstance(stop_strings, str) or not all(isinstance(t, str) for t in stop_strings):
+            raise TypeError(f"stop_strings must be a list of strings, got {stop_strings!r}")
+        if "" in stop_strings:
+            raise ValueError(f"stop_strings must not hold an empty string (it would stop at once), got {stop_strings!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer= to decode the generated text")
     if draft is not None:

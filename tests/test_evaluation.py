@@ -111,7 +111,17 @@ def test_cli_eval_and_bad_rows(models, tmp_path, capsys):
             evaluate_zero_shot(model, tok, [row], source="x.jsonl")
     with pytest.raises(ValueError, match="mixes multiple-choice rows"):
         evaluate_zero_shot(model, tok, [rows[0], {"context": "a", "continuation": "b"}])
-    with pytest.raises(ValueError, match="cannot be scored in a 32-token context"):
+    with pytest.raises(ValueError, match="pair 0: the continuation is 32 tokens: it must be shorter than the "
+                                         "model's context of 32"):
         score_continuations(model, [([1], list(range(1, 33)))])
+    # the file and the row, not an internal index (the second choice of the second row is too long)
+    long_rows = [rows[0], {"context": "a", "choices": ["b", " the lord" * 40], "label": 0}]
+    with pytest.raises(ValueError, match=r"x.jsonl: row 2: choice 1 is \d+ tokens: it must be shorter than the "
+                                         r"model's context of 32"):
+        evaluate_zero_shot(model, tok, long_rows, source="x.jsonl")
+    one = tok.encode("b")
+    assert len(one) == 1
+    with pytest.raises(ValueError, match="x.jsonl: row 1: the continuation is a single token with no context"):
+        evaluate_zero_shot(model, tok, [{"context": "", "continuation": "b"}], source="x.jsonl")
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         score_continuations(model, [([1], [2])], batch_size=0)
