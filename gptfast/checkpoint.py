@@ -4,8 +4,11 @@
   Conv1D weights ([in, out]) are transposed into nn.Linear ([out, in]); the LM head is tied.
 - nanoGPT: a ckpt.pt with "model_args" and "model" (nn.Linear layout, maybe "_orig_mod." prefixes).
 - Pickled files load with weights_only=True; safetensors is preferred.
-- Saving writes every file to a temporary name and renames it: an interrupted save never
-  leaves a half-written checkpoint behind.
+- Saving checks the config first, then writes every file to a temporary name and renames it
+  (config.json last, an old differing one removed first): an interrupted save never leaves a
+  half-written file, nor new weights under an old config.
+- save_nanogpt writes a nanoGPT-style ckpt.pt that holds any config (bias=False and others that
+  have no Hugging Face equivalent) whole under "gptfast_config".
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PT_WEIGHTS = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
+_WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, PT_WEIGHTS, PT_INDEX)  # the order read_hf_state_dict looks in
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT1_RENAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
 
@@ -174,18 +178,59 @@ def read_checkpoint(path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
         return _read_transformers_model(path)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"expected a checkpoint path or a transformers model, got {type(path).__name__}")
-    path = resolve_path(os.fspath(path))
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+    kind, path = locate_checkpoint(resolve_path(os.fspath(path)))
+    if kind == "hf":
         raw = read_json_object(os.path.join(path, "config.json"))
         config = GPTConfig.from_hf_dict(raw)
         return config, hf_to_gptfast(read_hf_state_dict(path), config), raw
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
-        return (*read_nanogpt(os.path.join(path, "ckpt.pt")), {})
-    if os.path.isfile(path) and path.endswith((".pt", ".pth", ".ckpt")):
-        return (*read_nanogpt(path), {})
+    return (*read_nanogpt(path), {})
+
+
+NANOGPT_CKPT = "ckpt.pt"
+_NANOGPT_SUFFIXES = (".pt", ".pth", ".ckpt")
+_CHECKPOINT_NEEDS = ("a checkpoint directory holds config.json with model.safetensors or pytorch_model.bin "
+                     "(Hugging Face; sharded: *.index.json), or a ckpt.pt (nanoGPT)")
+
+
+def locate_checkpoint(path: str) -> tuple[str, str]:
+    """("hf", the directory) or ("nanogpt", the .pt file) for a local path; otherwise a
+    CheckpointError that says what the path holds and what a checkpoint must hold. Loading
+    (read_checkpoint: every command's --model) and describe (gptfast info) both go through here."""
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor ckpt.pt (nanoGPT)")
-    raise CheckpointError(f"{path} is not a checkpoint directory or a nanoGPT .pt file")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf", path
+        if os.path.isfile(os.path.join(path, NANOGPT_CKPT)):
+            return "nanogpt", os.path.join(path, NANOGPT_CKPT)
+        raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor ckpt.pt (nanoGPT): "
+                              f"{_holds(path)}; {_CHECKPOINT_NEEDS}")
+    if os.path.isfile(path):
+        if path.endswith(_NANOGPT_SUFFIXES):
+            return "nanogpt", path
+        name = os.path.basename(path)
+        if name in _WEIGHT_FILES or name == "config.json" or name.endswith(".safetensors"):
+            what = "one file of a Hugging Face checkpoint: pass the directory that holds it"
+        elif name.endswith(".bin") and not os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
+            what = "not a model: a .bin without a config.json beside it (prepared token ids, as gptfast prepare writes?)"
+        else:
+            what = "not a checkpoint"
+        raise CheckpointError(f"{path} is a file, {what}; {_CHECKPOINT_NEEDS}, or pass a nanoGPT "
+                              f"{'/'.join(_NANOGPT_SUFFIXES)} file")
+    raise CheckpointError(f"{path} is neither a file nor a directory (a broken link?): {_CHECKPOINT_NEEDS}")
+
+
+def _holds(directory: str) -> str:
+    """What a directory that is not a checkpoint holds, in words."""
+    names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
+    if not names:
+        return "the directory is empty"
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    weights = [n for n in names if n in _WEIGHT_FILES]
+    if weights:
+        return f"it holds {shown}: weights without their config.json (an interrupted save?)"
+    if {"train.bin", "val.bin"} & set(names):
+        return (f"it holds {shown}: prepared token files (as gptfast prepare writes them), not a model "
+                "(pass it as --data)")
+    return f"it holds {shown}"
 
 
 def _read_transformers_model(hf_model) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
@@ -239,9 +284,19 @@ def read_nanogpt(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     unknown = sorted(set(args) - known)
     if unknown:
         raise CheckpointError(f"{path}: unknown nanoGPT model_args {unknown}")
-    config = GPTConfig(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
-                       n_layer=args["n_layer"], n_head=args["n_head"], bias=args.get("bias", True),
-                       activation="gelu")  # nanoGPT's MLP uses nn.GELU(): the exact erf form
+    try:
+        config = GPTConfig(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
+                           n_layer=args["n_layer"], n_head=args["n_head"], bias=args.get("bias", True),
+                           activation="gelu")  # nanoGPT's MLP uses nn.GELU(): the exact erf form
+        if GPTFAST_CONFIG_KEY in ckpt:  # written by save_nanogpt: the whole config
+            full = GPTConfig.from_dict(dict(ckpt[GPTFAST_CONFIG_KEY]))
+            differ = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bias")
+                      if getattr(full, k) != getattr(config, k)]
+            if differ:
+                raise ValueError(f"its {GPTFAST_CONFIG_KEY} and model_args disagree on {differ}")
+            config = full
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model config: {type(exc).__name__}: {exc}") from None
     state = {}
     for k, t in ckpt["model"].items():
         k = k.removeprefix("_orig_mod.")
@@ -249,6 +304,20 @@ def read_nanogpt(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
             continue
         state[k] = t
     return config, state
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make renames and unlinks in directory durable (best effort: not every OS opens directories)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -267,6 +336,13 @@ def _atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(directory)
+
+
+def _unlink(path: str) -> None:
+    if os.path.lexists(path):
+        os.unlink(path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -280,21 +356,97 @@ def atomic_torch_save(obj, path: str) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_model(model, path: str, safe_serialization: bool = True) -> None:
+def _remove_weights(directory: str, name: str, keep: str) -> None:
+    """Remove a weights file of a previous save (an index with the shards it lists)."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return
+    if name.endswith(".index.json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set()
+        _unlink(path)  # the index first: without it no stale shard is ever read
+        for shard in shards:
+            if isinstance(shard, str) and shard == os.path.basename(shard) and shard not in (keep, "config.json"):
+                _unlink(os.path.join(directory, shard))
+    else:
+        _unlink(path)
+
+
+def _save_dir(path: str, what: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what}: path {path} is a file; expected a directory to write the checkpoint in")
     os.makedirs(path, exist_ok=True)
+
+
+def save_model(model, path: str, safe_serialization: bool = True) -> None:
+    """A Hugging Face directory (config.json + model.safetensors | pytorch_model.bin).
+
+    Every check runs before anything is written (a config with no HF equivalent raises
+    ValueError and leaves path as it was). Each file is written to a temporary name, fsynced and
+    renamed. An old config.json that differs from the new one is removed before the weights are
+    replaced and the new one is written last, so a crash part way leaves either the old pair, or
+    weights without a config.json (refused on load), never new weights under an old config."""
     config = model.config
+    reason = config.hf_incompatibility()
+    if reason:
+        raise ValueError(f"save_pretrained({path!r}): {reason}; save it as a nanoGPT-style ckpt.pt with "
+                         "save_pretrained(path, format=\"nanogpt\") (GPT.from_pretrained loads it)")
+    hf_config = {**config.to_hf_dict(), **getattr(model, "hf_config_overrides", dict)()}
+    text = json.dumps(hf_config, indent=2) + "\n"
     state = gptfast_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, config)
+    _save_dir(path, "save_pretrained")
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8", errors="replace") as f:
+            same = f.read() == text
+        if not same:
+            _unlink(config_path)
+    target = SAFE_WEIGHTS if safe_serialization else PT_WEIGHTS
+    at = _WEIGHT_FILES.index(target)
+    for name in _WEIGHT_FILES[:at]:  # files read before target would shadow it: gone first
+        _remove_weights(path, name, keep=target)
     if safe_serialization:
         from safetensors.torch import save_file
-        _atomic_write(os.path.join(path, SAFE_WEIGHTS), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        stale = os.path.join(path, PT_WEIGHTS)
+        _atomic_write(os.path.join(path, target), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     else:
-        atomic_torch_save(state, os.path.join(path, PT_WEIGHTS))
-        stale = os.path.join(path, SAFE_WEIGHTS)
-    if os.path.exists(stale):  # a weights file of the other format would shadow or contradict this one
-        os.unlink(stale)
-    hf_config = {**config.to_hf_dict(), **getattr(model, "hf_config_overrides", dict)()}
-    atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+        atomic_torch_save(state, os.path.join(path, target))
+    for name in _WEIGHT_FILES[at + 1:]:  # stale weights of an earlier save in another layout
+        _remove_weights(path, name, keep=target)
+    atomic_write_text(config_path, text)
+
+
+GPTFAST_CONFIG_KEY = "gptfast_config"
+
+
+def save_nanogpt(model, path: str) -> str:
+    """Write a nanoGPT-style ckpt.pt ("model" in nn.Linear layout with lm_head.weight, "model_args")
+    plus the whole GPTConfig under "gptfast_config", so any config round-trips, bias=False and
+    others with no Hugging Face equivalent included. path: a directory (ckpt.pt inside it) or a
+    .pt/.pth/.ckpt file. GPT.from_pretrained loads it; nanoGPT itself reads it right for configs
+    it can express (pre-LN, exact GELU, 4 * n_embd MLP, eps 1e-5, scaled attention). Returns the file."""
+    config = model.config
+    if path.endswith(_NANOGPT_SUFFIXES) and not os.path.isdir(path):
+        file = path
+        directory = os.path.dirname(os.path.abspath(path))
+    else:
+        file, directory = os.path.join(path, NANOGPT_CKPT), path
+        if os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"save_pretrained({path!r}, format='nanogpt'): {path} holds a Hugging Face "
+                             "checkpoint (config.json), which GPT.from_pretrained would load instead of the "
+                             "new ckpt.pt; save to another directory, or remove that checkpoint first")
+    obj = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_args": dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                           block_size=config.n_positions, bias=config.bias, vocab_size=config.vocab_size,
+                           dropout=config.resid_pdrop),
+        GPTFAST_CONFIG_KEY: config.to_dict(),
+    }
+    _save_dir(directory, "save_pretrained")
+    atomic_torch_save(obj, file)
+    return file
 
 
 def describe(path: str) -> dict:
@@ -302,12 +454,13 @@ def describe(path: str) -> dict:
     from .model import GPT
 
     path = resolve_path(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        config = GPTConfig.from_json_file(os.path.join(path, "config.json"))
-        files = sorted(f for f in os.listdir(path) if not f.startswith("."))
+    kind, found = locate_checkpoint(path)
+    if kind == "hf":
+        config = GPTConfig.from_json_file(os.path.join(found, "config.json"))
+        files = sorted(f for f in os.listdir(found) if not f.startswith("."))
     else:
-        config, _ = read_nanogpt(path if os.path.isfile(path) else os.path.join(path, "ckpt.pt"))
-        files = [os.path.basename(path)]
+        config, _ = read_nanogpt(found)
+        files = [os.path.basename(found)]
     with torch.device("meta"):
         n = GPT(config).num_parameters()
     return {"path": path, "config": config.to_dict(), "parameters": n, "files": files}

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _ACTIVATIONS = ("gelu_tanh", "gelu")  # tanh approximation (GPT-2) / exact erf (GPT-1, nanoGPT)
 
-# Hugging Face config keys that do not change the forward pass; accepted and ignored.
+# Hugging Face config keys that do not change the forward pass; accepted and ignored. (Read, not
+# ignored: scale_attn_weights, afn / activation_function, n_inner, layer_norm_epsilon and the shapes.)
 _HF_IGNORED = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "task_specific_params",
     "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
     "summary_first_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
     "initializer_range", "predict_special_tokens", "id2label", "label2id", "_name_or_path",
     "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings",
-    "is_decoder", "add_cross_attention", "scale_attn_weights", "n_ctx", "problem_type",
+    "is_decoder", "add_cross_attention", "n_ctx", "problem_type",
     "tokenizer_class", "prefix", "decoder_start_token_id", "chunk_size_feed_forward",
     "_attn_implementation_autoset", "_attn_implementation", "sep_token_id", "cls_token_id",
     "unk_token_id", "finetuning_task", "max_length", "num_labels", "do_sample",
@@ -53,6 +55,7 @@ class GPTConfig:
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0  # accepted for HF parity; fused attention applies no dropout
     eos_token_id: Optional[int] = 50256
+    scale_attn_weights: bool = True  # attention scores scaled by 1/sqrt(head_dim) (HF GPT-2's flag)
     extra: dict = field(default_factory=dict, repr=False)  # free-form metadata (provenance...)
 
     def __post_init__(self):
@@ -69,12 +72,19 @@ class GPTConfig:
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not isinstance(self.scale_attn_weights, bool):
+            raise ValueError(f"GPTConfig.scale_attn_weights must be a bool, got {self.scale_attn_weights!r}")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on the attention scores q.k: 1/sqrt(head_dim), or 1 with scale_attn_weights=False."""
+        return 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
 
     @property
     def gelu_approximate(self) -> str:
@@ -113,11 +123,12 @@ class GPTConfig:
             raise ValueError(f"{source}: tie_word_embeddings=False is not supported (GPT ties the LM head)")
         known = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                  "activation_function", "afn", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop",
-                 "attn_pdrop", "gptfast"} | _HF_IGNORED | set(_HF_UNSUPPORTED)
+                 "attn_pdrop", "scale_attn_weights", "gptfast"} | _HF_IGNORED | set(_HF_UNSUPPORTED)
         unknown = sorted(k for k in d if k not in known)
         if unknown:
             raise ValueError(f"{source}: unknown config field(s) {unknown}")
-        act = d.get("activation_function", d.get("afn", "gelu_new" if model_type == "gpt2" else "gelu"))
+        # each model reads its own key (GPT2Config ignores "afn", OpenAIGPTConfig "activation_function")
+        act = d.get("activation_function", "gelu_new") if model_type == "gpt2" else d.get("afn", "gelu")
         act_map = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                    "gelu": "gelu"}
         if act not in act_map:
@@ -131,13 +142,17 @@ class GPTConfig:
             if activation not in _ACTIVATIONS:
                 raise ValueError(f"{source}: gptfast.activation must be one of {_ACTIVATIONS}, got {activation!r}")
         eos = d.get("eos_token_id", 50256 if model_type == "gpt2" else None)
+        # OpenAIGPT always scales its scores and has a 4 * n_embd MLP, whatever the config says
+        scale = d.get("scale_attn_weights", True) if model_type == "gpt2" else True
+        if not isinstance(scale, bool):
+            raise ValueError(f"{source}: scale_attn_weights must be true or false, got {scale!r}")
         return cls(
             vocab_size=d.get("vocab_size", 50257 if model_type == "gpt2" else 40478),
             n_positions=d.get("n_positions", 1024 if model_type == "gpt2" else 512),
             n_embd=d.get("n_embd", 768),
             n_layer=d.get("n_layer", 12),
             n_head=d.get("n_head", 12),
-            n_inner=d.get("n_inner"),
+            n_inner=d.get("n_inner") if model_type == "gpt2" else None,
             activation=activation,
             pre_ln=model_type == "gpt2",
             final_ln=model_type == "gpt2",
@@ -146,14 +161,16 @@ class GPTConfig:
             resid_pdrop=d.get("resid_pdrop", 0.0),
             attn_pdrop=d.get("attn_pdrop", 0.0),
             eos_token_id=eos if isinstance(eos, int) else None,
+            scale_attn_weights=scale,
             extra=extra,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        if not self.bias:
-            raise ValueError("a config with bias=False (nanoGPT style) has no Hugging Face GPT-2 equivalent")
-        if self.pre_ln != self.final_ln:
-            raise ValueError("Hugging Face GPT-2/GPT-1 need pre_ln == final_ln")
+        """The config.json of the transformers model that computes the same function; ValueError
+        (saying why) where there is none (see hf_incompatibility)."""
+        reason = self.hf_incompatibility()
+        if reason:
+            raise ValueError(reason)
         act = "gelu_new" if self.activation == "gelu_tanh" else "gelu"
         common = {
             "vocab_size": self.vocab_size, "n_positions": self.n_positions, "n_embd": self.n_embd,
@@ -166,14 +183,28 @@ class GPTConfig:
         if self.pre_ln:
             return {**common, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                     "n_inner": self.n_inner, "activation_function": act,
+                    "scale_attn_weights": self.scale_attn_weights,
                     "bos_token_id": self.eos_token_id, "eos_token_id": self.eos_token_id}
-        if self.n_inner != 4 * self.n_embd:
-            raise ValueError("Hugging Face OpenAIGPT has no n_inner: it must be 4 * n_embd")
         if self.activation == "gelu":
             # OpenAIGPT's afn "gelu" runs the tanh form in transformers and has no erf option: the
             # exact form is recorded for gptfast; transformers will run this model with tanh GELU.
             common["gptfast"] = {**self.extra, "activation": "gelu"}
         return {**common, "model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "afn": "gelu"}
+
+    def hf_incompatibility(self) -> Optional[str]:
+        """None when transformers' GPT2LMHeadModel / OpenAIGPTLMHeadModel can hold this model, else
+        why not (such a model saves as a nanoGPT-style ckpt.pt: GPT.save_pretrained(format="nanogpt"))."""
+        if not self.bias:
+            return "a config with bias=False (nanoGPT style) has no Hugging Face GPT-2 equivalent"
+        if self.pre_ln != self.final_ln:
+            return (f"Hugging Face GPT-2/GPT-1 need pre_ln == final_ln, got pre_ln={self.pre_ln}, "
+                    f"final_ln={self.final_ln}")
+        if not self.pre_ln and self.n_inner != 4 * self.n_embd:
+            return (f"Hugging Face OpenAIGPT has no n_inner: it must be 4 * n_embd = {4 * self.n_embd}, "
+                    f"got {self.n_inner}")
+        if not self.pre_ln and not self.scale_attn_weights:
+            return "Hugging Face OpenAIGPT always scales attention: scale_attn_weights=False has no GPT-1 equivalent"
+        return None
 
     @classmethod
     def from_json_file(cls, path: str) -> "GPTConfig":

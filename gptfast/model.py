@@ -60,6 +60,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        # scale_attn_weights=False (HF GPT-2's flag): scores q.k unscaled. None keeps the ops'
+        # default 1/sqrt(head_dim). ops.decode_attention always applies 1/sqrt(head_dim), so
+        # unscaled decoding multiplies q by sqrt(head_dim) first.
+        self.scale = None if config.scale_attn_weights else config.attn_scale
+        self.decode_q_factor = None if config.scale_attn_weights else math.sqrt(config.head_dim)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -69,14 +74,16 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs), strided views
         if cache is None:
-            y = ops.attention(q, k, v, causal=True)
+            y = ops.attention(q, k, v, causal=True, scale=self.scale)
         else:
             idx = positions.view(B, 1, T, 1).expand(B, self.n_head, T, C // self.n_head)
             cache.k[layer].scatter_(2, idx, k.to(cache.k[layer].dtype))
             cache.v[layer].scatter_(2, idx, v.to(cache.v[layer].dtype))
             if cache.empty:  # prefill: the chunk alone is the whole context
-                y = ops.attention(q, k, v, causal=True)
+                y = ops.attention(q, k, v, causal=True, scale=self.scale)
             else:
+                if self.decode_q_factor is not None:
+                    q = q * self.decode_q_factor
                 y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -180,10 +187,23 @@ class GPT(nn.Module):
         from .checkpoint import load_model
         return load_model(path, device=device, dtype=dtype)
 
-    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
-        """Write a directory that transformers' GPT2LMHeadModel / OpenAIGPTLMHeadModel can load."""
-        from .checkpoint import save_model
-        save_model(self, path, safe_serialization=safe_serialization)
+    def save_pretrained(self, path: str, safe_serialization: bool = True, format: str = "hf") -> None:
+        """format="hf": write a directory that transformers' GPT2LMHeadModel / OpenAIGPTLMHeadModel can
+        load (ValueError, before anything is written, for a config with no HF equivalent such as
+        bias=False). format="nanogpt": a nanoGPT-style ckpt.pt in directory path (or path itself when
+        it ends in .pt) holding the whole config: any model. format="auto": "hf" where the config has
+        an HF equivalent, else "nanogpt". GPT.from_pretrained(path) loads each."""
+        from .checkpoint import save_model, save_nanogpt
+
+        formats = ("hf", "nanogpt", "auto")
+        if format not in formats:
+            raise ValueError(f"format must be one of {formats}, got {format!r}")
+        if format == "auto":
+            format = "hf" if self.config.hf_incompatibility() is None else "nanogpt"
+        if format == "nanogpt":
+            save_nanogpt(self, path)
+        else:
+            save_model(self, path, safe_serialization=safe_serialization)
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Activation checkpointing in training: each block keeps only its inputs for the backward

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from typing import Iterable, Optional, Sequence, Union
 
@@ -69,7 +70,32 @@ class Tokenizer:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of token ids; ValueError naming the first id outside [0, vocab_size) (the backend
+        would drop it silently, or overflow on a negative one)."""
+        return self._tok.decode(self.check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def check_ids(self, ids: Iterable[int], name: str = "ids") -> list[int]:
+        """ids as a list of ints, each in [0, vocab_size); else a TypeError / ValueError naming
+        name[position], its value and the vocabulary range."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"{name} must be a sequence of token ids (ints), got {type(ids).__name__}")
+        out = []
+        for pos, i in enumerate(ids):
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                out.append(operator.index(i))
+            except TypeError:
+                raise TypeError(f"{name}[{pos}] must be an int token id, got {i!r} "
+                                f"({type(i).__name__})") from None
+        if out:
+            n = self.vocab_size
+            lo, hi = min(out), max(out)
+            if lo < 0 or hi >= n:
+                pos = next(p for p, i in enumerate(out) if not 0 <= i < n)
+                raise ValueError(f"{name}[{pos}] is token id {out[pos]}, outside this tokenizer's "
+                                 f"vocabulary [0, {n})")
+        return out
 
     def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
         """Add tokens that are never split or merged (fine-tuning markers); returns their ids."""
@@ -129,7 +155,15 @@ class StreamDecoder:
         self.emitted = 0  # characters of the decoded text already returned
 
     def push(self, ids: Union[int, Sequence[int]]) -> str:
-        self.ids.extend([ids] if isinstance(ids, int) else ids)
+        """The text the new id(s) complete; a bad id raises (naming it) and is not kept."""
+        if getattr(ids, "ndim", None) == 0 or not isinstance(ids, (Iterable, str, bytes)):  # one id
+            try:
+                new = self.tokenizer.check_ids([ids], name="ids")
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(str(exc).replace("ids[0]", "ids", 1)) from None
+        else:
+            new = self.tokenizer.check_ids(ids, name="ids")
+        self.ids.extend(new)
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # a multi-byte character not complete yet
             return ""

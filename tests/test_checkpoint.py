@@ -175,3 +175,203 @@ def test_transformers_model_objects_convert_in_memory(tmp_path):
         GPT.from_pretrained(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="expected a checkpoint path or a transformers model, got int"):
         GPT.from_pretrained(3)
+
+
+# ---- saving: checks before writes, crash safety, models with no HF equivalent ---------------
+
+def _logits(path_or_model, x):
+    model = path_or_model if isinstance(path_or_model, GPT) else GPT.from_pretrained(str(path_or_model))
+    with torch.no_grad():
+        return model(x)
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_save_pretrained_without_hf_equivalent_writes_nothing(tmp_path):
+    """bias=False has no HF GPT-2: save_pretrained fails before it touches the directory."""
+    make_hf_gpt2(tmp_path / "over")
+    before = _snapshot(tmp_path / "over")
+    x = _x()
+    old = _logits(tmp_path / "over", x)
+    _nanogpt_checkpoint(tmp_path / "nobias.pt", bias=False)
+    model = GPT.from_pretrained(str(tmp_path / "nobias.pt"))
+    for target in ("over", "fresh"):
+        with pytest.raises(ValueError, match=r"bias=False .*no Hugging Face GPT-2 equivalent.*format=\"nanogpt\""):
+            model.save_pretrained(str(tmp_path / target))
+    assert _snapshot(tmp_path / "over") == before and torch.equal(_logits(tmp_path / "over", x), old)
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("target", ["dir", "file", "auto"])
+def test_nanogpt_format_round_trips_any_config(tmp_path, target):
+    """save_pretrained(format="nanogpt") writes a ckpt.pt that from_pretrained loads to the same model:
+    bias=False, and configs nanoGPT's model_args cannot express (kept whole in "gptfast_config")."""
+    ref = _nanogpt_checkpoint(tmp_path / "nobias.pt", bias=False)
+    gpt1 = GPT(GPTConfig.from_preset("openai-gpt", vocab_size=211, n_positions=24, n_embd=32, n_layer=2,
+                                     n_head=4, scale_attn_weights=False, layer_norm_epsilon=1e-6)).eval()
+    for i, model in enumerate((GPT.from_pretrained(str(tmp_path / "nobias.pt")), gpt1)):
+        out = tmp_path / f"out{i}"
+        path = {"dir": str(out), "file": str(out / "model.pt"), "auto": str(out)}[target]
+        model.save_pretrained(path, **({"format": "auto"} if target == "auto" else {"format": "nanogpt"}))
+        assert sorted(p.name for p in out.iterdir()) == (["model.pt"] if target == "file" else ["ckpt.pt"])
+        again = GPT.from_pretrained(path)
+        assert again.config == model.config
+        x = torch.randint(0, 211, (2, 24))
+        assert torch.equal(_logits(again, x), _logits(model, x))
+        if i == 0:
+            assert torch.allclose(_logits(again, x), _logits(ref, x), atol=1e-6)
+            ckpt = torch.load(os.path.join(out, "model.pt" if target == "file" else "ckpt.pt"), weights_only=True)
+            # what nanoGPT's own loader reads: its model_args and a state dict with the tied lm_head
+            assert ckpt["model_args"] == dict(n_layer=2, n_head=4, n_embd=32, block_size=24, bias=False,
+                                              vocab_size=211, dropout=0.0)
+            assert "lm_head.weight" in ckpt["model"] and "transformer.h.0.attn.c_attn.weight" in ckpt["model"]
+
+
+def test_nanogpt_format_refuses_a_directory_with_an_hf_checkpoint(tmp_path):
+    """config.json wins over ckpt.pt on load: a ckpt.pt beside it would never be read."""
+    make_hf_gpt2(tmp_path)
+    before = _snapshot(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="holds a Hugging Face checkpoint .*config.json"):
+        model.save_pretrained(str(tmp_path), format="nanogpt")
+    assert _snapshot(tmp_path) == before
+
+
+def test_nanogpt_checkpoint_with_conflicting_gptfast_config(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bias=False)).save_pretrained(
+        str(tmp_path), format="nanogpt")
+    obj = torch.load(ckpt, weights_only=True)
+    obj["model_args"]["n_layer"] = 3
+    torch.save(obj, ckpt)
+    with pytest.raises(CheckpointError, match=r"gptfast_config and model_args disagree on \['n_layer'\]"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+class _Crash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_interrupted_save_never_loads_new_weights_under_the_old_config(tmp_path, monkeypatch, safe):
+    """A save killed before any of its file operations leaves a directory that loads the old model,
+    the new one, or not at all (CheckpointError): never the new weights under the old config.json.
+    The new model has the old shapes but another function (scale_attn_weights flips), so a
+    mismatched pair would load without complaint."""
+    import shutil
+
+    from gptfast import checkpoint
+
+    make_hf_gpt2(tmp_path / "orig")
+    x = _x()
+    old = _logits(tmp_path / "orig", x)
+    new_model = GPT(GPTConfig(**{**GPT.from_pretrained(str(tmp_path / "orig")).config.to_dict(),
+                                 "scale_attn_weights": False})).eval()
+    new = _logits(new_model, x)
+    real_write, real_unlink = checkpoint._atomic_write, checkpoint._unlink
+    step = 0
+    while True:
+        target = tmp_path / f"crash{step}"
+        shutil.copytree(tmp_path / "orig", target)
+        calls = [0]
+
+        def crash_at(real, calls=calls, step=step):
+            def op(*args, **kwargs):
+                if calls[0] == step:
+                    raise _Crash()
+                calls[0] += 1
+                return real(*args, **kwargs)
+            return op
+
+        monkeypatch.setattr(checkpoint, "_atomic_write", crash_at(real_write))
+        monkeypatch.setattr(checkpoint, "_unlink", crash_at(real_unlink))
+        try:
+            new_model.save_pretrained(str(target), safe_serialization=safe)
+            finished = True
+        except _Crash:
+            finished = False
+        monkeypatch.setattr(checkpoint, "_atomic_write", real_write)
+        monkeypatch.setattr(checkpoint, "_unlink", real_unlink)
+        try:
+            got = _logits(target, x)
+        except CheckpointError as exc:
+            assert not finished and "has neither config.json" in str(exc)
+        else:
+            assert torch.equal(got, new) if finished else (torch.equal(got, old) or torch.equal(got, new)), step
+        if finished:
+            break
+        step += 1
+    assert step >= 3  # config.json removed, weights written, config.json written (+ stale files removed)
+
+
+def test_save_pretrained_removes_stale_weights_that_would_shadow_it(tmp_path):
+    """A sharded safetensors checkpoint (index + shards) is read before pytorch_model.bin: saving
+    .bin over it must remove them, or the old weights load under the new config."""
+    hf = make_hf_gpt2(tmp_path / "full")
+    hf.save_pretrained(tmp_path / "dir", max_shard_size="100KB")
+    torch.manual_seed(5)
+    model = GPT(GPT.from_pretrained(str(tmp_path / "dir")).config).eval()
+    model.save_pretrained(str(tmp_path / "dir"), safe_serialization=False)
+    names = sorted(p.name for p in (tmp_path / "dir").iterdir())
+    assert not [n for n in names if n.endswith(".safetensors") or n.endswith(".index.json")], names
+    x = _x()
+    assert torch.equal(_logits(tmp_path / "dir", x), _logits(model, x))
+    model.save_pretrained(str(tmp_path / "dir"))  # and back: the .bin goes
+    assert "pytorch_model.bin" not in os.listdir(tmp_path / "dir")
+    assert torch.equal(_logits(tmp_path / "dir", x), _logits(model, x))
+
+
+def test_save_pretrained_into_a_file_path(tmp_path):
+    (tmp_path / "f").write_text("x")
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(NotADirectoryError, match="path .*f is a file; expected a directory"):
+        model.save_pretrained(str(tmp_path / "f"))
+
+
+# ---- paths that are not checkpoints: one message for every command ------------------------
+
+def _not_a_checkpoint(path):
+    """The messages of loading (generate, finetune, ...) and of describe (gptfast info): the same."""
+    from gptfast.checkpoint import describe
+
+    messages = []
+    for load in (GPT.from_pretrained, describe):
+        with pytest.raises(CheckpointError) as info:
+            load(str(path))
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert "a checkpoint directory holds config.json with model.safetensors or pytorch_model.bin" in messages[0]
+    return messages[0]
+
+
+def test_empty_directory_is_not_a_checkpoint(tmp_path):
+    msg = _not_a_checkpoint(tmp_path)
+    assert "neither config.json (Hugging Face) nor ckpt.pt (nanoGPT): the directory is empty" in msg
+    assert "weights file not found" not in msg
+
+
+def test_prepared_token_folder_is_not_a_checkpoint(tmp_path):
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes(b"\0\0")
+    msg = _not_a_checkpoint(tmp_path)
+    assert "it holds meta.json, tokenizer.json, train.bin, val.bin: prepared token files" in msg
+    assert "not a model" in msg
+    assert "prepared token ids" in _not_a_checkpoint(tmp_path / "train.bin")
+
+
+def test_weights_without_config_say_so(tmp_path):
+    make_hf_gpt2(tmp_path)
+    os.remove(tmp_path / "config.json")
+    msg = _not_a_checkpoint(tmp_path)
+    assert "it holds generation_config.json, model.safetensors: weights without their config.json" in msg
+    assert "pass the directory that holds it" in _not_a_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_describe_nanogpt_directory(tmp_path):
+    from gptfast.checkpoint import describe
+
+    _nanogpt_checkpoint(tmp_path / "ckpt.pt", bias=False)
+    info = describe(str(tmp_path))
+    assert info["path"] == str(tmp_path) and info["files"] == ["ckpt.pt"] and info["config"]["bias"] is False

@@ -241,3 +241,92 @@ def test_gradient_checkpointing_through_the_kernels_on_cuda():
             grads.append([loss] + list(torch.autograd.grad(loss, list(model.parameters()))))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
+# ---- scale_attn_weights=False (HF GPT-2: unscaled attention scores) -----------------------
+
+@pytest.fixture
+def unscaled(tmp_path):
+    """A transformers GPT-2 with scale_attn_weights=False (weights x3: the scale matters) and gptfast's copy."""
+    hf = make_hf_gpt2(tmp_path, vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                      scale_attn_weights=False)
+    return hf, GPT.from_pretrained(str(tmp_path)), tmp_path
+
+
+def test_scale_attn_weights_false_logits_match_transformers(unscaled):
+    hf, model, path = unscaled
+    assert model.config.scale_attn_weights is False and model.config.attn_scale == 1.0
+    x = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        expected = hf(x).logits
+        assert (model(x) - expected).abs().max().item() <= 1e-4
+        assert (GPT.from_pretrained(hf)(x) - expected).abs().max().item() <= 1e-4  # the in-memory conversion too
+        scaled = GPT(GPTConfig(**{**model.config.to_dict(), "scale_attn_weights": True}))
+        scaled.load_state_dict(model.state_dict())
+        assert (scaled(x) - expected).abs().max().item() > 0.1  # the flag is what makes them agree
+
+
+def test_scale_attn_weights_false_greedy_generation_matches_transformers(unscaled):
+    """Prefill and decode over the KV cache (and the speculative verify pass) all leave the scores unscaled."""
+    from gptfast import PromptLookup
+
+    hf, model, _ = unscaled
+    x = torch.randint(0, 512, (1, 9))
+    expected = hf.generate(x, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(x, max_new_tokens=30, temperature=0), expected)
+    assert torch.equal(model.generate(x, max_new_tokens=30, temperature=0, draft_model=PromptLookup()), expected)
+    draft = GPT.from_pretrained(hf)
+    assert torch.equal(model.generate(x, max_new_tokens=30, temperature=0, draft_model=draft), expected)
+
+
+def test_scale_attn_weights_false_survives_save_pretrained(unscaled, tmp_path):
+    import json
+
+    from transformers import GPT2LMHeadModel
+
+    hf, model, _ = unscaled
+    out = tmp_path / "saved"
+    model.save_pretrained(str(out))
+    assert json.loads((out / "config.json").read_text())["scale_attn_weights"] is False
+    again = GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    assert again.config.scale_attn_weights is False
+    x = torch.randint(0, 512, (2, 33))
+    with torch.no_grad():
+        assert (again(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+        assert torch.equal(GPT.from_pretrained(str(out))(x), model(x))
+
+
+def test_gpt1_always_scales_attention():
+    # transformers' OpenAIGPT scales its scores whatever the config says
+    cfg = GPTConfig.from_hf_dict({"model_type": "openai-gpt", "scale_attn_weights": False, "n_embd": 32,
+                                  "n_head": 4, "n_inner": 100})
+    assert cfg.scale_attn_weights is True and cfg.n_inner == 128  # OpenAIGPT has no n_inner either
+    gpt1 = GPTConfig.from_preset("openai-gpt", scale_attn_weights=False)
+    with pytest.raises(ValueError, match="OpenAIGPT always scales attention"):
+        gpt1.to_hf_dict()
+    with pytest.raises(ValueError, match="scale_attn_weights must be a bool, got 0"):
+        GPTConfig(scale_attn_weights=0)
+    with pytest.raises(ValueError, match="scale_attn_weights must be true or false, got 'no'"):
+        GPTConfig.from_hf_dict({"model_type": "gpt2", "scale_attn_weights": "no"})
+
+
+def test_each_model_type_reads_its_own_activation_key(tmp_path):
+    """GPT2 ignores "afn" (OpenAIGPT's key) and OpenAIGPT ignores "activation_function": a stray key
+    must not switch gptfast to another GELU than transformers runs."""
+    hf = make_hf_gpt2(tmp_path, afn="gelu")  # transformers still runs gelu_new
+    model = GPT.from_pretrained(str(tmp_path))
+    assert model.config.activation == "gelu_tanh"
+    x = torch.randint(0, 1001, (2, 30))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="activation 'relu' is not supported"):
+        GPTConfig.from_hf_dict({"model_type": "openai-gpt", "afn": "relu", "activation_function": "gelu"})
+
+
+def test_save_pretrained_format_argument(tmp_path):
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"format must be one of \('hf', 'nanogpt', 'auto'\), got 'onnx'"):
+        model.save_pretrained(str(tmp_path / "x"), format="onnx")
+    assert not (tmp_path / "x").exists()
+    model.save_pretrained(str(tmp_path / "auto"), format="auto")  # an HF equivalent exists: HF files
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == ["config.json", "model.safetensors"]

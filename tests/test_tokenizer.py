@@ -87,3 +87,48 @@ def test_gpt1_ids_match_openai_gpt_tokenizer(gpt1_files, tmp_path):
     again = Tokenizer.from_pretrained(str(tmp_path))
     assert again.is_gpt1 and [again.encode(t) for t in texts] == [tok.encode(t) for t in texts]
     assert not Tokenizer.from_pretrained(str(tmp_path)).eos_token
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt1"])
+def test_decode_rejects_ids_outside_the_vocabulary(kind, files, gpt1_files):
+    """The backend returns '' for an id past the vocabulary and overflows on a negative one:
+    decode says which id, where, and the range."""
+    tok = Tokenizer.from_pretrained(str(files if kind == "gpt2" else gpt1_files))
+    n = tok.vocab_size
+    ok = tok.encode("the fox")
+    assert tok.decode(ok + [n - 1])  # the last id is fine
+    with pytest.raises(ValueError, match=rf"ids\[0\] is token id 99999, outside this tokenizer's vocabulary \[0, {n}\)"):
+        tok.decode([99999])
+    with pytest.raises(ValueError, match=rf"ids\[{len(ok)}\] is token id -1, outside .*\[0, {n}\)"):
+        tok.decode(ok + [-1])
+    with pytest.raises(ValueError, match=rf"ids\[1\] is token id {n},"):
+        tok.decode([ok[0], n, -5])
+    with pytest.raises(TypeError, match=r"ids\[1\] must be an int token id, got 1.5"):
+        tok.decode([ok[0], 1.5])
+    with pytest.raises(TypeError, match="ids must be a sequence of token ids"):
+        tok.decode(7)
+
+
+def test_decode_takes_tensors_and_arrays(files):
+    import numpy as np
+    import torch
+
+    tok = Tokenizer.from_pretrained(str(files))
+    ids = tok.encode("Hello world")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == "Hello world"
+
+
+def test_stream_decoder_rejects_bad_ids_and_keeps_going(files):
+    import torch
+
+    tok = Tokenizer.from_pretrained(str(files))
+    ids = tok.encode("Hello world")
+    stream = tok.stream_decoder()
+    assert stream.push(ids[0]) == tok.decode(ids[:1])
+    with pytest.raises(ValueError, match=rf"ids is token id 99999, outside this tokenizer's vocabulary \[0, {tok.vocab_size}\)"):
+        stream.push(99999)
+    with pytest.raises(ValueError, match=r"ids\[1\] is token id -1"):
+        stream.push([ids[1], -1])
+    assert stream.ids == ids[:1]  # nothing of a refused push is kept
+    rest = "".join(stream.push(torch.tensor(i)) for i in ids[1:])
+    assert tok.decode(ids[:1]) + rest == "Hello world"
