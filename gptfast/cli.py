@@ -19,29 +19,13 @@ def _default_model() -> str:
 
 
 def _dtype(name: str):
-    import torch
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in names:
-        raise ValueError(f"--dtype must be one of {sorted(names)}, got {name!r}")
-    return names[name]
+    from gptfast.train import resolve_dtype  # one list of --dtype names for every command
+    return resolve_dtype(name)
 
 
 def _device(name: str):
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"--device {name}: CUDA is not available here ({why}, torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return name
+    from gptfast.train import _resolve_device  # auto, cpu, cuda, cuda:N; errors name --device
+    return _resolve_device(name)
 
 
 def _at_least(low: int):
@@ -390,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(or nanoGPT's train.bin/val.bin)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on --data)")
-    t.add_argument("--init", help="preset name or checkpoint to start from")
+    t.add_argument("--init", help="a checkpoint to start from (directory, nanoGPT .pt, or a hub name that is no "
+                   "preset), or a preset name (gpt2, gpt2-medium, ...: that shape, randomly initialised)")
     for name, typ in (("vocab-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
                       ("block-size", int), ("batch-size", int), ("grad-accum", int), ("steps", int),
                       ("lr", float), ("min-lr", float), ("warmup", int), ("weight-decay", float),
@@ -404,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data", help="zero-shot rows scored at every evaluation (JSON lines, as gptfast eval)")
     t.add_argument("--eval-limit", type=int, help="the first N rows of --eval-data only")
     t.add_argument("--device")
-    t.add_argument("--dtype")
+    t.add_argument("--dtype", help="float32 (default), bfloat16/bf16, float16/fp16 (loss-scaled)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -426,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add learned <|start|>, <|delimiter|>, <|extract|> tokens "
                         "(the GPT-1 paper's input transformation)")
     f.add_argument("--device")
-    f.add_argument("--dtype")
+    f.add_argument("--dtype", help="float32 (default), bfloat16/bf16, float16/fp16 (loss-scaled)")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=cmd_finetune)
 

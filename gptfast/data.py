@@ -143,6 +143,14 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
                 for k, piece in enumerate(pieces):
                     yield piece, k == len(pieces) - 1, len(line) if k == 0 else 0
         return
+    yield from text_pieces(path, piece_chars)
+
+
+def text_pieces(path: str, piece_chars: Optional[int] = PIECE_CHARS,
+                source: str = "") -> Iterator[tuple[str, bool, int]]:
+    """iter_documents for a file read as UTF-8 text whatever its name: one document, read in
+    blocks and cut into pieces as it streams. A byte that is not UTF-8 is a ValueError naming
+    the file (after `source`, e.g. "--data ") and the byte's offset."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, buf, searched = 0, "", 1  # buf[:searched - 1] holds no cut point
     with open(path, "rb") as f:
@@ -151,7 +159,7 @@ def iter_documents(path: str, text_field: str = "text", piece_chars: Optional[in
             try:
                 buf += decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}: not UTF-8 text (byte {offset + exc.start}): {exc.reason}") from None
+                raise ValueError(f"{source}{path}: not UTF-8 text (byte {offset + exc.start}): {exc.reason}") from None
             offset += len(block)
             if not block:
                 break
@@ -455,6 +463,55 @@ def check_tokenizer(meta: dict, tokenizer, source: str) -> None:
         raise ValueError(f"{source} was tokenized with another vocabulary (fingerprint {want}) than this "
                          f"tokenizer's ({tokenizer.fingerprint()}): its ids would mean other tokens. Use the "
                          "tokenizer saved beside it, or prepare the data again with this one")
+
+
+def encode_text_file(path: str, tokenizer, progress: bool = True, source: str = "") -> np.ndarray:
+    """The ids of a whole text file (one document; no end-of-text appended) as int32: those of
+    tokenizer.encode(text), encoded as prepare encodes, in pieces cut where the ids stay the same
+    (one piece where the tokenizer cannot be cut), batches of them in parallel, with a progress
+    bar over the bytes read (unless progress is False). Errors name the file after `source`."""
+    from tqdm import tqdm
+
+    piece_chars = PIECE_CHARS if tokenizer.splits_at_newlines() else None
+    chunks = []
+    with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
+        for batch in _text_batches(path, piece_chars, source):
+            texts = [t for t, _, _ in batch if t]
+            if texts:
+                chunks.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts))
+            bar.update(sum(n for _, _, n in batch))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+
+
+def _text_batches(path: str, piece_chars: Optional[int], source: str) -> Iterator[list]:
+    """The pieces of a text file in batches of about BATCH_CHARS characters."""
+    batch, size = [], 0
+    for item in text_pieces(path, piece_chars, source):
+        batch.append(item)
+        size += len(item[0])
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def train_tokenizer_on_text(path: str, vocab_size: int, progress: bool = True, source: str = ""):
+    """A byte-level BPE of vocab_size trained on a text file, read as prepare --vocab-size reads
+    it (the same tokenizer), with a progress bar over the bytes read (unless progress is False)."""
+    from tqdm import tqdm
+
+    from . import tokenizer as tokenizers
+
+    def texts(bar):
+        for piece, _, n in text_pieces(path, PIECE_CHARS, source):
+            bar.update(n)
+            if piece:
+                yield piece
+
+    with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="tokenizer",
+              disable=not progress) as bar:
+        return tokenizers.train_byte_level_bpe((), vocab_size, texts=texts(bar))
 
 
 def texts_of(files: Sequence[str], text_field: str = "text") -> Iterator[str]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -63,6 +62,7 @@ class TaskSpec:
     delimiter: Optional[int] = None
     extract: Optional[int] = None
     pad: Optional[int] = None  # pad id written to config.json for transformers' last-non-pad rule
+    text_pair: Optional[bool] = None  # classification: trained on text pairs (True), single texts (False), or unknown
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -131,8 +131,9 @@ class GPTClassifier(GPT):
                              f"{spec.task} head for labels {spec.labels}")
         spec = spec or saved
         if spec is None:
-            raise ValueError(f"{path} is a language model without a fine-tuning head: pass spec=TaskSpec(...) "
-                             "to add one")
+            raise ValueError(f"{path} is a language model, not a fine-tuned classifier (it has no fine-tuning "
+                             f"head): make one with `gptfast finetune --model {path} --data train.jsonl --out DIR`, "
+                             "or in Python pass spec=TaskSpec(...) to add a new head")
         if saved is None:
             state = {k: v for k, v in state.items() if not k.startswith("score.")}
         return build_model(cls, config, state, path, device=device, dtype=dtype, fresh=("score.",), spec=spec,
@@ -245,6 +246,7 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
         if spec.task == "classification":
             text = _field(row, ("text", "sentence", "text_a"), where)
             pair = row.get("text_pair", row.get("text_b"))
+            _check_pair(spec, pair not in (None, ""), where)
             parts = [tokenizer.encode(text)] + ([tokenizer.encode(str(pair))] if pair not in (None, "") else [])
             seqs = [_join(parts, spec, max_len, where)]
             label = None
@@ -274,7 +276,21 @@ def _field(row: dict, names: tuple, where: str) -> str:
     for name in names:
         if row.get(name) not in (None, ""):
             return str(row[name])
+    empty = [n for n in names if row.get(n) == ""]
+    if empty:
+        raise ValueError(f"{where}: the text is empty (field {empty[0]!r})")
     raise ValueError(f"{where}: no text: expected a field {' or '.join(repr(n) for n in names)}, got {sorted(row)}")
+
+
+def _check_pair(spec: TaskSpec, has_pair: bool, where: str) -> None:
+    """A classification row must be what the head was trained on: a text pair, or a single text."""
+    if spec.text_pair is None or spec.text_pair == has_pair:
+        return
+    if has_pair:
+        raise ValueError(f"{where}: this model was fine-tuned on single texts, but the row has a second text "
+                         "('text_pair'; gptfast classify's --pair): give the text alone")
+    raise ValueError(f"{where}: this model was fine-tuned on text pairs, but the row has no second text: give "
+                     "its 'text_pair' (gptfast classify's --pair)")
 
 
 def _join(parts: list[list[int]], spec: TaskSpec, max_len: int, where: str) -> tuple[list[int], bool]:
@@ -374,6 +390,8 @@ def _pad_id(spec: TaskSpec) -> int:
 
 @dataclass
 class FinetuneArgs:
+    """What `gptfast finetune` runs; every value is checked on construction (errors name the flag)."""
+
     data: str
     out: str
     model: Optional[str] = None  # checkpoint to start from (default: the shipped model)
@@ -397,6 +415,50 @@ class FinetuneArgs:
     dtype: str = "float32"
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass
 
+    def __post_init__(self):
+        from .train import check_number, flag_name, resolve_dtype
+
+        for name in ("data", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{flag_name(name)} must be a path, got {getattr(self, name)!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            check_number(self, name, low=1, integer=True)
+        check_number(self, "eval_every", low=0, integer=True, why=" (0: at the end of each epoch)")
+        check_number(self, "max_len", low=2, integer=True, optional=True)
+        check_number(self, "seed", integer=True)
+        check_number(self, "lr", low=0, low_open=True)
+        check_number(self, "lm_coef", low=0)
+        check_number(self, "val_fraction", low=0, high=1, low_open=True, high_open=True)
+        check_number(self, "warmup_fraction", low=0, high=1, high_open=True)
+        check_number(self, "weight_decay", low=0)
+        check_number(self, "grad_clip", low=0, low_open=True, allow_inf=True)  # inf: no clipping
+        check_number(self, "classifier_dropout", low=0, high=1, high_open=True)
+        resolve_dtype(self.dtype)
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+# flags that define a fine-tuning run (its model, head and data): a resume must keep them
+_FINETUNE_FIXED = ("data", "out", "model", "val", "task", "special_tokens", "max_len", "val_fraction", "seed",
+                   "batch_size", "grad_accum")
+
+
+def run_identity(args: FinetuneArgs, world: int) -> dict:
+    """The flags that define a fine-tuning run, flag -> value (paths resolved): a resumed run must
+    have the same. The examples a step takes count, not how they split into micro-batches."""
+    from .train import _path_key
+
+    ident = {"--data": _path_key(args.data), "--model": _path_key(args.model) if args.model else None,
+             "--task": args.task, "--special-tokens": bool(args.special_tokens), "--max-len": args.max_len,
+             "--seed": args.seed, "--batch-size x --grad-accum x ranks": args.batch_size * args.grad_accum * world}
+    if args.val:
+        ident["--val"] = _path_key(args.val)
+    else:
+        ident["--val-fraction"] = args.val_fraction
+    return ident
+
 
 def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     """Fine-tune (or resume) and return a summary; see the module docstring.
@@ -404,24 +466,36 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     Under torchrun every rank trains on its own slice of each global batch (batch_size x
     grad_accum per rank) with DDP; rank 0 alone evaluates, logs and writes checkpoints. With
     grad_accum > 1 the micro-batches' losses are weighted (by examples for the task loss, by
-    target tokens for the LM loss) so that their sum is the whole step's objective.
+    target tokens for the LM loss) so that their sum is the whole step's objective. A run
+    directory that holds a checkpoint resumes from it if the flags that define the run are the
+    same (else an error names them); the summary's floats are finite or None.
     """
     from tqdm import tqdm
 
     from .tokenizer import Tokenizer
-    from .train import (_checkpoint, _mean_over_ranks, finish_run, latest_checkpoint, log_step, make_optimizer,
-                        micro_steps, seed_step, setup_device, wrap_ddp)
+    from .train import (_checkpoint, _legacy_identity, _mean_over_ranks, check_resume, finish_run, finite_json,
+                        latest_checkpoint, log_step, make_optimizer, make_scaler, micro_steps, optimizer_step,
+                        read_train_state, resolve_dtype, resume_line, save_format_line, say, seed_step,
+                        setup_device, wrap_ddp)
 
-    _check_args(args)
+    for flag, path in (("--data", args.data), ("--val", args.val)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} file not found: {path}")
     rank, world, device = setup_device(args.device)
+    dtype = resolve_dtype(args.dtype)
     train_rows = read_rows(args.data)
     os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)
+    state = read_train_state(ckpt)
+    identity = run_identity(args, world)
     if ckpt is not None:
+        check_resume(identity, state.get("identity") or _legacy_identity(
+            state, FinetuneArgs, lambda old: run_identity(old, world)), args.out, state["step"])
         model = GPTClassifier.from_pretrained(ckpt, classifier_dropout=args.classifier_dropout)
         tokenizer = Tokenizer.from_pretrained(ckpt)
     else:
         model, tokenizer = _start(args, train_rows)
+    say(rank, save_format_line(model, f"--model {args.model}" if ckpt is None else f"the run in --out {args.out}"))
     model.to(device).train()
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     spec = model.spec
@@ -444,14 +518,19 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
         raise ValueError(f"--batch-size {b} x --grad-accum {accum} x {world} rank(s) exceeds the "
                          f"{len(train_set)} training examples")
     total = args.epochs * steps_per_epoch
+    if ckpt is not None:
+        say(rank, resume_line(args.out, ckpt, state["step"], state.get("args"), args, _FINETUNE_FIXED, total,
+                              "--epochs"))
     eval_every = args.eval_every or steps_per_epoch
     raw_model, model = model, wrap_ddp(model, device, world)
-    opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.999), ckpt)
-    dtype = getattr(torch, args.dtype)
+    opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.999), state)
+    scaler = make_scaler(device, dtype, state)
+    start, state = step, None  # the optimizer holds its state now
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     warmup = max(1, round(args.warmup_fraction * total))
-    bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress or rank != 0, unit="step")
-    t0, loss_f = time.time(), float("nan")
+    bar = tqdm(total=total, initial=min(step, total), desc="finetune", disable=not progress or rank != 0,
+               unit="step")
+    t0, loss_f = time.time(), None
     pad = _pad_id(spec)
     while step < total:
         lr = args.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
@@ -473,11 +552,10 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
                 if out.lm_loss is not None:
                     loss = loss + args.lm_coef * (w_lm * out.lm_loss)
                     sums["lm_loss"] += w_lm * out.lm_loss.detach()
-                loss.backward()
+                scaler.scale(loss).backward()
             sums["loss"] += loss.detach()
             sums["task_loss"] += w_task * out.task_loss.detach()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        opt.step()
+        optimizer_step(opt, scaler, raw_model.parameters(), args.grad_clip)
         step += 1
         loss_f = _mean_over_ranks(sums["loss"], world)
         bar.update(1)
@@ -497,32 +575,18 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
                     f"val accuracy {val['accuracy']:.4f}, val task loss {val['loss']:.4f}")
 
         log_step(entry, step % eval_every == 0 or step == total, validate,
-                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args), log, bar, progress, rank, world)
+                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args, identity, scaler),
+                 log, bar, progress, rank, world)
     bar.close()
     finish_run(raw_model, tokenizer, log, args.out, rank, world)
     vals = [e for e in log if "val_accuracy" in e]
-    return {"steps": step, "epochs": args.epochs, "train_loss": loss_f, "task": spec.task,
-            "labels": spec.labels, "val_accuracy": vals[-1]["val_accuracy"] if vals else None,
-            "val_loss": vals[-1]["val_loss"] if vals else None, "train_examples": len(train_set),
-            "val_examples": len(val_set), "seconds": time.time() - t0, "out": args.out, "world_size": world}
-
-
-def _check_args(args: FinetuneArgs) -> None:
-    if args.task not in TASKS:
-        raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
-    for name in ("epochs", "batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.lm_coef < 0 or not math.isfinite(args.lm_coef):
-        raise ValueError(f"--lm-coef must be finite and >= 0, got {args.lm_coef}")
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if not 0 <= args.warmup_fraction < 1:
-        raise ValueError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
-    if args.max_len is not None and args.max_len < 2:
-        raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
+    if step == start:  # nothing trained in this call (a finished run run again): its last logged loss
+        loss_f = log[-1]["loss"] if log else None
+    return finite_json({"steps": step, "epochs": args.epochs, "train_loss": loss_f, "task": spec.task,
+                        "labels": spec.labels, "val_accuracy": vals[-1]["val_accuracy"] if vals else None,
+                        "val_loss": vals[-1]["val_loss"] if vals else None, "train_examples": len(train_set),
+                        "val_examples": len(val_set), "seconds": time.time() - t0, "out": args.out,
+                        "world_size": world})
 
 
 def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]:
@@ -533,7 +597,10 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
     path = args.model or default_model_path()
     if path is None:
         raise FileNotFoundError("the shipped default model is missing from this install; pass --model PATH")
-    path = resolve_path(path)
+    try:
+        path = resolve_path(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--model {args.model}: {exc}") from None
     tokenizer = Tokenizer.from_pretrained(path)
     labels = label_set(rows, args.data) if args.task == "classification" else []
     torch.manual_seed(args.seed)  # the new head's (and new tokens') init
@@ -543,7 +610,10 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
     else:
         start = extract = None
         delimiter = pad = tokenizer.eos_token_id
-    spec = TaskSpec(task=args.task, labels=labels, start=start, delimiter=delimiter, extract=extract, pad=pad)
+    pairs = ({r.get("text_pair", r.get("text_b")) not in (None, "") for r in rows}
+             if args.task == "classification" else set())
+    spec = TaskSpec(task=args.task, labels=labels, start=start, delimiter=delimiter, extract=extract, pad=pad,
+                    text_pair=pairs.pop() if len(pairs) == 1 else None)  # None: mixed (or choice)
     model = GPTClassifier.from_pretrained(path, spec=spec, classifier_dropout=args.classifier_dropout)
     model.config.extra["finetuned_from"] = path
     if tokenizer.vocab_size > model.config.vocab_size:

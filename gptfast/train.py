@@ -10,8 +10,19 @@ model.safetensors, tokenizer.json), log.jsonl and loss.png. During the run, chec
 holds the model, tokenizer and train_state.pt (optimizer, step, log); each is written to a
 temporary directory and renamed into place, then checkpoints/latest is rewritten atomically,
 so an interrupted run resumes from the last complete checkpoint when the same command is
-run again. Batches are a function of (seed, step, rank), so a resumed run sees the same data
-the uninterrupted one would have. Several GPUs: `torchrun --nproc_per_node N -m gptfast.cli train ...`.
+run again (it says so, and from which step). The flags that define the model and the data
+(shape, --vocab-size, --block-size, --tokenizer, --init, --data, --val-fraction, --seed) must be
+the run's: a resume with others is an error that names them; --steps (to go on), the
+evaluation flags, the learning rate and the like may change. Batches are a function of (seed,
+step, rank), so a resumed run sees the same data the uninterrupted one would have. Several GPUs:
+`torchrun --nproc_per_node N -m gptfast.cli train ...`.
+
+A model that Hugging Face GPT-2 cannot describe (nanoGPT's bias=False, from --init ckpt.pt) is
+saved as a nanoGPT-style ckpt.pt holding the whole config instead (GPT.from_pretrained loads it).
+--init NAME with a preset name (gpt2, gpt2-medium, ...) builds that shape, randomly initialised
+(pretraining), and says so; pretrained weights come from a checkpoint path (or a hub name that
+is no preset, found as gptfast generate finds --model). --dtype float16 scales the loss
+(torch.amp.GradScaler; its state is saved with the checkpoint); bfloat16 needs no scaling.
 
 A step takes grad_accum micro-batches of batch_size rows on each rank (DDP synchronises the
 gradients once, on the last), so it trains on batch_size x grad_accum x world x block_size
@@ -39,13 +50,60 @@ from .checkpoint import atomic_torch_save, atomic_write_text
 from .config import GPTConfig
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # what gptfast generate accepts
+DEFAULT_VOCAB_SIZE = 4096  # of the byte-level BPE trained on a text file
+MIN_BPE_VOCAB = 257  # a byte-level BPE holds the 256 bytes and <|endoftext|> before any merge
+
+
+def resolve_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    """The torch dtype of a --dtype name (float32/fp32, bfloat16/bf16, float16/fp16)."""
+    if name not in DTYPES:
+        raise ValueError(f"{flag} must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of an args field: grad_accum -> --grad-accum."""
+    return "--" + field_name.replace("_", "-")
+
+
+def check_number(args, name: str, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False, optional: bool = False, allow_inf: bool = False, why: str = "") -> None:
+    """Raise ValueError naming the flag, the expected range and the value when args.<name> is not
+    a finite number (or inf, with allow_inf) in range; None passes when optional."""
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    kind = "an int" if integer else "a number"
+    ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+          and (integer or math.isfinite(value) or (allow_inf and value == math.inf)))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        expect = f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        expect = f"{kind} {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        expect = f"{kind} {'<' if high_open else '<='} {high}"
+    else:
+        expect = kind
+    raise ValueError(f"{flag_name(name)} must be {expect}{why}, got {value!r}")
+
+
 @dataclass
 class TrainArgs:
+    """What `gptfast train` runs; every value is checked on construction (errors name the flag)."""
+
     data: str  # a UTF-8 text file, or token files: a prepared directory or a .bin (gptfast.data)
     out: str
     tokenizer: Optional[str] = None  # directory with tokenizer.json / vocab.json+merges.txt
-    vocab_size: int = 4096  # when training a new tokenizer
-    init: Optional[str] = None  # preset name or checkpoint to fine-tune from
+    vocab_size: Optional[int] = None  # of the tokenizer trained on a text file (default DEFAULT_VOCAB_SIZE)
+    init: Optional[str] = None  # a checkpoint to start from, or a preset name (its shape, randomly initialised)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -70,6 +128,32 @@ class TrainArgs:
     eval_limit: Optional[int] = None  # the first N rows of eval_data only
     peak_tflops: Optional[float] = None  # the device's peak for MFU (default: known GPUs' datasheet peak)
 
+    def __post_init__(self):
+        for name in ("data", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{flag_name(name)} must be a path, got {getattr(self, name)!r}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "steps",
+                     "eval_every", "eval_batches"):
+            check_number(self, name, low=1, integer=True)
+        check_number(self, "warmup", low=0, integer=True)
+        check_number(self, "seed", integer=True)
+        check_number(self, "vocab_size", low=MIN_BPE_VOCAB, integer=True, optional=True,
+                     why=" (a byte-level BPE holds the 256 bytes and <|endoftext|>, then its merges)")
+        check_number(self, "eval_limit", low=1, integer=True, optional=True)
+        check_number(self, "lr", low=0, low_open=True)
+        check_number(self, "min_lr", low=0)
+        check_number(self, "weight_decay", low=0)
+        check_number(self, "grad_clip", low=0, low_open=True, allow_inf=True)  # inf: no clipping
+        check_number(self, "val_fraction", low=0, high=1, low_open=True, high_open=True)
+        check_number(self, "peak_tflops", low=0, low_open=True, optional=True)
+        resolve_dtype(self.dtype)
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
+            raise ValueError(f"--compile must name a torch.compile backend (inductor), got {self.compile!r}")
+        if self.init is None and self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd must be a multiple of --n-head {self.n_head}, got {self.n_embd}")
+
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in NVIDIA's datasheets, TFLOP/s: the
 # denominator of MFU (model FLOPs utilisation, as nanoGPT and PaLM define it). First match wins.
@@ -88,27 +172,38 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: Optional[float]
 
 
 def _resolve_device(name: str) -> torch.device:
+    """--device as a torch.device: auto (CUDA where there is a GPU, else the CPU), cpu, cuda or
+    cuda:N; an error naming --device for anything else, or for CUDA where there is none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_tokens(args: TrainArgs, tokenizer) -> np.ndarray:
-    """The token ids of a text file (--data), encoded here. Line ends are kept as they are (no
-    \r\n -> \n), as gptfast prepare keeps them, so both give a file the same ids."""
     try:
-        with open(args.data, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--data file not found: {args.data}") from None
-    ids = tokenizer.encode(text)
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available here ({why}; torch {torch.__version__}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_tokens(args: TrainArgs, tokenizer, progress: bool = False) -> np.ndarray:
+    """The token ids of a text file (--data), encoded here as gptfast prepare encodes it (in
+    pieces, in parallel, with a progress bar): the ids of tokenizer.encode(text) for the whole
+    text. Line ends are kept as they are (no \r\n -> \n)."""
+    from .data import encode_text_file
+
+    ids = encode_text_file(args.data, tokenizer, progress=progress, source="--data ")
     if len(ids) < 4 * (args.block_size + 1):
         raise ValueError(f"--data has {len(ids)} tokens; need at least {4 * (args.block_size + 1)} "
-                         f"for block_size {args.block_size}")
-    return np.asarray(ids, dtype=np.int32)
+                         f"for --block-size {args.block_size}")
+    return ids
 
 
-def load_data(args: TrainArgs, tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) token ids: a text file's, encoded here, with its last val_fraction as
     validation; or token files', memory-mapped (a prepared directory's val.bin, or that tail)."""
     from .data import check_tokenizer, is_token_data, open_tokens
@@ -124,14 +219,19 @@ def load_data(args: TrainArgs, tokenizer, vocab_size: int) -> tuple[np.ndarray, 
             raise ValueError(f"{source} holds ids of a {meta['vocab_size']}-token vocabulary; the model has "
                              f"vocab_size {vocab_size}")
     else:
-        tokens, val = load_tokens(args, tokenizer), None
+        tokens, val = load_tokens(args, tokenizer, progress), None
+    split = ""
     if val is None:
-        n_val = max(args.block_size + 2, int(len(tokens) * args.val_fraction))
+        total = len(tokens)
+        n_val = max(args.block_size + 2, int(total * args.val_fraction))
         tokens, val = tokens[:-n_val], tokens[-n_val:]
-    for name, split in (("training", tokens), ("validation", val)):
-        if len(split) < args.block_size + 2:
-            raise ValueError(f"{source}: the {name} split has {len(split)} tokens; need at least "
-                             f"{args.block_size + 2} for block_size {args.block_size}")
+        split = (f" ({n_val} of its {total} tokens are the validation split: --val-fraction {args.val_fraction}, "
+                 f"and at least --block-size + 2)")
+    for name, part in (("training", tokens), ("validation", val)):
+        if len(part) < args.block_size + 2:
+            raise ValueError(f"{source}: the {name} split has {len(part)} tokens; need at least "
+                             f"{args.block_size + 2} for --block-size {args.block_size}"
+                             + (split if name == "training" else ""))
     return tokens, val
 
 
@@ -174,22 +274,84 @@ def estimate_loss(model, tokens, args: TrainArgs, device, gen) -> float:
     return sum(losses) / len(losses)
 
 
-def _build(args: TrainArgs, device):
-    from .data import is_token_data
-    from .model import GPT
-    from .tokenizer import Tokenizer, train_byte_level_bpe
+def resolve_init(init: Optional[str]) -> tuple[str, Optional[str]]:
+    """What --init names: ("scratch", None) without one; ("checkpoint", path) for a local path, or a
+    hub name (not a preset name) found the way gptfast generate finds --model (the local Hugging
+    Face cache, else a download); ("preset", name) for a preset name (gpt2, gpt2-medium, ...: that
+    shape, randomly initialised, whatever the cache holds, so a command means the same run on every
+    machine; pass a checkpoint directory for pretrained weights)."""
+    from .checkpoint import resolve_path
+    from .config import PRESETS
 
-    if args.init and os.path.exists(args.init):  # fine-tune an existing checkpoint with its tokenizer
-        model = GPT.from_pretrained(args.init)
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.init)
+    if init is None:
+        return "scratch", None
+    if os.path.exists(init):
+        return "checkpoint", init
+    if init in PRESETS:
+        return "preset", init
+    try:
+        return "checkpoint", resolve_path(init)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--init {init}: not a preset ({', '.join(PRESETS)}) and no checkpoint: "
+                                f"{exc}") from None
+
+
+def _cached_snapshot(name: str) -> Optional[str]:
+    """The local Hugging Face cache's snapshot of the hub model `name`, or None (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True, allow_patterns=["config.json", "*.safetensors",
+                                                                              "*.json", "*.txt", "*.bin"])
+    except Exception:  # noqa: BLE001 - not cached, or no huggingface_hub: nothing to point at
+        return None
+
+
+def describe_init(init: Optional[str], kind: str, where: Optional[str]) -> Optional[str]:
+    """The line that says what --init starts from (None without --init); kind, where: resolve_init(init)."""
+    if kind == "scratch":
+        return None
+    if kind == "checkpoint":
+        return (f"[gptfast] --init {init}: starting from the checkpoint's weights"
+                + (f" ({where})" if where != init else ""))
+    cached = _cached_snapshot(init)
+    hint = f"; the local Hugging Face cache has them: --init {cached}" if cached else ""
+    return (f"[gptfast] --init {init}: the {init} preset, randomly initialised (for {init}'s pretrained weights pass a "
+            f"checkpoint directory{hint})")
+
+
+def trains_tokenizer(args: TrainArgs, init_kind: str) -> bool:
+    """Whether the run trains a byte-level BPE on --data (no --tokenizer, a text file, no --init checkpoint)."""
+    from .data import is_token_data
+
+    return not args.tokenizer and not is_token_data(args.data) and init_kind != "checkpoint"
+
+
+def _build(args: TrainArgs, device, init: tuple[str, Optional[str]], tokenizer=None, progress: bool = False):
+    """(model, tokenizer) of a new run: --init's checkpoint with its tokenizer, or a model of the
+    preset's or the flags' shape over --tokenizer, the tokenizer beside token files, or a byte-level
+    BPE trained on --data. init: resolve_init(args.init). `tokenizer` given: that one (torchrun's
+    ranks share rank 0's)."""
+    from .data import is_token_data, train_tokenizer_on_text
+    from .model import GPT
+    from .tokenizer import Tokenizer
+
+    kind, where = init
+    if kind == "checkpoint":  # fine-tune an existing checkpoint with its tokenizer
+        model = GPT.from_pretrained(where)
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_pretrained(args.tokenizer or where)
     else:
-        if args.tokenizer:
+        if tokenizer is not None:
+            pass
+        elif args.tokenizer:
             tokenizer = Tokenizer.from_pretrained(args.tokenizer)
         elif is_token_data(args.data):  # token files: the tokenizer saved beside them
             tokenizer = _data_tokenizer(args.data)
         else:
-            tokenizer = train_byte_level_bpe([args.data], args.vocab_size)
-        if args.init:
+            tokenizer = train_tokenizer_on_text(args.data, args.vocab_size or DEFAULT_VOCAB_SIZE, progress=progress,
+                                                source="--data ")
+        if kind == "preset":
             config = GPTConfig.from_preset(args.init, vocab_size=tokenizer.vocab_size)
         else:
             config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=args.block_size, n_layer=args.n_layer,
@@ -197,7 +359,8 @@ def _build(args: TrainArgs, device):
         torch.manual_seed(args.seed)
         model = GPT(config)
     if args.block_size > model.config.n_positions:
-        raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
+        raise ValueError(f"--block-size {args.block_size} exceeds the context of --init {args.init} "
+                         f"({model.config.n_positions} positions)")
     return model.to(device), tokenizer
 
 
@@ -227,8 +390,8 @@ def _distributed():
 
 def setup_device(name: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device): under torchrun on CUDA each rank takes the GPU of its local rank."""
+    device = _resolve_device(name)  # a bad --device is an error before any process group starts
     rank, world, local_rank = _distributed()
-    device = _resolve_device(name)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -251,17 +414,170 @@ def micro_steps(model, n: int, world: int):
         yield k, contextlib.nullcontext() if k == n - 1 or world == 1 else model.no_sync()
 
 
-def make_optimizer(model, lr: float, weight_decay: float, betas: tuple, ckpt: Optional[str]):
-    """(AdamW with decay on matrices only, step, log), restored from ckpt's train_state.pt when resuming."""
+def read_train_state(ckpt: Optional[str]) -> Optional[dict]:
+    """A checkpoint's train_state.pt (optimizer, step, log, args, identity, scaler), or None without one."""
+    if ckpt is None:
+        return None
+    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas: tuple, state: Optional[dict]):
+    """(AdamW with decay on matrices only, step, log), restored from a checkpoint's train state
+    (read_train_state) when resuming."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
-    if ckpt is None:
+    if state is None:
         return opt, 0, []
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     return opt, state["step"], json.loads(state["log"])
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype, state: Optional[dict]):
+    """Loss scaling for float16 training, whose small gradients underflow to 0 in fp16 without it:
+    a torch.amp.GradScaler, enabled for float16 on CUDA (and the CPU), restored from the train
+    state when resuming. Disabled (bf16, fp32), its calls pass the loss and the step through."""
+    enabled = dtype == torch.float16 and device.type in ("cuda", "cpu")
+    scaler = torch.amp.GradScaler(device.type if enabled else "cpu", enabled=enabled)
+    if enabled and state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return scaler
+
+
+def optimizer_step(opt, scaler, params, grad_clip: float) -> None:
+    """Clip and step, through the scaler: the gradients are unscaled before the clip sees them,
+    and a step whose gradients overflowed is skipped (the scale backs off)."""
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+def _path_key(path: Optional[str]) -> Optional[str]:
+    return os.path.realpath(path) if path else path
+
+
+def _has_val_file(data: str) -> bool:
+    """Whether token files bring their own validation split (val.bin), as open_tokens reads it."""
+    if os.path.isdir(data):
+        return os.path.isfile(os.path.join(data, "val.bin"))
+    return os.path.basename(data) == "train.bin" and os.path.isfile(os.path.join(os.path.dirname(data), "val.bin"))
+
+
+def run_identity(args: TrainArgs, init: tuple[str, Optional[str]]) -> dict:
+    """The flags that define a run's model and data, flag -> value (paths resolved): a resumed
+    run must have the same ones. Flags that do not apply (the shape with --init, --vocab-size
+    without a tokenizer to train) are left out."""
+    from .data import is_token_data
+
+    kind, where = init
+    ident = {"--data": _path_key(args.data), "--block-size": args.block_size, "--seed": args.seed}
+    if not (is_token_data(args.data) and _has_val_file(args.data)):
+        ident["--val-fraction"] = args.val_fraction
+    if args.init is not None:
+        ident["--init"] = _path_key(where) if kind == "checkpoint" else args.init
+    if args.tokenizer:
+        ident["--tokenizer"] = _path_key(args.tokenizer)
+    if kind == "scratch":
+        ident.update({"--n-layer": args.n_layer, "--n-head": args.n_head, "--n-embd": args.n_embd})
+    if trains_tokenizer(args, kind):
+        ident["--vocab-size"] = args.vocab_size or DEFAULT_VOCAB_SIZE
+    return ident
+
+
+def _legacy_identity(state: dict, args_cls, identity) -> Optional[dict]:
+    """The identity of a checkpoint written before train_state.pt recorded one, from its args."""
+    try:
+        saved = json.loads(state["args"])
+        old = args_cls(**{k: v for k, v in saved.items() if k in args_cls.__dataclass_fields__})
+        return identity(old)
+    except Exception:  # noqa: BLE001 - args of another version: nothing to compare
+        return None
+
+
+def check_resume(now: dict, before: Optional[dict], out: str, step: int) -> None:
+    """Refuse to resume the run in out (at step) with flags that define another model or data."""
+    if before is None:
+        return
+    differ = [k for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
+    if not differ:
+        return
+    parts = "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ)
+    raise ValueError(f"--out {out} holds a run (at step {step}) made with other settings: {parts}. Rerun with "
+                     f"the run's settings to resume it, or give a new --out to start afresh (or delete "
+                     f"{os.path.join(out, 'checkpoints')})")
+
+
+def _shown(value) -> str:
+    return "(not given)" if value is None else str(value)
+
+
+def resume_line(out: str, ckpt: str, step: int, saved_args: str, args, fixed: tuple, total: int,
+                total_flag: str) -> str:
+    """The line that says a run resumes: from which step, and the flags changed since."""
+    try:
+        saved = json.loads(saved_args)
+    except (TypeError, ValueError):
+        saved = {}
+    now = vars(args)
+    changed = [f"{flag_name(k)} {saved[k]} -> {now[k]}" for k in now
+               if k not in fixed and k in saved and saved[k] != now[k]]
+    line = f"[gptfast] resuming from step {step} of --out {out} ({os.path.basename(ckpt)})"
+    if changed:
+        line += f", with {', '.join(changed)}"
+    if step >= total:
+        line += f"; it has run its {total} steps already: nothing to train (a larger {total_flag} goes on)"
+    return line
+
+
+# flags run_identity may hold, which a resume-line never lists as "changed"
+_TRAIN_FIXED = ("data", "out", "tokenizer", "vocab_size", "init", "n_layer", "n_head", "n_embd", "block_size",
+                "seed", "val_fraction")
+
+
+def finite_json(value):
+    """value with every NaN or infinite float replaced by None: json.dumps then writes valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def say(rank: int, line: Optional[str]) -> None:
+    """A line on stderr from rank 0 (what the run does: resume, --init, the checkpoint format)."""
+    if rank == 0 and line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def save_format_line(model, what: str) -> Optional[str]:
+    """The line that says a model is saved as nanoGPT's ckpt.pt (no Hugging Face equivalent), or None."""
+    reason = model.config.hf_incompatibility()
+    if reason is None:
+        return None
+    return (f"[gptfast] {what}: {reason}: checkpoints and the final model are saved as a nanoGPT-style ckpt.pt "
+            "holding the whole config (gptfast loads it; transformers does not)")
+
+
+def _check_inputs(args: TrainArgs, init_kind: str) -> None:
+    """What the files and the flags' combination must be, checked before anything runs."""
+
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data file not found: {args.data}")
+    if args.eval_data is not None and not os.path.isfile(args.eval_data):
+        raise FileNotFoundError(f"--eval-data file not found: {args.eval_data}")
+    if args.vocab_size is not None and not trains_tokenizer(args, init_kind):
+        if args.tokenizer:
+            why = f"--tokenizer {args.tokenizer} is the tokenizer"
+        elif init_kind == "checkpoint":
+            why = f"--init {args.init} brings its tokenizer"
+        else:
+            why = f"--data {args.data} holds token ids, made with the tokenizer saved beside them"
+        raise ValueError(f"--vocab-size {args.vocab_size} sets the size of a tokenizer trained on a text --data, "
+                         f"and none is trained here: {why}; drop --vocab-size")
 
 
 def _batch_generator(args: TrainArgs, step: int, rank: int, world: int) -> torch.Generator:
@@ -280,46 +596,65 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     """Train (or resume) and return a summary dict; see the module docstring.
 
     Under torchrun (WORLD_SIZE > 1) every rank trains on its own batches with DDP (global batch
-    = batch_size x world size); rank 0 alone evaluates, logs and writes checkpoints.
+    = batch_size x world size); rank 0 alone evaluates, logs and writes checkpoints. A run
+    directory that holds a checkpoint resumes from it, if the flags that define the model and
+    the data are the run's (else an error names them); the summary's floats are finite or None.
     """
     from tqdm import tqdm
 
-    from .data import is_token_data
+    from .data import train_tokenizer_on_text
     from .model import GPT
     from .tokenizer import Tokenizer
 
-    if not os.path.exists(args.data):
-        raise FileNotFoundError(f"--data file not found: {args.data}")
-    if not (isinstance(args.grad_accum, int) and args.grad_accum >= 1):
-        raise ValueError(f"grad_accum must be an int >= 1, got {args.grad_accum!r}")
-    rank, world, device = setup_device(args.device)
-    os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out)
+    try:
+        init = resolve_init(args.init)
+    except FileNotFoundError:
+        if ckpt is None:
+            raise
+        init = ("checkpoint", args.init)  # gone since the run started: the run's checkpoint has all it needs
+    _check_inputs(args, init[0])
+    rank, world, device = setup_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    state = read_train_state(ckpt)
+    identity = run_identity(args, init)
     if ckpt is not None:
+        check_resume(identity, state.get("identity") or _legacy_identity(
+            state, TrainArgs, lambda old: run_identity(old, resolve_init(old.init))), args.out, state["step"])
+        say(rank, resume_line(args.out, ckpt, state["step"], state.get("args"), args, _TRAIN_FIXED, args.steps,
+                              "--steps"))
         model, tokenizer = GPT.from_pretrained(ckpt).to(device), Tokenizer.from_pretrained(ckpt)
-    elif (world > 1 and args.tokenizer is None and not (args.init and os.path.exists(args.init))
-          and not is_token_data(args.data)):
-        if rank == 0:  # one rank trains the tokenizer; the others read it
-            tokenizer = _build(args, device)[1]
-            tokenizer.save(os.path.join(args.out, "tokenizer-init"))
-        _barrier(world)
-        model, tokenizer = _build(TrainArgs(**{**vars(args), "tokenizer": os.path.join(args.out, "tokenizer-init")}),
-                                  device)
+        if args.block_size > model.config.n_positions:  # a checkpoint of an older version, without identity
+            raise ValueError(f"--block-size {args.block_size} exceeds the context of the run's model in {ckpt} "
+                             f"({model.config.n_positions} positions)")
     else:
-        model, tokenizer = _build(args, device)
+        say(rank, describe_init(args.init, *init))
+        shared = None
+        if world > 1 and trains_tokenizer(args, init[0]):  # one rank trains the tokenizer; the others read it
+            shared = os.path.join(args.out, "tokenizer-init")
+            if rank == 0:
+                train_tokenizer_on_text(args.data, args.vocab_size or DEFAULT_VOCAB_SIZE, progress=progress,
+                                        source="--data ").save(shared)
+            _barrier(world)
+            shared = Tokenizer.from_pretrained(shared)
+        model, tokenizer = _build(args, device, init, tokenizer=shared, progress=progress and rank == 0)
+    say(rank, save_format_line(model, f"--init {args.init}" if ckpt is None else f"the run in --out {args.out}"))
     model.train()
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     vocab = model.config.vocab_size
-    train_tokens, val_tokens = load_data(args, tokenizer, vocab)
+    train_tokens, val_tokens = load_data(args, tokenizer, vocab, progress=progress and rank == 0)
     zero_shot = _zero_shot_requests(args, tokenizer) if args.eval_data and rank == 0 else None
     raw_model = model
     if args.compile:
         model = torch.compile(model, backend=args.compile)
     model = wrap_ddp(model, device, world)
-    opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.95), ckpt)
-    dtype = getattr(torch, args.dtype)
+    opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.95), state)
+    scaler = make_scaler(device, dtype, state)
+    start, state = step, None  # the optimizer holds its state now
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
+    bar = tqdm(total=args.steps, initial=min(step, args.steps), desc="train", disable=not progress or rank != 0,
+               unit="step")
     b, accum = args.batch_size, args.grad_accum
     meter = Throughput(b * accum * args.block_size * world, _flops_per_token(raw_model, args.block_size),
                        peak_tflops(device, dtype, args.peak_tflops))
@@ -327,7 +662,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         bar.write(f"{len(train_tokens):,} training tokens; a step takes {b} x {accum} x {world} x "
                   f"{args.block_size} = {meter.tokens_per_step:,} (batch x grad_accum x ranks x block)",
                   file=sys.stderr)
-    t0, loss_f = time.time(), float("nan")
+    t0, loss_f = time.time(), None
     while step < args.steps:
         t_step = time.perf_counter()
         for group in opt.param_groups:
@@ -341,10 +676,9 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
             with sync:
                 with autocast:
                     loss = _shifted_loss(model, x[micro * b:(micro + 1) * b], y[micro * b:(micro + 1) * b]) / accum
-                loss.backward()
+                scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        opt.step()
+        optimizer_step(opt, scaler, raw_model.parameters(), args.grad_clip)
         step += 1
         loss_f = _mean_over_ranks(loss_sum, world)  # a host read: the step's work is done here
         meter.add(time.perf_counter() - t_step)
@@ -360,18 +694,26 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
                 entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
                                                   torch.Generator().manual_seed(args.seed))
                 extra = _zero_shot(raw_model, zero_shot, args.batch_size, entry) if zero_shot else ""
-            entry["val_ppl"] = math.exp(entry["val_loss"])
+            entry["val_ppl"] = _exp(entry["val_loss"])
             return (f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
                     f"val ppl {entry['val_ppl']:.1f}{extra}")
 
         log_step(entry, eval_now, validate,
-                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args), log, bar, progress, rank, world)
+                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args, identity, scaler),
+                 log, bar, progress, rank, world)
     bar.close()
     finish_run(raw_model, tokenizer, log, args.out, rank, world)
     vals = [e for e in log if "val_loss" in e]
-    return {"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
-            "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
-            "world_size": world, **meter.summary(device)}
+    if step == start:  # nothing trained in this call (a finished run run again): its last logged loss
+        loss_f = log[-1]["loss"] if log else None
+    return finite_json({"steps": step, "train_loss": loss_f, "val_loss": vals[-1]["val_loss"] if vals else None,
+                        "seconds": time.time() - t0, "parameters": raw_model.num_parameters(), "out": args.out,
+                        "world_size": world, **meter.summary(device)})
+
+
+def _exp(x: float) -> float:
+    """exp(x), inf past the float range (a diverged loss), not OverflowError."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 def _zero_shot_requests(args: TrainArgs, tokenizer):
@@ -479,9 +821,9 @@ def log_step(entry: dict, eval_now: bool, validate, checkpoint, log: list, bar, 
 def finish_run(model, tokenizer, log: list, out: str, rank: int, world: int) -> None:
     """Rank 0 writes the final model, tokenizer, log.jsonl and loss.png to out; the process group ends."""
     if rank == 0:
-        model.save_pretrained(out)
+        save_run_model(model, out)
         tokenizer.save(out)
-        atomic_write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in log))
+        atomic_write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(finite_json(e)) + "\n" for e in log))
         plot_losses(log, os.path.join(out, "loss.png"))
     _barrier(world)
     if world > 1:
@@ -513,16 +855,35 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return path
 
 
-def _checkpoint(model, tokenizer, opt, step, log, args):
+def save_run_model(model, path: str) -> None:
+    """The model as a Hugging Face directory, or, for a config with none (nanoGPT's bias=False), as
+    a nanoGPT-style ckpt.pt with the whole config; GPT.from_pretrained(path) loads either. Model
+    files of the other format, left by an earlier save, go first: a config.json would shadow a ckpt.pt."""
+    from .checkpoint import NANOGPT_CKPT, PT_INDEX, PT_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS
+
+    nanogpt = model.config.hf_incompatibility() is not None
+    stale = ("config.json", SAFE_WEIGHTS, SAFE_INDEX, PT_WEIGHTS, PT_INDEX) if nanogpt else (NANOGPT_CKPT,)
+    for name in stale:
+        if os.path.isfile(os.path.join(path, name)):
+            os.unlink(os.path.join(path, name))
+    model.save_pretrained(path, format="nanogpt" if nanogpt else "hf")
+
+
+def _checkpoint(model, tokenizer, opt, step, log, args, identity: Optional[dict] = None, scaler=None):
+    """Write checkpoints/step-N (model, tokenizer, train_state.pt) atomically, point latest at it,
+    and remove the older ones."""
     root = os.path.join(args.out, "checkpoints")
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_run_model(model, tmp)
     tokenizer.save(tmp)
-    atomic_torch_save({"optimizer": opt.state_dict(), "step": step, "log": json.dumps(log),
-                       "args": json.dumps(vars(args))},
-                      os.path.join(tmp, "train_state.pt"))
+    state = {"optimizer": opt.state_dict(), "step": step, "log": json.dumps(log), "args": json.dumps(vars(args))}
+    if identity is not None:
+        state["identity"] = identity
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    atomic_torch_save(state, os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     atomic_write_text(os.path.join(root, "latest"), name)

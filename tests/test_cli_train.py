@@ -169,9 +169,27 @@ def test_cli_perplexity(run_dir, capsys, tmp_path):
     assert result["perplexity"] > 1 and result["tokens"] > 100
 
 
+def _interrupted(monkeypatch, args: TrainArgs, losses: int) -> None:
+    """train(args) stopped by a KeyboardInterrupt in the loss computation after `losses` losses
+    (training micro-batches and evaluation batches alike), as a Ctrl-C would stop it."""
+    import gptfast.train as train_mod
+
+    real, calls = train_mod._shifted_loss, []
+
+    def dies(*a):
+        calls.append(1)
+        if len(calls) > losses:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "_shifted_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(args, progress=False)
+    monkeypatch.setattr(train_mod, "_shifted_loss", real)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Kill a run mid-way, run the same command again: the result equals the uninterrupted run."""
-    import gptfast.train as train_mod
 
     data = tmp_path / "data.txt"
     data.write_text(TEXT)
@@ -179,18 +197,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
                 steps=6, eval_every=3, eval_batches=2, warmup=2, device="cpu")
     train(TrainArgs(out=str(tmp_path / "whole"), **base), progress=False)
 
-    real, calls = train_mod._shifted_loss, []
-
-    def dies_at_step_4(*a):
-        calls.append(1)
-        if len(calls) == 6:  # steps 1-3, two eval batches at step 3, then step 4
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(train_mod, "_shifted_loss", dies_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainArgs(out=str(tmp_path / "cut"), **base), progress=False)
-    monkeypatch.setattr(train_mod, "_shifted_loss", real)
+    _interrupted(monkeypatch, TrainArgs(out=str(tmp_path / "cut"), **base), losses=5)  # steps 1-3, 2 eval batches
     assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000003")
     train(TrainArgs(out=str(tmp_path / "cut"), **base), progress=False)
     a = GPT.from_pretrained(str(tmp_path / "whole")).state_dict()
@@ -223,3 +230,238 @@ def test_loss_plot_without_matplotlib_says_so(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="gptfast"):
         assert plot_losses([{"step": 1, "loss": 2.0}], str(tmp_path / "loss.png")) is None
     assert any("no loss plot" in r.getMessage() and "matplotlib" in r.getMessage() for r in caplog.records)
+
+
+# ---- user audit: resume, dtypes, devices, argument checks, progress, --init ----------------------
+
+TINY = dict(vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=4, eval_every=2,
+            eval_batches=1, warmup=1, device="cpu")
+
+
+def _tiny_cli(data, out, **flags):
+    args = ["train", "--data", str(data), "--out", str(out), "--quiet"]
+    for k, v in {**TINY, **flags}.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _strict_json(text):
+    """json.loads that refuses NaN and Infinity (which are not JSON)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def book(tmp_path):
+    data = tmp_path / "book.txt"
+    data.write_text(TEXT)
+    return data
+
+
+def test_resume_says_so_and_refuses_flags_that_define_another_run(book, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny_cli(book, out)) == 0
+    first = _strict_json(capsys.readouterr().out)
+    assert main(_tiny_cli(book, out, n_embd=48, block_size=64, steps=8)) == 2
+    err = capsys.readouterr().err
+    assert f"gptfast train: error: --out {out} holds a run (at step 4) made with other settings" in err
+    assert "--block-size 32 there, 64 now" in err and "--n-embd 32 there, 48 now" in err
+    assert "new --out" in err and "Traceback" not in err
+    assert GPT.from_pretrained(str(out)).config.n_embd == 32  # untouched
+    # --steps, --eval-every and --lr may change: it resumes and says from where
+    assert main(_tiny_cli(book, out, steps=6, eval_every=3, lr=1e-3)) == 0
+    captured = capsys.readouterr()
+    assert f"resuming from step 4 of --out {out}" in captured.err
+    assert "--steps 4 -> 6" in captured.err and "--eval-every 2 -> 3" in captured.err
+    assert _strict_json(captured.out)["steps"] == 6
+    # a finished run run again: valid JSON, the last logged loss, and it says there is nothing to do
+    assert main(_tiny_cli(book, out, steps=6, eval_every=3, lr=1e-3)) == 0
+    captured = capsys.readouterr()
+    again = _strict_json(captured.out)
+    last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert again["steps"] == 6 and again["train_loss"] == last["loss"] and first["train_loss"] is not None
+    assert "nothing to train" in captured.err
+
+
+def test_resume_refuses_another_data_file_tokenizer_size_or_seed(book, tmp_path):
+    out = str(tmp_path / "run")
+    train(TrainArgs(data=str(book), out=out, **TINY), progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper())
+    for change, words in (({"data": str(other)}, "--data"), ({"vocab_size": 280}, "--vocab-size 300 there, 280 now"),
+                          ({"seed": 1}, "--seed 1337 there, 1 now"), ({"val_fraction": 0.1}, "--val-fraction")):
+        with pytest.raises(ValueError, match="holds a run") as info:
+            train(TrainArgs(**{"data": str(book), "out": out, **TINY, **change}), progress=False)
+        assert words in str(info.value)
+    # a checkpoint written before train_state.pt recorded the run's identity: compared by its args
+    path = os.path.join(latest_checkpoint(out), "train_state.pt")
+    state = torch.load(path, weights_only=True)
+    del state["identity"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="--n-embd 32 there, 64 now"):
+        train(TrainArgs(**{"data": str(book), "out": out, **TINY, "n_embd": 64}), progress=False)
+    assert train(TrainArgs(**{"data": str(book), "out": out, **TINY, "steps": 5}), progress=False)["steps"] == 5
+
+
+def test_summary_and_log_json_have_no_nan():
+    from gptfast.train import finite_json
+    assert finite_json({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": 2}) == \
+        {"a": None, "b": [1.0, None], "c": "x", "d": 2}
+
+
+@pytest.mark.parametrize("name,dtype", [("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),
+                                        ("bfloat16", torch.bfloat16), ("fp16", torch.float16),
+                                        ("float16", torch.float16)])
+def test_dtype_names_are_those_of_generate(name, dtype):
+    from gptfast.train import resolve_dtype
+    assert resolve_dtype(name) == dtype
+    TrainArgs(data="d", out="o", dtype=name)
+
+
+def test_bad_dtype_and_device_are_errors_naming_the_flag(book, tmp_path, capsys):
+    for bad in ("int8", "float64", "bf17"):
+        assert main(_tiny_cli(book, tmp_path / "o", dtype=bad)) == 2
+        assert f"--dtype must be one of float32, fp32, bfloat16, bf16, float16, fp16, got '{bad}'" in \
+            capsys.readouterr().err
+    assert main(_tiny_cli(book, tmp_path / "o", device="gpu")) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(_tiny_cli(book, tmp_path / "o", device="cuda")) == 2
+        err = capsys.readouterr().err
+        assert "gptfast train: error: --device cuda: CUDA is not available here" in err and "Traceback" not in err
+
+
+def test_bf16_trains_on_the_cli(book, tmp_path, capsys):
+    assert main(_tiny_cli(book, tmp_path / "o", dtype="bf16", steps=2)) == 0
+    assert _strict_json(capsys.readouterr().out)["steps"] == 2
+
+
+def test_float16_trains_through_a_grad_scaler_and_resumes_to_the_same_weights(book, tmp_path, monkeypatch):
+    """fp16 autocast: the loss is scaled (GradScaler), unscaled before the clip, the scale is saved in
+    the train state, and an interrupted run resumes to the uninterrupted one's weights."""
+    import gptfast.train as train_mod
+
+    base = dict(TINY, data=str(book), steps=6, eval_every=3, dtype="float16")
+    train(TrainArgs(out=str(tmp_path / "whole"), **base), progress=False)
+    state = torch.load(os.path.join(latest_checkpoint(str(tmp_path / "whole")), "train_state.pt"), weights_only=True)
+    assert 0 < state["scaler"]["scale"] <= 65536.0  # a GradScaler ran (and backs off from 2^16 on overflow)
+    scaled, real_scaler = [], train_mod.make_scaler
+
+    def counting_scaler(*a):
+        scaler = real_scaler(*a)
+        real_scale = scaler.scale
+        scaler.scale = lambda loss: scaled.append(1) or real_scale(loss)
+        return scaler
+
+    monkeypatch.setattr(train_mod, "make_scaler", counting_scaler)
+    _interrupted(monkeypatch, TrainArgs(out=str(tmp_path / "cut"), **base), losses=4)  # steps 1-3, 1 eval batch
+    assert scaled  # every micro-batch's loss went through the scaler
+    train(TrainArgs(out=str(tmp_path / "cut"), **base), progress=False)
+    a = GPT.from_pretrained(str(tmp_path / "whole")).state_dict()
+    b = GPT.from_pretrained(str(tmp_path / "cut")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"eval_every": 0}, "--eval-every must be an int >= 1, got 0"),
+    ({"eval_batches": 0}, "--eval-batches must be an int >= 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be an int >= 1, got 0"),
+    ({"steps": 0}, "--steps must be an int >= 1, got 0"),
+    ({"steps": -3}, "--steps must be an int >= 1, got -3"),
+    ({"grad_accum": -1}, "--grad-accum must be an int >= 1, got -1"),
+    ({"warmup": -1}, "--warmup must be an int >= 0, got -1"),
+    ({"lr": -1}, "--lr must be a number > 0, got -1.0"),
+    ({"min_lr": -1}, "--min-lr must be a number >= 0, got -1.0"),
+    ({"weight_decay": -0.1}, "--weight-decay must be a number >= 0, got -0.1"),
+    ({"grad_clip": 0}, "--grad-clip must be a number > 0, got 0.0"),
+    ({"val_fraction": 1.5}, "--val-fraction must be a number in (0, 1), got 1.5"),
+    ({"vocab_size": 10}, "--vocab-size must be an int >= 257 (a byte-level BPE holds the 256 bytes"),
+    ({"vocab_size": 100}, "--vocab-size must be an int >= 257"),
+    ({"eval_limit": -1}, "--eval-limit must be an int >= 1, got -1"),
+    ({"n_embd": 30, "n_head": 4}, "--n-embd must be a multiple of --n-head 4, got 30"),
+    ({"eval_data": "nonexist.jsonl"}, "--eval-data file not found: nonexist.jsonl"),
+])
+def test_bad_train_arguments_are_errors_naming_the_flag(book, tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    assert main(_tiny_cli(book, out, **flags)) == 2
+    captured = capsys.readouterr()
+    assert f"gptfast train: error: {message}" in captured.err and "Traceback" not in captured.err
+    assert captured.out == "" and not os.path.exists(out / "config.json")
+
+
+def test_non_utf8_data_and_a_too_large_val_fraction_name_the_file_and_flag(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe" + b"hello world " * 100)
+    assert main(_tiny_cli(bad, tmp_path / "o")) == 2
+    assert f"gptfast train: error: --data {bad}: not UTF-8 text (byte 0)" in capsys.readouterr().err
+    small = tmp_path / "small.txt"
+    small.write_text(TEXT[:3000])
+    with pytest.raises(ValueError, match=r"the training split has \d+ tokens; need at least 34 .*--val-fraction 0.99"):
+        train(TrainArgs(data=str(small), out=str(tmp_path / "v"), **{**TINY, "val_fraction": 0.99}), progress=False)
+
+
+def test_training_on_a_text_file_shows_the_tokenizer_and_encoding_progress(book, tmp_path, capsys):
+    train(TrainArgs(data=str(book), out=str(tmp_path / "o"), **{**TINY, "steps": 1}), progress=True)
+    err = capsys.readouterr().err
+    assert "tokenizer: 100%" in err and "encode: 100%" in err and "train: " in err
+    train(TrainArgs(data=str(book), out=str(tmp_path / "q"), **{**TINY, "steps": 1}), progress=False)
+    assert "encode" not in capsys.readouterr().err
+
+
+def test_vocab_size_where_no_tokenizer_is_trained_is_an_error(book, tmp_path, run_dir):
+    args, _ = run_dir
+    with pytest.raises(ValueError, match=f"--vocab-size 300 sets the size of a tokenizer trained on a text --data, "
+                                         f"and none is trained here: --tokenizer {args.out} is the tokenizer"):
+        train(TrainArgs(data=str(book), out=str(tmp_path / "o"), tokenizer=args.out, **TINY), progress=False)
+    with pytest.raises(ValueError, match=f"none is trained here: --init {args.out} brings its tokenizer"):
+        train(TrainArgs(data=str(book), out=str(tmp_path / "o"), init=args.out, **TINY), progress=False)
+
+
+def _nanogpt_no_bias(path, vocab_size):
+    from gptfast import GPTConfig
+    config = GPTConfig(vocab_size=vocab_size, n_positions=32, n_embd=32, n_layer=1, n_head=2, bias=False,
+                       activation="gelu")
+    model = GPT(config)
+    torch.save({"model_args": dict(n_layer=1, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=vocab_size,
+                                   dropout=0.0), "model": model.state_dict()}, path)
+
+
+def test_init_from_a_bias_free_nanogpt_checkpoint_trains_saves_and_resumes(book, tmp_path, run_dir, capsys):
+    """nanoGPT's default bias=False has no Hugging Face GPT-2 equivalent: the run saves nanoGPT-style
+    ckpt.pt files (whole config), which load back, resume and generate."""
+    args, _ = run_dir
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    Tokenizer.from_pretrained(args.out).save(str(nano))
+    _nanogpt_no_bias(nano / "nobias.pt", Tokenizer.from_pretrained(args.out).vocab_size)
+    base = {k: v for k, v in TINY.items() if k not in ("vocab_size", "n_layer", "n_head", "n_embd")}
+    run = TrainArgs(data=str(book), out=str(tmp_path / "run"), init=str(nano / "nobias.pt"), **{**base, "steps": 4})
+    assert train(run, progress=False)["steps"] == 4
+    assert "saved as a nanoGPT-style ckpt.pt" in capsys.readouterr().err
+    for d in (run.out, latest_checkpoint(run.out)):
+        assert os.path.isfile(os.path.join(d, "ckpt.pt")) and not os.path.exists(os.path.join(d, "config.json"))
+    model = GPT.from_pretrained(run.out)
+    assert model.config.bias is False
+    import shutil
+    shutil.rmtree(nano)  # the run's checkpoint holds all a resume needs
+    assert train(TrainArgs(**{**vars(run), "steps": 6}), progress=False)["steps"] == 6
+    tok = Tokenizer.from_pretrained(run.out)
+    assert len(GPT.from_pretrained(run.out).generate(tok.encode("In the"), max_new_tokens=3, temperature=0)) == \
+        len(tok.encode("In the")) + 3
+
+
+def test_init_preset_says_it_is_randomly_initialised(monkeypatch):
+    import gptfast.train as train_mod
+    from gptfast.train import describe_init, resolve_init
+
+    assert resolve_init("gpt2") == ("preset", "gpt2")
+    monkeypatch.setattr(train_mod, "_cached_snapshot", lambda name: None)
+    assert describe_init("gpt2", "preset", "gpt2") == (
+        "[gptfast] --init gpt2: the gpt2 preset, randomly initialised (for gpt2's pretrained weights pass a "
+        "checkpoint directory)")
+    monkeypatch.setattr(train_mod, "_cached_snapshot", lambda name: f"/cache/{name}/snap")
+    assert describe_init("gpt2", "preset", "gpt2").endswith(
+        "pass a checkpoint directory; the local Hugging Face cache has them: --init /cache/gpt2/snap)")
+    with pytest.raises(FileNotFoundError, match=r"--init no-such-model-x: not a preset \(gpt2, .*\) and no checkpoint"):
+        resolve_init("no-such-model-x")

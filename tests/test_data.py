@@ -547,10 +547,11 @@ def test_token_data_errors_name_the_problem(corpus, tmp_path):
     np.full(100, 7, dtype=np.uint16).tofile(big / "val.bin")
     with pytest.raises(ValueError, match="holds token id 60000, outside the model's vocab_size 400"):
         train(TrainArgs(data=str(big), out=str(tmp_path / "b"), tokenizer=str(d / "tok"), **base), progress=False)
-    with pytest.raises(ValueError, match=r"the validation split has 100 tokens; need at least 130 for block_size 128"):
+    with pytest.raises(ValueError, match=r"the validation split has 100 tokens; need at least 130 for "
+                                         r"--block-size 128"):
         train(TrainArgs(data=str(big), out=str(tmp_path / "c"), tokenizer=str(d / "tok"),
                         **{**base, "block_size": 128}), progress=False)
-    with pytest.raises(ValueError, match="grad_accum must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="--grad-accum must be an int >= 1, got 0"):
         train(TrainArgs(data=str(d / "prepared"), out=str(tmp_path / "d"), grad_accum=0, **base), progress=False)
 
 
@@ -647,3 +648,42 @@ def test_compiled_bf16_training_on_cuda_with_kernels(corpus, tmp_path):
     assert summary["tokens_per_s"] > 0 and summary["peak_memory_gb"] > 0
     if peak_tflops(torch.device("cuda"), torch.bfloat16, None) is not None:  # an A100, H100 or H200
         assert 0 < summary["mfu"] < 1
+
+
+# ---- gptfast train on a text file: prepare's reading, encoding and progress -----------------------
+
+@pytest.mark.parametrize("which", ["gpt2", "gpt1"])
+def test_a_text_file_encodes_in_pieces_to_the_whole_texts_ids(which, gpt2_tok, gpt1_tok, tmp_path, monkeypatch):
+    import gptfast.data
+    from gptfast.data import encode_text_file
+
+    tok = gpt2_tok if which == "gpt2" else gpt1_tok
+    monkeypatch.setattr(gptfast.data, "PIECE_CHARS", 200)  # many pieces, several batches
+    monkeypatch.setattr(gptfast.data, "BATCH_CHARS", 700)
+    for seed in range(3):
+        text = random_text(3000, 100 + seed)
+        path = tmp_path / f"t{seed}.txt"
+        path.write_bytes(text.encode("utf-8"))  # \r\n kept as it is
+        ids = encode_text_file(str(path), tok, progress=False)
+        assert ids.dtype == np.int32 and ids.tolist() == tok.encode(text)
+    (tmp_path / "empty.txt").write_text("")
+    assert encode_text_file(str(tmp_path / "empty.txt"), tok, progress=False).size == 0
+
+
+def test_train_on_text_reads_and_trains_as_prepare_does(tmp_path, capsys):
+    from gptfast.data import encode_text_file, texts_of, train_tokenizer_on_text
+    from gptfast.tokenizer import train_byte_level_bpe
+
+    path = tmp_path / "book.txt"
+    path.write_text(random_text(6000, 21))
+    tok = train_tokenizer_on_text(str(path), 300, progress=True)
+    assert tok.fingerprint() == train_byte_level_bpe((), 300, texts=texts_of([str(path)])).fingerprint()
+    encode_text_file(str(path), tok, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenizer: 100%" in err and "encode: 100%" in err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("fine text\n".encode() * 10 + b"\xc3\x28 more")
+    for call in (lambda: train_tokenizer_on_text(str(bad), 300, progress=False, source="--data "),
+                 lambda: encode_text_file(str(bad), tok, progress=False, source="--data ")):
+        with pytest.raises(ValueError, match=rf"^--data {bad}: not UTF-8 text \(byte 100\)"):
+            call()

@@ -120,7 +120,8 @@ def test_multiple_choice_scores_each_choice(tmp_path):
 
 def test_new_head_on_a_language_model_needs_a_spec(tmp_path):
     make_hf_gpt2(tmp_path)
-    with pytest.raises(ValueError, match="without a fine-tuning head: pass spec"):
+    with pytest.raises(ValueError, match=r"is a language model, not a fine-tuned classifier .*gptfast finetune "
+                                         r"--model .*pass spec=TaskSpec"):
         GPTClassifier.from_pretrained(str(tmp_path))
     model = GPTClassifier.from_pretrained(str(tmp_path), spec=TaskSpec(labels=["a", "b"]))
     assert model.score.weight.shape == (2, 64) and 0.005 < model.score.weight.std() < 0.05  # fresh init
@@ -308,7 +309,7 @@ def test_finetune_grad_accum_equals_one_larger_batch(task, tmp_path):
 def test_finetune_bad_inputs(tmp_path):
     good = _write(tmp_path / "good.jsonl", _rows(20, 4))
     out = str(tmp_path / "o")
-    with pytest.raises(FileNotFoundError, match="data file not found"):
+    with pytest.raises(FileNotFoundError, match="--data file not found"):
         finetune(FinetuneArgs(data=str(tmp_path / "nope.jsonl"), out=out), progress=False)
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
@@ -323,7 +324,7 @@ def test_finetune_bad_inputs(tmp_path):
         finetune(FinetuneArgs(data=good, out=out, batch_size=64, device="cpu"), progress=False)
     with pytest.raises(ValueError, match="--task must be one of"):
         finetune(FinetuneArgs(data=good, out=out, task="regression"), progress=False)
-    with pytest.raises(ValueError, match="--lm-coef must be finite and >= 0, got -1"):
+    with pytest.raises(ValueError, match="--lm-coef must be a number >= 0, got -1"):
         finetune(FinetuneArgs(data=good, out=out, lm_coef=-1.0), progress=False)
     _write(tmp_path / "mc.jsonl", [{"context": "a", "choices": ["b"], "label": 0}])
     with pytest.raises(ValueError, match="'choices' must be a list of at least 2 texts"):
@@ -475,3 +476,106 @@ def test_transformers_classifier_object_converts(tmp_path):
         assert (hf(ids).logits - model(ids, lengths).logits).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="GPT2ForSequenceClassification holds a classification head for labels"):
         GPTClassifier.from_pretrained(hf, spec=TaskSpec(labels=["a", "b"]))
+
+
+# ---- user audit: resume, valid JSON, argument checks, classify's messages -----------------------
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_finetune_resume_says_so_refuses_other_runs_and_prints_valid_json(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", _rows(48, 12))
+    out = str(tmp_path / "o")
+    base = ["finetune", "--data", data, "--out", out, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+            "--quiet"]
+    assert main(base) == 0
+    first = _strict_json(capsys.readouterr().out)
+    assert main(base) == 0  # finished: nothing to train, the last logged loss, valid JSON
+    captured = capsys.readouterr()
+    again = _strict_json(captured.out)
+    assert again["steps"] == first["steps"] and again["train_loss"] == first["train_loss"] is not None
+    assert f"resuming from step {first['steps']} of --out {out}" in captured.err and "nothing to train" in captured.err
+    for flags, words in ((["--special-tokens"], "--special-tokens False there, True now"),
+                         (["--task", "choice"], "--task classification there, choice now"),
+                         (["--batch-size", "4"], "--batch-size x --grad-accum x ranks 8 there, 4 now"),
+                         (["--model", str(tmp_path / "o")], "--model (not given) there")):
+        assert main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert f"gptfast finetune: error: --out {out} holds a run" in err and words in err, (flags, err)
+    assert main(base[:5] + ["--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--device", "cpu",
+                            "--quiet"]) == 0  # same examples a step, more epochs: resumes
+    captured = capsys.readouterr()
+    assert "--epochs 1 -> 2" in captured.err and _strict_json(captured.out)["steps"] == 2 * first["steps"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "--epochs must be an int >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+    (["--grad-accum", "-2"], "--grad-accum must be an int >= 1, got -2"),
+    (["--eval-every", "-1"], "--eval-every must be an int >= 0 (0: at the end of each epoch), got -1"),
+    (["--max-len", "1"], "--max-len must be an int >= 2, got 1"),
+    (["--lm-coef", "-1"], "--lm-coef must be a number >= 0, got -1.0"),
+    (["--lm-coef", "inf"], "--lm-coef must be a number >= 0, got inf"),
+    (["--val-fraction", "1.5"], "--val-fraction must be a number in (0, 1), got 1.5"),
+    (["--warmup-fraction", "1"], "--warmup-fraction must be a number in [0, 1), got 1.0"),
+    (["--lr", "0"], "--lr must be a number > 0, got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0, got -1.0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a number > 0, got -1.0"),
+    (["--classifier-dropout", "1"], "--classifier-dropout must be a number in [0, 1), got 1.0"),
+    (["--dtype", "int8"], "--dtype must be one of float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'"),
+    (["--val", "nonexist.jsonl"], "--val file not found: nonexist.jsonl"),
+])
+def test_bad_finetune_arguments_are_errors_naming_the_flag(tmp_path, capsys, flags, message):
+    data = _write(tmp_path / "d.jsonl", _rows(20, 4))
+    assert main(["finetune", "--data", data, "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"] + flags) == 2
+    captured = capsys.readouterr()
+    assert f"gptfast finetune: error: {message}" in captured.err and captured.out == ""
+
+
+def test_finetune_device_cuda_without_cuda_is_an_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    data = _write(tmp_path / "d.jsonl", _rows(20, 4))
+    assert main(["finetune", "--data", data, "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "gptfast finetune: error: --device cuda: CUDA is not available here" in err and "Traceback" not in err
+
+
+def test_finetune_bf16_and_fp16_names_train(tmp_path):
+    data = _write(tmp_path / "d.jsonl", _rows(16, 5))
+    for name in ("bf16", "fp16"):
+        out = str(tmp_path / name)
+        summary = finetune(FinetuneArgs(data=data, out=out, epochs=1, batch_size=8, device="cpu", dtype=name),
+                           progress=False)
+        assert summary["steps"] == 1
+    state = torch.load(os.path.join(latest_checkpoint(str(tmp_path / "fp16")), "train_state.pt"), weights_only=True)
+    assert "scaler" in state  # float16: a GradScaler, saved for the resume
+
+
+def test_classify_errors_say_what_is_wrong(tuned, tmp_path, capsys):
+    args, _ = tuned
+    assert main(["classify", "", "--model", args.out]) == 2
+    assert "error: input: row 1: the text is empty (field 'text')" in capsys.readouterr().err
+    assert main(["classify", "the light", "--pair", "so it was", "--model", args.out]) == 2
+    assert "this model was fine-tuned on single texts, but the row has a second text" in capsys.readouterr().err
+    make_hf_gpt2(tmp_path / "lm")
+    Tokenizer.from_pretrained(args.out).save(str(tmp_path / "lm"))
+    assert main(["classify", "x", "--model", str(tmp_path / "lm")]) == 2
+    err = capsys.readouterr().err
+    assert "is a language model, not a fine-tuned classifier" in err and "gptfast finetune --model" in err
+    assert "spec=TaskSpec" not in err.split("gptfast finetune")[0]
+
+
+def test_a_pair_model_wants_pairs(tmp_path):
+    rows = [{"text": r["text"], "text_pair": "so it was", "label": r["label"]} for r in _rows(24, 13)]
+    args = FinetuneArgs(data=_write(tmp_path / "p.jsonl", rows), out=str(tmp_path / "o"), epochs=1, batch_size=8,
+                        device="cpu")
+    finetune(args, progress=False)
+    model, tok = GPTClassifier.from_pretrained(args.out), Tokenizer.from_pretrained(args.out)
+    assert model.spec.text_pair is True
+    with pytest.raises(ValueError, match="fine-tuned on text pairs, but the row has no second text"):
+        predict(model, tok, [{"text": "the light"}])
+    assert predict(model, tok, [{"text": "the light", "text_pair": "so it was"}]).shape == (1, 2)
