@@ -103,7 +103,7 @@ def cmd_generate(args) -> int:
             if toks[0] is None:
                 break
             count += 1
-            piece = stream.push(toks[0])
+            piece = stream.push(toks[0]) if toks[0] < tok.vocab_size else ""  # a padded vocabulary's extra ids
             text += piece
             cut = _stop_cut(text, args.stop)
             if cut is not None:  # print up to the stop string, not beyond

@@ -591,7 +591,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
 
 def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]:
     """A new classifier from the --model language model (or classifier), with its tokenizer."""
-    from .checkpoint import default_model_path, resolve_path
+    from .checkpoint import default_model_path, locate_checkpoint, resolve_path
     from .tokenizer import Tokenizer
 
     path = args.model or default_model_path()
@@ -599,6 +599,7 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
         raise FileNotFoundError("the shipped default model is missing from this install; pass --model PATH")
     try:
         path = resolve_path(path)
+        locate_checkpoint(path)  # what is wrong with a path that is no checkpoint, before the tokenizer's error
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"--model {args.model}: {exc}") from None
     tokenizer = Tokenizer.from_pretrained(path)

@@ -136,7 +136,8 @@ class _Stops:
             return True
         if self.texts is None:
             return False
-        self.texts[row].append(token)
+        if token < self.tokenizer.vocab_size:  # a padded model vocabulary's extra ids have no text
+            self.texts[row].append(token)
         return any(s in self.tokenizer.decode(self.texts[row]) for s in self.strings)
 
 

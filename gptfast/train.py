@@ -957,7 +957,7 @@ def perplexity(model, ids, stride: Optional[int] = None, progress: bool = True, 
     from tqdm import tqdm
 
     ctx = model.config.n_positions
-    stride = stride or ctx // 2
+    stride = ctx // 2 if stride is None else stride
     if not 0 < stride <= ctx:
         raise ValueError(f"stride must be in (0, {ctx}], got {stride}")
     if ctx < 2:

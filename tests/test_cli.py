@@ -85,3 +85,19 @@ def test_generate_api_rejects_an_empty_prompt_and_an_empty_stop_string():
         model.generate(tok.encode("hi"), max_new_tokens=2, stop_strings=["\n", ""], tokenizer=tok)
     with pytest.raises(TypeError, match="stop_strings must be a list of strings, got 'stop'"):
         model.generate(tok.encode("hi"), max_new_tokens=2, stop_strings="stop", tokenizer=tok)
+
+
+@needs_default
+def test_ids_past_the_tokenizers_vocabulary_have_no_text_in_stop_checks():
+    """A model may have a larger (padded) vocabulary than its tokenizer (nanoGPT's 50304 over
+    GPT-2's 50257): a sampled extra id adds no text to the stop-string check, and raises nothing
+    (the tokenizer's decode refuses such ids)."""
+    from gptfast.generation import _Stops
+
+    tok = gptfast.Tokenizer.from_pretrained(DEFAULT)
+    with pytest.raises(ValueError, match=f"ids\\[0\\] is token id {tok.vocab_size + 3}, outside"):
+        tok.decode([tok.vocab_size + 3])
+    stops = _Stops(1, [], ["God"], tok)
+    assert not stops.push(0, tok.vocab_size + 3)
+    ids = tok.encode(" God")
+    assert [stops.push(0, i) for i in ids][-1]
