@@ -12,9 +12,10 @@ temporary directory and renamed into place, then checkpoints/latest is rewritten
 so an interrupted run resumes from the last complete checkpoint when the same command is
 run again (it says so, and from which step). The flags that define the model and the data
 (shape, --vocab-size, --block-size, --tokenizer, --init, --data, --val-fraction, --seed) must be
-the run's: a resume with others is an error that names them; --steps (to go on), the
-evaluation flags, the learning rate and the like may change. Batches are a function of (seed,
-step, rank), so a resumed run sees the same data the uninterrupted one would have. Several GPUs:
+the run's (paths by what they hold, so moved data still resumes): a resume with others is an
+error that names them; --steps (to go on), the evaluation flags, the learning rate and the like
+may change. Batches are a function of (seed, step, rank), so a resumed run sees the same data
+the uninterrupted one would have. Several GPUs:
 `torchrun --nproc_per_node N -m gptfast.cli train ...`.
 
 A model that Hugging Face GPT-2 cannot describe (nanoGPT's bias=False, from --init ckpt.pt) is
@@ -454,8 +455,53 @@ def optimizer_step(opt, scaler, params, grad_clip: float) -> None:
     scaler.update()
 
 
-def _path_key(path: Optional[str]) -> Optional[str]:
-    return os.path.realpath(path) if path else path
+def _path_key(path: Optional[str]) -> Optional[dict]:
+    """A path flag's identity: where it is and what it holds (content_digest), so that data or a
+    checkpoint moved elsewhere (another mount, a copy) still resumes its run and other content at
+    the same path does not."""
+    if not path:
+        return None
+    real = os.path.realpath(path)
+    return {"path": real, "content": content_digest(real)}
+
+
+_DIGEST_BYTES = 1 << 20  # read from each end of each file
+
+
+def content_digest(path: str) -> Optional[str]:
+    """A cheap digest of a file, or of a directory's files (not hidden ones, not subdirectories):
+    their names, sizes and first and last MiB. None where path does not exist."""
+    import hashlib
+
+    if os.path.isdir(path):
+        files = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+    elif os.path.isfile(path):
+        files = [None]
+    else:
+        return None
+    h = hashlib.sha256()
+    for name in files:
+        full = path if name is None else os.path.join(path, name)
+        size = os.path.getsize(full)
+        h.update(f"{name}:{size}:".encode())
+        with open(full, "rb") as f:
+            h.update(f.read(_DIGEST_BYTES))
+            if size > 2 * _DIGEST_BYTES:
+                f.seek(size - _DIGEST_BYTES)
+                h.update(f.read(_DIGEST_BYTES))
+            elif size > _DIGEST_BYTES:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _same(now, before) -> bool:
+    """Whether a flag's value at resume is the run's: path flags by content where both exist
+    (else by path: a deleted --init does not stop a resume), the rest by value."""
+    if isinstance(now, dict) and isinstance(before, dict):
+        if now.get("content") and before.get("content"):
+            return now["content"] == before["content"]
+        return now.get("path") == before.get("path")
+    return now == before
 
 
 def _has_val_file(data: str) -> bool:
@@ -500,17 +546,25 @@ def check_resume(now: dict, before: Optional[dict], out: str, step: int) -> None
     """Refuse to resume the run in out (at step) with flags that define another model or data."""
     if before is None:
         return
-    differ = [k for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
+    differ = [k for k in sorted(set(now) | set(before)) if not _same(now.get(k), before.get(k))]
     if not differ:
         return
-    parts = "; ".join(f"{k} {_shown(before.get(k))} there, {_shown(now.get(k))} now" for k in differ)
+    parts = "; ".join(_difference(k, before.get(k), now.get(k)) for k in differ)
     raise ValueError(f"--out {out} holds a run (at step {step}) made with other settings: {parts}. Rerun with "
                      f"the run's settings to resume it, or give a new --out to start afresh (or delete "
                      f"{os.path.join(out, 'checkpoints')})")
 
 
 def _shown(value) -> str:
+    if isinstance(value, dict):  # a path flag
+        return value["path"]
     return "(not given)" if value is None else str(value)
+
+
+def _difference(flag: str, before, now) -> str:
+    if isinstance(before, dict) and isinstance(now, dict) and before["path"] == now["path"]:
+        return f"{flag} {now['path']} holds other content than when the run started"
+    return f"{flag} {_shown(before)} there, {_shown(now)} now"
 
 
 def resume_line(out: str, ckpt: str, step: int, saved_args: str, args, fixed: tuple, total: int,

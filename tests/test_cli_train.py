@@ -284,6 +284,21 @@ def test_resume_says_so_and_refuses_flags_that_define_another_run(book, tmp_path
     assert "nothing to train" in captured.err
 
 
+def test_resume_follows_moved_data_and_refuses_other_content_at_the_same_path(book, tmp_path):
+    """Path flags are compared by what they hold: data moved elsewhere (another mount, a copy)
+    resumes its run; other data under the run's path is refused, saying so."""
+    out = str(tmp_path / "run")
+    train(TrainArgs(data=str(book), out=out, **TINY), progress=False)
+    moved = tmp_path / "elsewhere" / "book.txt"
+    moved.parent.mkdir()
+    os.replace(book, moved)
+    resumed = train(TrainArgs(data=str(moved), out=out, **{**TINY, "steps": 5}), progress=False)
+    assert resumed["steps"] == 5
+    moved.write_text(TEXT.upper())
+    with pytest.raises(ValueError, match=f"--data {moved.resolve()} holds other content than when the run started"):
+        train(TrainArgs(data=str(moved), out=out, **{**TINY, "steps": 6}), progress=False)
+
+
 def test_resume_refuses_another_data_file_tokenizer_size_or_seed(book, tmp_path):
     out = str(tmp_path / "run")
     train(TrainArgs(data=str(book), out=out, **TINY), progress=False)
