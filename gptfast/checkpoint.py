@@ -375,6 +375,19 @@ def _remove_weights(directory: str, name: str, keep: str) -> None:
         _unlink(path)
 
 
+def remove_model_files(directory: str, keep: str) -> None:
+    """Remove the model files of the other format from a directory that will hold a `keep`
+    ("hf" or "nanogpt") checkpoint: a config.json would shadow a ckpt.pt on load, and a stale
+    ckpt.pt would contradict the new Hugging Face files (for a run directory the project owns;
+    save_pretrained itself never removes another format's checkpoint)."""
+    if keep == "hf":
+        _unlink(os.path.join(directory, NANOGPT_CKPT))
+        return
+    _unlink(os.path.join(directory, "config.json"))  # first: without it the weights are never read
+    for name in _WEIGHT_FILES:
+        _remove_weights(directory, name, keep="")
+
+
 def _save_dir(path: str, what: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{what}: path {path} is a file; expected a directory to write the checkpoint in")

@@ -164,7 +164,7 @@ class StreamDecoder:
         else:
             new = self.tokenizer.check_ids(ids, name="ids")
         self.ids.extend(new)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer._tok.decode(self.ids, skip_special_tokens=False)  # checked as they came in
         if text.endswith("\ufffd"):  # a multi-byte character not complete yet
             return ""
         piece, self.emitted = text[self.emitted:], len(text)

@@ -913,14 +913,11 @@ def save_run_model(model, path: str) -> None:
     """The model as a Hugging Face directory, or, for a config with none (nanoGPT's bias=False), as
     a nanoGPT-style ckpt.pt with the whole config; GPT.from_pretrained(path) loads either. Model
     files of the other format, left by an earlier save, go first: a config.json would shadow a ckpt.pt."""
-    from .checkpoint import NANOGPT_CKPT, PT_INDEX, PT_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS
+    from .checkpoint import remove_model_files
 
-    nanogpt = model.config.hf_incompatibility() is not None
-    stale = ("config.json", SAFE_WEIGHTS, SAFE_INDEX, PT_WEIGHTS, PT_INDEX) if nanogpt else (NANOGPT_CKPT,)
-    for name in stale:
-        if os.path.isfile(os.path.join(path, name)):
-            os.unlink(os.path.join(path, name))
-    model.save_pretrained(path, format="nanogpt" if nanogpt else "hf")
+    fmt = "hf" if model.config.hf_incompatibility() is None else "nanogpt"  # save_pretrained's "auto"
+    remove_model_files(path, keep=fmt)
+    model.save_pretrained(path, format=fmt)
 
 
 def _checkpoint(model, tokenizer, opt, step, log, args, identity: Optional[dict] = None, scaler=None):
