@@ -14,8 +14,10 @@ run again (it says so, and from which step). The flags that define the model and
 (shape, --vocab-size, --block-size, --tokenizer, --init, --data, --val-fraction, --seed) must be
 the run's (paths by what they hold, so moved data still resumes): a resume with others is an
 error that names them; --steps (to go on), the evaluation flags, the learning rate and the like
-may change. Batches are a function of (seed, step, rank), so a resumed run sees the same data
-the uninterrupted one would have. Several GPUs:
+may change. A step's rows are a function of (seed, step), each rank taking its slice of them, so
+a resumed run sees the same data the uninterrupted one would have, and N ranks with --batch-size B
+see the rows of one process with --batch-size N x B (and, the gradients averaged over the ranks,
+train the same weights up to float rounding). Several GPUs:
 `torchrun --nproc_per_node N -m gptfast.cli train ...`.
 
 A model that Hugging Face GPT-2 cannot describe (nanoGPT's bias=False, from --init ckpt.pt) is
@@ -237,10 +239,13 @@ def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = Fals
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device,
-              vocab_size: Optional[int] = None):
+              vocab_size: Optional[int] = None, rank: int = 0, world: int = 1):
     """batch_size random windows of block_size + 1 tokens -> (inputs, targets), each (B, T), on
-    device; ids are checked against vocab_size on the host (token files come from elsewhere)."""
-    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=gen)
+    device; ids are checked against vocab_size on the host (token files come from elsewhere).
+    With world > 1, gen draws the batch_size x world windows of every rank and this rank gets
+    its slice of them, so that the ranks together see the rows one process would see."""
+    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size * world,), generator=gen)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size]
     x = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
     if vocab_size is not None and int(x.max()) >= vocab_size:
         raise ValueError(f"the training data holds token id {int(x.max())}, outside the model's vocab_size "
@@ -266,13 +271,16 @@ def _shifted_loss(model, x, y):
 
 
 @torch.no_grad()
-def estimate_loss(model, tokens, args: TrainArgs, device, gen) -> float:
+def estimate_loss(model, tokens, args: TrainArgs, device, gen, rank: int = 0, world: int = 1) -> float:
+    """The mean loss over eval_batches batches of batch_size x world rows drawn by gen, each rank
+    scoring its slice of each (every rank calls this): the figure of one process scoring them all."""
     model.eval()
     vocab = model.config.vocab_size
-    losses = [float(_shifted_loss(model, *get_batch(tokens, args.batch_size, args.block_size, gen, device, vocab)))
+    losses = [_shifted_loss(model, *get_batch(tokens, args.batch_size, args.block_size, gen, device, vocab,
+                                              rank, world)).double()
               for _ in range(args.eval_batches)]
     model.train()
-    return sum(losses) / len(losses)
+    return _mean_over_ranks(torch.stack(losses).mean(), world)
 
 
 def resolve_init(init: Optional[str]) -> tuple[str, Optional[str]]:
@@ -377,25 +385,28 @@ def _data_tokenizer(data: str):
                                 "(or --init a checkpoint) with the tokenizer the ids were made with") from None
 
 
-def _distributed():
-    """(rank, world_size, local_rank) under torchrun, else (0, 1, 0); initialises the process group."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world_size) under torchrun, else (0, 1); initialises the process group, with the
+    backend of the device the ranks train on (NCCL for CUDA tensors, gloo for CPU ones, whether or
+    not the machine has a GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, 0
+        return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
 
 
 def setup_device(name: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): under torchrun on CUDA each rank takes the GPU of its local rank."""
+    """(rank, world_size, device): under torchrun on CUDA each rank takes the GPU of its local
+    rank, before the process group starts (so that NCCL uses that GPU)."""
     device = _resolve_device(name)  # a bad --device is an error before any process group starts
-    rank, world, local_rank = _distributed()
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    rank, world = _distributed(device)
     return rank, world, device
 
 
@@ -585,6 +596,26 @@ def resume_line(out: str, ckpt: str, step: int, saved_args: str, args, fixed: tu
     return line
 
 
+def ranks_line(state: dict, world: int, args: TrainArgs) -> Optional[str]:
+    """The line that says a resumed run goes on over another number of ranks than its checkpoint's
+    (None where it is the same, or the checkpoint does not record it): whether its steps keep
+    their rows (the same global batch) or not."""
+    before = state.get("world")
+    if before is None or before == world:
+        return None
+    try:
+        saved = json.loads(state["args"])
+        rows_before = saved["batch_size"] * saved["grad_accum"] * before
+    except (KeyError, TypeError, ValueError):
+        rows_before = None
+    rows = args.batch_size * args.grad_accum * world
+    line = f"[gptfast] the run was trained on {before} rank(s), now on {world}: "
+    if rows == rows_before:
+        return line + f"the same {rows} rows a step (batch x grad_accum x ranks), so the same data as before"
+    return line + (f"{rows} rows a step (batch x grad_accum x ranks), {rows_before} before: other data from "
+                   "here on" if rows_before else f"{rows} rows a step (batch x grad_accum x ranks)")
+
+
 # flags run_identity may hold, which a resume-line never lists as "changed"
 _TRAIN_FIXED = ("data", "out", "tokenizer", "vocab_size", "init", "n_layer", "n_head", "n_embd", "block_size",
                 "seed", "val_fraction")
@@ -634,10 +665,11 @@ def _check_inputs(args: TrainArgs, init_kind: str) -> None:
                          f"and none is trained here: {why}; drop --vocab-size")
 
 
-def _batch_generator(args: TrainArgs, step: int, rank: int, world: int) -> torch.Generator:
-    # Data order is a function of (seed, step, rank) only: a resumed run draws exactly the
-    # batches the uninterrupted run would have drawn, with no RNG state to save.
-    return torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank)
+def _batch_generator(args: TrainArgs, step: int) -> torch.Generator:
+    # A step's rows are a function of (seed, step) only, drawn for all ranks at once (get_batch):
+    # a resumed run draws exactly the batches the uninterrupted run would have drawn, with no RNG
+    # state to save, and on any number of ranks with the same global batch.
+    return torch.Generator().manual_seed(args.seed * 1_000_003 + step)
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -649,10 +681,11 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 def train(args: TrainArgs, progress: bool = True) -> dict:
     """Train (or resume) and return a summary dict; see the module docstring.
 
-    Under torchrun (WORLD_SIZE > 1) every rank trains on its own batches with DDP (global batch
-    = batch_size x world size); rank 0 alone evaluates, logs and writes checkpoints. A run
-    directory that holds a checkpoint resumes from it, if the flags that define the model and
-    the data are the run's (else an error names them); the summary's floats are finite or None.
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its slice of each step's rows with DDP
+    (global batch = batch_size x grad_accum x world size) and scores its slice of the validation
+    rows; rank 0 alone logs, runs the zero-shot evaluation and writes checkpoints. A run directory
+    that holds a checkpoint resumes from it, if the flags that define the model and the data are
+    the run's (else an error names them); the summary's floats are finite or None.
     """
     from tqdm import tqdm
 
@@ -678,6 +711,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
             state, TrainArgs, lambda old: run_identity(old, resolve_init(old.init))), args.out, state["step"])
         say(rank, resume_line(args.out, ckpt, state["step"], state.get("args"), args, _TRAIN_FIXED, args.steps,
                               "--steps"))
+        say(rank, ranks_line(state, world, args))
         model, tokenizer = GPT.from_pretrained(ckpt).to(device), Tokenizer.from_pretrained(ckpt)
         if args.block_size > model.config.n_positions:  # a checkpoint of an older version, without identity
             raise ValueError(f"--block-size {args.block_size} exceeds the context of the run's model in {ckpt} "
@@ -691,7 +725,10 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
                 train_tokenizer_on_text(args.data, args.vocab_size or DEFAULT_VOCAB_SIZE, progress=progress,
                                         source="--data ").save(shared)
             _barrier(world)
-            shared = Tokenizer.from_pretrained(shared)
+            shared, path = Tokenizer.from_pretrained(shared), shared
+            _barrier(world)  # every rank has read it: it leaves the run directory
+            if rank == 0:
+                shutil.rmtree(path)
         model, tokenizer = _build(args, device, init, tokenizer=shared, progress=progress and rank == 0)
     say(rank, save_format_line(model, f"--init {args.init}" if ckpt is None else f"the run in --out {args.out}"))
     model.train()
@@ -721,8 +758,8 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         t_step = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        x, y = get_batch(train_tokens, b * accum, args.block_size, _batch_generator(args, step, rank, world),
-                         device, vocab)
+        x, y = get_batch(train_tokens, b * accum, args.block_size, _batch_generator(args, step), device, vocab,
+                         rank, world)
         seed_step(args.seed, step, rank)
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
@@ -742,18 +779,20 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         eval_now = step % args.eval_every == 0 or step == args.steps
         if eval_now or step % 10 == 0:  # the entries log_step keeps
             entry.update(meter.window())
+        if eval_now:  # on every rank, each scoring its slice of the validation rows
+            with autocast:
+                entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
+                                                  torch.Generator().manual_seed(args.seed), rank, world)
 
         def validate():
             with autocast:
-                entry["val_loss"] = estimate_loss(raw_model, val_tokens, args, device,
-                                                  torch.Generator().manual_seed(args.seed))
                 extra = _zero_shot(raw_model, zero_shot, args.batch_size, entry) if zero_shot else ""
             entry["val_ppl"] = _exp(entry["val_loss"])
             return (f"step {step}: train loss {loss_f:.3f}, val loss {entry['val_loss']:.3f}, "
                     f"val ppl {entry['val_ppl']:.1f}{extra}")
 
         log_step(entry, eval_now, validate,
-                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args, identity, scaler),
+                 lambda: _checkpoint(raw_model, tokenizer, opt, step, log, args, identity, scaler, world),
                  log, bar, progress, rank, world)
     bar.close()
     finish_run(raw_model, tokenizer, log, args.out, rank, world)
@@ -920,9 +959,10 @@ def save_run_model(model, path: str) -> None:
     model.save_pretrained(path, format=fmt)
 
 
-def _checkpoint(model, tokenizer, opt, step, log, args, identity: Optional[dict] = None, scaler=None):
-    """Write checkpoints/step-N (model, tokenizer, train_state.pt) atomically, point latest at it,
-    and remove the older ones."""
+def _checkpoint(model, tokenizer, opt, step, log, args, identity: Optional[dict] = None, scaler=None,
+                world: Optional[int] = None):
+    """Write checkpoints/step-N (model, tokenizer, train_state.pt, with the number of ranks when
+    given) atomically, point latest at it, and remove the older ones."""
     root = os.path.join(args.out, "checkpoints")
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -934,6 +974,8 @@ def _checkpoint(model, tokenizer, opt, step, log, args, identity: Optional[dict]
         state["identity"] = identity
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if world is not None:
+        state["world"] = world
     atomic_torch_save(state, os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

@@ -222,6 +222,7 @@ def test_torchrun_two_processes(tmp_path):
     model = GPT.from_pretrained(str(out))
     assert model.config.n_layer == 1
     assert latest_checkpoint(str(out)).endswith("step-0000004")
+    assert not (out / "tokenizer-init").exists()  # the tokenizer rank 0 trained for the others is not left behind
 
 
 def test_loss_plot_without_matplotlib_says_so(tmp_path, monkeypatch, caplog):
