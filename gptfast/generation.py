@@ -29,6 +29,7 @@ class _Prompts:
     layout: str  # "list", "tensor" (no padding), "left" / "right" (padded tensor with mask)
     width: int  # padded width of the input tensor
     pad_id: int
+    pads: Optional[list[list[int]]] = None  # "left": each row's masked-out ids, kept in the output
 
 
 def _unpack(input_ids: Prompt, attention_mask) -> _Prompts:
@@ -46,9 +47,10 @@ def _unpack(input_ids: Prompt, attention_mask) -> _Prompts:
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         mask = attention_mask.tolist()
-        rows, layout = [], "right"
+        rows, pads, layout = [], [], "right"
         for b, (r, m) in enumerate(zip(ids, mask)):
             kept = [i for i, mi in zip(r, m) if mi]
+            pads.append([i for i, mi in zip(r, m) if not mi])
             first = m.index(1) if 1 in m else None
             if first is None:
                 raise ValueError(f"attention_mask row {b} is all zeros: prompt {b} is empty")
@@ -58,7 +60,7 @@ def _unpack(input_ids: Prompt, attention_mask) -> _Prompts:
                 layout = "left"
             rows.append(kept)
         pad = next((r[i] for r, m in zip(ids, mask) for i, mi in enumerate(m) if not mi), 0)
-        return _Prompts(rows, layout, input_ids.shape[1], pad)
+        return _Prompts(rows, layout, input_ids.shape[1], pad, pads)
     if attention_mask is not None:
         raise ValueError("attention_mask is only accepted with a tensor input_ids")
     if isinstance(input_ids, (list, tuple)) and not input_ids:
@@ -236,10 +238,14 @@ def _decode_step(model, batch: int, total: int, cuda_graph: bool) -> "DecodeStep
                            lambda key: DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True, key=key))
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def graph_key(model, *shape) -> tuple:
-    """What a captured graph bakes in besides its shapes: the mode, the backend, autocast, and
-    the parameters' storage (model.to(...) reallocates them)."""
-    return (*shape, model.training, ops.current_backend(), torch.is_autocast_enabled("cuda"),
+    """What a captured graph bakes in besides its shapes: the mode, the backend, autocast (and
+    its dtype), and the parameters' storage (model.to(...) reallocates them)."""
+    return (*shape, model.training, ops.current_backend(), _autocast_dtype(model.device),
             tuple(p.data_ptr() for p in model.parameters()))
 
 
@@ -361,7 +367,9 @@ def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id
     input_ids: LongTensor [B, T] (with attention_mask for padded batches, left or right
       padding), a list of ids, or a list of lists (ragged). The result has the same form:
       a tensor [B, T + new] (rows that stopped early padded with pad_token_id, default the
-      first eos id or 0), a list, or a list of lists.
+      first eos id, else the input's pad id or 0; a left-padded input keeps its pad columns as
+      given),
+      a list, or a list of lists.
     Sampling: temperature (0 = greedy), top_k, top_p, min_p: scalars or per-row [B] tensors.
     Stopping: eos_token_id (int or list; default config.eos_token_id), ignore_eos,
       stop_strings with tokenizer=. seed: int (row b uses seed + b), per-row list, or None.
@@ -400,8 +408,9 @@ def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id
     width = max(len(r) for r in full) if prompts.layout == "tensor" else prompts.width + max(map(len, new))
     out = torch.full((len(full), width), pad, dtype=torch.long)
     for b, r in enumerate(full):
-        if prompts.layout == "left":  # keep the caller's left padding: prompt ends at the same column
-            start = prompts.width - len(prompts.rows[b])
+        if prompts.layout == "left":  # keep the caller's left padding (its ids too, as transformers does):
+            start = prompts.width - len(prompts.rows[b])  # the prompt ends at the same column
+            out[b, :start] = torch.tensor(prompts.pads[b], dtype=torch.long)
             out[b, start:start + len(r)] = torch.tensor(r)
         else:
             out[b, :len(r)] = torch.tensor(r)

@@ -241,9 +241,14 @@ class GPT(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None,
                     slack: int = 0) -> KVCache:
+        """A KV cache in dtype; by default the dtype keys and values come in: the autocast dtype
+        under autocast on the model's device, else the weights' (attention needs q, k, v alike)."""
         max_seq_len = self.config.n_positions if max_seq_len is None else max_seq_len
-        return KVCache.allocate(self.config, batch_size, max_seq_len, self.device,
-                                dtype or self.transformer.wte.weight.dtype, slack=slack)
+        if dtype is None:
+            kind = self.device.type
+            dtype = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+                     else self.transformer.wte.weight.dtype)
+        return KVCache.allocate(self.config, batch_size, max_seq_len, self.device, dtype, slack=slack)
 
     # ---- forward -------------------------------------------------------------
     def _check_input_ids(self, input_ids):

@@ -85,6 +85,70 @@ def test_left_padded_batch_matches_transformers(pair):
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, temperature=0), expected)
 
 
+def _left_padded(rows, pad_id):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+    return ids, mask
+
+
+def test_left_padded_stops_and_logits_match_transformers(pair, monkeypatch):
+    """Prompts of odd lengths, left-padded with an id of their own; an eos that rows reach at
+    different steps, a pad_token_id of its own after it: the very tensor transformers returns
+    (the caller's pad columns kept), and each decode step's logits equal transformers' scores."""
+    import gptfast.ops as ops
+    hf, model = pair
+    rows = [torch.randint(0, 1001, (n,)).tolist() for n in (3, 11, 1, 7, 17)]
+    ids, mask = _left_padded(rows, pad_id=77)
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    new = free[:, ids.shape[1]:].tolist()
+
+    def stop_steps(t):  # the step at which each row would emit t first (20: never)
+        return [r.index(t) if t in r else 20 for r in new]
+    eos = max({t for r in new for t in r}, key=lambda t: (len(set(stop_steps(t))), -min(stop_steps(t))))
+    assert len(set(stop_steps(eos))) >= 2, "no token stops the rows at different steps"
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                           pad_token_id=5, output_logits=True, return_dict_in_generate=True)
+    seen, sample = [], ops.sample
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return sample(logits, *args, **kwargs)
+    monkeypatch.setattr(ops, "sample", recording)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, temperature=0, eos_token_id=eos,
+                         pad_token_id=5)
+    assert torch.equal(got, expected.sequences)
+    assert (got[:, :ids.shape[1]] == ids).all()  # the pads are the caller's 77, not pad_token_id
+    for step, (mine, theirs) in enumerate(zip(seen, expected.logits)):
+        live = ~(expected.sequences[:, ids.shape[1]:ids.shape[1] + step] == eos).any(dim=1)  # rows not stopped
+        assert torch.allclose(mine[live], theirs[live], atol=1e-4, rtol=1e-4), step
+
+
+def test_generation_under_autocast(pair, fake_graphs):
+    """torch.autocast around generate (a bf16 model run from fp32 weights): the KV cache takes
+    the keys' dtype; each token is the greedy one of the model's full forward under autocast
+    (up to a bf16 near-tie), with a draft too; a graph step kept from an autocast call is not
+    reused without it."""
+    _, model = pair
+    prompt, n = torch.randint(0, 1001, (9,)).tolist(), 10
+    kw = dict(max_new_tokens=n, temperature=0, ignore_eos=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, **kw)
+        assert model.generate(prompt, draft_model=model, **kw)[:len(prompt) + 1] == out[:len(prompt) + 1]
+        graphed = model.generate(prompt, cuda_graph=True, **kw)
+        with torch.no_grad():
+            logits = model(torch.tensor([out]))[0, len(prompt) - 1:-1].float()  # [n, V]
+    assert fake_graphs._graphs[model].cache.k[0].dtype == torch.bfloat16
+    picked = logits.gather(1, torch.tensor(out[len(prompt):]).view(n, 1)).squeeze(1)
+    assert (picked >= logits.max(dim=1).values - 0.1).all(), (picked, logits.max(dim=1).values)
+    assert graphed == out
+    plain = model.generate(prompt, cuda_graph=True, **kw)  # fp32 again: a new step and cache
+    assert fake_graphs._graphs[model].cache.k[0].dtype == torch.float32
+    assert plain == model.generate(prompt, **kw)
+
+
 def test_seeded_sampling_is_reproducible(pair):
     _, model = pair
     kw = dict(max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.9, seed=1234)
@@ -160,6 +224,33 @@ def test_stop_strings(tmp_path):
     produced = tok.decode(out[len(prompt):])
     assert stop in produced and len(out) < len(free)
     assert stop not in tok.decode(out[len(prompt):-1])  # it stopped at the first token completing it
+
+
+@pytest.mark.parametrize("draft", [None, "self"])
+def test_sampled_stream_with_stops_equals_generate(tmp_path, draft):
+    """Seeded sampling, an eos and a stop string, rows ending at different steps: the stream
+    gives each row's tokens once and in order, None after its last, and the tokens (so the text)
+    of generate."""
+    make_gpt2_tokenizer_files(tmp_path, "a small text about foxes, dogs and the letters they jump over. " * 10)
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    prompts = [tok.encode(t) for t in ("a small", "dogs", "the letters they")]
+    kw = dict(max_new_tokens=25, temperature=1.0, top_k=40, seed=[3, 8, 1],
+              draft_model=model if draft else None, num_draft_tokens=3)
+    free = model.generate(prompts, ignore_eos=True, **kw)
+    eos = free[0][len(prompts[0]) + 4]
+    stop = tok.decode(free[1][len(prompts[1]) + 2:len(prompts[1]) + 4])
+    out = model.generate(prompts, eos_token_id=eos, stop_strings=[stop], tokenizer=tok, **kw)
+    steps = list(model.generate_stream(prompts, eos_token_id=eos, stop_strings=[stop], tokenizer=tok, **kw))
+    assert len(steps) == max(len(o) - len(p) for o, p in zip(out, prompts))
+    for b, (o, p) in enumerate(zip(out, prompts)):
+        column = [s[b] for s in steps]
+        n = len(o) - len(p)
+        assert column[:n] == o[len(p):] and all(t is None for t in column[n:])
+        assert o[len(p):] == free[b][len(p):len(o)]  # the free run's tokens, cut at the stop
+    assert out[0][-1] == eos and len(out[0]) <= len(prompts[0]) + 5
+    assert stop in tok.decode(out[1][len(prompts[1]):]) and len(out[1]) <= len(prompts[1]) + 4
+    assert len({len(o) - len(p) for o, p in zip(out, prompts)}) > 1
 
 
 def test_prompt_too_long(pair):

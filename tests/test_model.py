@@ -179,6 +179,22 @@ def test_training_step_under_bf16_autocast():
     assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
 
 
+def test_cached_forward_under_bf16_autocast():
+    # the default cache is in the dtype keys and values come in (bf16 here), so a decode step
+    # after a prefill runs, and its logits are those of the full forward under autocast
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=101, n_positions=40, n_embd=32, n_layer=2, n_head=2)).eval()
+    x = torch.randint(0, 101, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.setup_cache(2, 40)
+        assert cache.k[0].dtype == torch.bfloat16
+        model(x[:, :8], cache=cache)
+        step = model(x[:, 8:], cache=cache)[:, -1].float()
+        full = model(x)[:, -1].float()
+    assert model.setup_cache(2, 40).k[0].dtype == torch.float32  # outside autocast: the weights' dtype
+    assert torch.allclose(step, full, atol=0.1, rtol=0.05), (step - full).abs().max()
+
+
 def test_resize_token_embeddings_keeps_rows_and_tie():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
