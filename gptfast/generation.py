@@ -95,6 +95,8 @@ def _eos_ids(model, eos_token_id, ignore_eos: bool) -> list[int]:
     if eos_token_id is None:
         eos = model.config.eos_token_id
         return [eos] if eos is not None and eos < model.config.vocab_size else []
+    if isinstance(eos_token_id, torch.Tensor):  # as transformers takes it: a 0-d or 1-d tensor
+        eos_token_id = eos_token_id.tolist()
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     for i in ids:
         if not isinstance(i, int) or not 0 <= i < model.config.vocab_size:

@@ -196,6 +196,8 @@ def test_stop_tokens_per_row(pair):
         expect = new[:new.index(stop) + 1] if stop in new else new
         assert out[b][len(r):] == expect
     assert out[0][-1] == stop and len(out[0]) == len(ROWS[0]) + 3
+    for as_tensor in (torch.tensor(stop), torch.tensor([stop])):  # tensors, as transformers takes them
+        assert model.generate(ROWS, max_new_tokens=10, temperature=0, eos_token_id=as_tensor) == out
 
 
 def test_stop_tokens_pad_tensor_output(pair):
