@@ -37,7 +37,8 @@ def parse_args(argv):
     p.add_argument("--ops", default=",".join(OPS),
                    help=f"comma-separated subset of {','.join(OPS)} (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer shapes, shorter timing runs and a compile budget (about 2 min on an H100)")
+                   help="fewer shapes, shorter timing runs and a compile budget (minutes on an H100, most of "
+                        "them compiling: Triton autotuning, torch.compile)")
     p.add_argument("--out", default=None, help="output folder (default: bench/results/<device>/)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
@@ -52,7 +53,8 @@ def parse_args(argv):
                    help="print the latest results/<device>/summary.md and exit (runs nothing)")
     p.add_argument("--update-readme", nargs="?", const="latest", default=None, metavar="RESULTS_JSON",
                    help="write the README's benchmark section from a GPU run's results.json (default: the "
-                        "newest under bench/results/) and exit (runs nothing)")
+                        "newest GPU one under bench/results/; a stopped run's results.partial.json is taken "
+                        "when named) and exit (runs nothing)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
@@ -81,14 +83,26 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def _update_readme(results: str, readme: str = README) -> int:
     """The README shows GPU figures only: a CPU run's results are refused."""
     try:
-        path = report.latest_results() if results == "latest" else results
+        path = report.latest_results(device_kind="cuda") if results == "latest" else results
         with open(path) as f:
             doc = json.load(f)
         if doc.get("env", {}).get("device_kind") != "cuda":
             raise ValueError(f"{path} was measured on {doc.get('env', {}).get('device_kind')!r}: the README "
                              "shows GPU figures only (device_kind 'cuda')")
-        rel = os.path.relpath(os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.abspath(readme)))
-        report.update_readme(readme, report.readme_block(doc, rel.replace(os.sep, "/")))
+        run_dir = os.path.dirname(os.path.abspath(path))
+        rel = os.path.relpath(run_dir, os.path.dirname(os.path.abspath(readme)))
+        # Link only what this run left there: a stopped run (results.partial.json) wrote no summary.md
+        # and no charts (any there are an earlier run's), and a run without matplotlib no charts.
+        partial = bool(doc.get("partial"))
+        charts = [] if partial else [op for op in dict.fromkeys(c["op"] for c in doc.get("cases", []))
+                                     if os.path.isfile(os.path.join(run_dir, f"{op}.png"))]
+        details = "summary.md" if not partial and os.path.isfile(os.path.join(run_dir, "summary.md")) \
+            else os.path.basename(path)
+        report.update_readme(readme, report.readme_block(doc, rel.replace(os.sep, "/"), charts, details))
+        stopped = os.path.join(run_dir, report.PARTIAL)
+        if results == "latest" and os.path.isfile(stopped) and os.path.getmtime(stopped) > os.path.getmtime(path):
+            print(f"note: {stopped} (a run stopped before it finished) is newer than {path}; "
+                  "pass its path to --update-readme to show what it measured instead", file=sys.stderr)
     except (OSError, ValueError) as exc:
         print(f"gptfast bench --update-readme: {exc}", file=sys.stderr)
         return 2

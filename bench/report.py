@@ -146,9 +146,10 @@ def _env_lines(doc: dict) -> list[str]:
 
 def format_markdown(doc: dict) -> str:
     out = ["# gptfast benchmark results", ""] + _env_lines(doc) + [""]
-    for note in doc["notes"]:
+    notes = doc["notes"] + ([PARTIAL_NOTE] if doc.get("partial") else [])
+    for note in notes:
         out.append(f"> {note}")
-    if doc["notes"]:
+    if notes:
         out.append("")
     out.append("Times are medians of many runs (IQR = interquartile range). *vs best peer* = the "
                "fastest peer's time / this provider's time (> 1 is faster than every peer). "
@@ -206,6 +207,8 @@ def write_charts(doc: dict, out_dir: str) -> list[str]:
 
 
 PARTIAL = "results.partial.json"
+PARTIAL_NOTE = (f"This run was stopped before it finished ({PARTIAL}): only the cases it completed are "
+                "shown; the cases after them were not run.")
 
 
 def write_partial(doc: dict, out_dir: str) -> str:
@@ -242,16 +245,21 @@ def write_all(doc: dict, out_dir: str, charts: bool = True) -> dict:
     return paths
 
 
-def _newest(name: str, results_dir: Optional[str], device: Optional[str] = None) -> str:
-    """The newest results/<device>/<name> (or that device's)."""
+def _found(name: str, results_dir: Optional[str], device: Optional[str] = None) -> list[str]:
+    """Every results/<device>/<name> (or that device's), newest first."""
     root = results_dir or RESULTS_DIR
     found = [os.path.join(root, d, name) for d in sorted(os.listdir(root))
              if device is None or d == device] if os.path.isdir(root) else []
-    found = [p for p in found if os.path.isfile(p)]
+    return sorted((p for p in found if os.path.isfile(p)), key=os.path.getmtime, reverse=True)
+
+
+def _newest(name: str, results_dir: Optional[str], device: Optional[str] = None) -> str:
+    """The newest results/<device>/<name> (or that device's)."""
+    found = _found(name, results_dir, device)
     if not found:
-        raise FileNotFoundError(f"no {name} under {root}" + (f" for device {device!r}" if device else "")
-                                + "; run `gptfast bench` first")
-    return max(found, key=os.path.getmtime)
+        raise FileNotFoundError(f"no {name} under {results_dir or RESULTS_DIR}"
+                                + (f" for device {device!r}" if device else "") + "; run `gptfast bench` first")
+    return found[0]
 
 
 def latest_summary(results_dir: Optional[str] = None, device: Optional[str] = None) -> str:
@@ -272,10 +280,13 @@ def _short(reason: str, n: int = 60) -> str:
     return reason if len(reason) <= n else reason[:n - 3] + "..."
 
 
-def readme_block(doc: dict, results_dir: str) -> str:
+def readme_block(doc: dict, results_dir: str, charts: Optional[list] = None, details: str = "summary.md") -> str:
     """The README's benchmark section for one run: where and with what it was measured, one row
     per case (gptfast's own provider beside the best peer of the same run), and the charts.
-    results_dir: the run's folder, as a path relative to the README."""
+    results_dir: the run's folder, as a path relative to the README; charts: the ops whose
+    <op>.png is there (None: every op with a provider that ran, as write_charts draws them);
+    details: the file there the section links to for every provider (summary.md; a stopped
+    run has only its results.partial.json)."""
     validate(doc)
     e = doc["env"]
     lines = [README_START,
@@ -286,7 +297,7 @@ def readme_block(doc: dict, results_dir: str) -> str:
              + f", commit {e['git_commit']}"
              + (" (uncommitted changes)" if e.get("git_dirty") else "") + f", {e['date']}. "
              f"Every row is one run: *gptfast vs best peer* = the best peer's time / gptfast's (> 1: faster). "
-             f"All providers, spreads and notes: [{results_dir}/summary.md]({results_dir}/summary.md).",
+             f"All providers, spreads and notes: [{results_dir}/{details}]({results_dir}/{details}).",
              "", "| " + " | ".join(README_HEADER) + " |", "|" + "---|" * len(README_HEADER)]
     for case in doc["cases"]:
         ours = next((r for r in case["results"] if r["provider"] == "gptfast"), None)
@@ -303,9 +314,10 @@ def readme_block(doc: dict, results_dir: str) -> str:
         else:
             ours_cols = [f"not run: {_short(ours['reason'])}", *peer_cols, "-", "-"]
         lines.append("| " + " | ".join([case["op"], f"{case['name']} ({case['dtype']})", *ours_cols]) + " |")
-    for note in doc["notes"]:
+    for note in doc["notes"] + ([PARTIAL_NOTE] if doc.get("partial") else []):
         lines += ["", f"> {note}"]
-    charts = [c["op"] for c in doc["cases"] if any(r["status"] == "ok" for r in c["results"])]
+    if charts is None:
+        charts = [c["op"] for c in doc["cases"] if any(r["status"] == "ok" for r in c["results"])]
     if charts:
         lines.append("")
         lines += [f"![{op}]({results_dir}/{op}.png)" for op in dict.fromkeys(charts)]
@@ -325,6 +337,23 @@ def update_readme(readme: str, block: str) -> None:
     atomic_write_text(readme, text[:start] + block + text[end + len(README_END):])
 
 
-def latest_results(results_dir: Optional[str] = None) -> str:
-    """The path of the newest results/<device>/results.json."""
-    return _newest("results.json", results_dir)
+def _device_kind(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return json.load(f).get("env", {}).get("device_kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def latest_results(results_dir: Optional[str] = None, device_kind: Optional[str] = None) -> str:
+    """The path of the newest results/<device>/results.json, or the newest measured on
+    device_kind ("cuda": what the README shows, whatever CPU runs came after it)."""
+    root = results_dir or RESULTS_DIR
+    for path in _found("results.json", results_dir):
+        if device_kind is None or _device_kind(path) == device_kind:
+            return path
+    partial = [p for p in _found(PARTIAL, results_dir) if device_kind is None or _device_kind(p) == device_kind]
+    raise FileNotFoundError(
+        f"no results.json{f' measured on {device_kind!r}' if device_kind else ''} under {root}; run "
+        "`gptfast bench` first" + (f" (a run stopped before it finished left {partial[0]}: pass its path "
+                                   "to use what it measured)" if partial else ""))

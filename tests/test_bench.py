@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -122,6 +123,26 @@ def test_run_case_records_every_provider():
     assert "boom" in by["crashes"]["reason"]
     assert "compile budget" in by["compiled"]["reason"]
     assert rec["best_peer"] == "peer"
+
+
+def test_first_call_includes_a_setup_that_compiles(monkeypatch):
+    """A bwd case runs (and a compiled provider compiles) its forward in setup: that time is part
+    of first_call_s and of the compile budget, not lost between the two."""
+    import time
+
+    def slow_setup(inputs):  # as _pass_thunk with a compiled fn: the forward (compiling) runs here
+        time.sleep(0.3)
+        return lambda: inputs["x"] + 1
+    x = torch.randn(37)
+    case = harness.Case(op="toy", name="bwd 37", shape={}, dtype="fp32", make_inputs=lambda d: {"x": x},
+                        providers=[harness.Provider("torch+compile", "peer", slow_setup, compiled=True),
+                                   harness.Provider("later+compile", "peer", slow_setup, compiled=True)],
+                        bytes=37 * 4)
+    ctx = harness.RunContext(device=torch.device("cpu"), compile_budget_s=0.25, cpu_min_run_time_s=0.01)
+    first, later = harness.run_case(case, ctx)["results"]
+    assert first["status"] == "ok" and first["first_call_s"] >= 0.3, first
+    assert ctx.compile_spent_s >= 0.3
+    assert later["status"] == "skipped" and "compile budget" in later["reason"]
 
 
 def test_a_provider_that_ran_a_fallback_says_so(caplog, monkeypatch):
@@ -422,10 +443,140 @@ def test_update_readme_writes_the_section_from_a_gpu_run_only(tmp_path):
             "commit abc1234, 2026-12-01") in text  # the installed peers' versions; liger-kernel is not
     assert "| toy | t (fp32) | 0.5 | a | 1 | 2.00x | 80.0% |" in text
     assert "| toy | u (fp32) | not run: needs / a GPU | a | - | - | - |" in text
-    assert "[bench/results/dev/summary.md](bench/results/dev/summary.md)" in text and "![toy](bench/results/dev/toy.png)" in text
+    assert "[bench/results/dev/summary.md](bench/results/dev/summary.md)" in text
+    assert "![toy]" not in text  # charts=False: no toy.png to show (a GPU machine without matplotlib)
+    (run / "toy.png").write_bytes(b"png")
+    assert cli._update_readme(str(run / "results.json"), str(readme)) == 0
+    text = readme.read_text()
+    assert "![toy](bench/results/dev/toy.png)" in text
     # idempotent; and a README without the markers is an error naming them
     assert cli._update_readme(str(run / "results.json"), str(readme)) == 0 and readme.read_text() == text
     (tmp_path / "plain.md").write_text("# no markers\n")
     with pytest.raises(ValueError, match="bench:start"):
         report.update_readme(str(tmp_path / "plain.md"), "x")
     assert cli._update_readme(str(tmp_path / "missing.json"), str(readme)) == 2
+
+
+# ---- .ci/gpu-check, dry-run on this machine -----------------------------------------------------
+
+_STUB_PYTHON = r"""#!/usr/bin/env bash
+# python3 for .ci/gpu-check on a machine without a GPU: every call is logged; pip, pytest and
+# the bench do what STUB_* say (the bench writes its results as gptfast bench does)
+echo "python3 $*" >> "$STUB_LOG"
+case "$1 $2" in
+  "-m pip") [[ "$*" == *" -e ."* ]] && { echo "pip: building"; exit "${STUB_BUILD_RC:-0}"; }; exit 0;;
+  "-m pytest") echo "pytest: running"; sleep "${STUB_TEST_SLEEP:-0}"; exit 0;;
+  "-m gptfast.cli")
+    [[ $3 == bench ]] || exit 0
+    out=""; prev=""; for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
+    mkdir -p "$out" && echo '{"partial": true}' > "$out/results.partial.json"
+    sleep "${STUB_BENCH_SLEEP:-0}"
+    rm "$out/results.partial.json" && echo '{}' > "$out/results.json" && echo '#' > "$out/summary.md";;
+  "-c "*)
+    case "$2" in
+      *device_slug*) echo nvidia-h200;;
+      *get_device_capability*) echo 9.0;;
+      "import xdist") exit 1;;
+    esac;;
+esac
+exit 0
+"""
+
+
+def _gpu_check(tmp_path, **env):
+    """.ci/gpu-check with python3 and nvidia-smi stubbed (no build, no GPU): its bash logic,
+    limits and archive. Returns (the stub's log, $OUT, the archive's members)."""
+    import tarfile
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text(_STUB_PYTHON)
+    (stubs / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'NVIDIA H200 (stub)'\n")
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "python3.log"
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK", "BENCH_", "TEST_", "PHASES"))}
+    run_env.update(PATH=f"{stubs}:{os.environ['PATH']}", OUT=str(out), STUB_LOG=str(log), **env)
+    proc = subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu-check")], env=run_env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(out / "bench.tgz") as tar:
+        members = sorted(m.name for m in tar.getmembers() if m.isfile())
+    return log.read_text(), out, members
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash, GNU timeout and tar")
+def test_gpu_check_archive_unpacks_where_update_readme_looks(tmp_path):
+    """The archive holds <device-slug>/results.json, so `tar xzf bench.tgz -C bench/results` is
+    where --update-readme looks; BENCH_TIME_BUDGET=0 is no budget (not --time-budget 0, an error)."""
+    log, out, members = _gpu_check(tmp_path, BENCH_TIME_BUDGET="0")
+    assert members == ["./nvidia-h200/results.json", "./nvidia-h200/summary.md"], members
+    (bench,) = [line for line in log.splitlines() if " gptfast.cli bench " in line]
+    assert "--time-budget" not in bench and "--out /tmp/gptfast-bench." in bench, bench
+    assert "built for TORCH_CUDA_ARCH_LIST=9.0" in (out / "build.txt").read_text()
+    assert [line.split(" -m ", 2)[-1][:3] for line in log.splitlines() if "-m pytest" in line] == ["gpu"] + \
+        ["not"] * 2  # the three passes
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash, GNU timeout and tar")
+def test_gpu_check_limits_and_a_failed_build_are_said(tmp_path):
+    """A failed build is said (not "built for ..."); TEST_TIMEOUT stops the test passes and
+    BENCH_TIMEOUT the benchmark, each saying so; the archive keeps the stopped run's partial results."""
+    log, out, members = _gpu_check(tmp_path, STUB_BUILD_RC="1", STUB_TEST_SLEEP="30", TEST_TIMEOUT="2",
+                                   STUB_BENCH_SLEEP="30", BENCH_TIMEOUT="2", BENCH_TIME_BUDGET="1")
+    build = (out / "build.txt").read_text()
+    assert "BUILD FAILED: pip install -e . exited 1" in build and "built for" not in build, build
+    tests = (out / "tests.txt").read_text()
+    assert "== gpu-only: stopped at TEST_TIMEOUT=2s" in tests and "== the rest: not run" in tests, tests
+    assert "benchmark stopped after BENCH_TIMEOUT=2s" in (out / "bench.txt").read_text()
+    assert members == ["./nvidia-h200/results.partial.json"], members
+    assert "--time-budget 1 " in log
+
+
+def _gpu_doc(name="NVIDIA H200"):
+    doc = _doc()
+    doc["env"].update(device_kind="cuda", device_name=name, sm_count=132, torch="2.11", triton="3.6.0", cuda="13.0",
+                      git_commit="abc1234", date="2026-12-01")
+    doc["cases"][0]["results"].insert(0, {"provider": "gptfast", "kind": "gptfast", "status": "ok", "reason": None,
+                                          "median_ms": 0.5, "iqr_ms": 0.01, "q25_ms": 0.49, "q75_ms": 0.51, "n": 10,
+                                          "vs_best_peer": 2.0})
+    return doc
+
+
+def test_update_readme_takes_the_newest_gpu_run_and_says_a_stopped_one(tmp_path, capsys):
+    """--update-readme (no path) takes the newest GPU results.json, not a CPU run made after it;
+    a stopped run (results.partial.json, named) is shown as stopped and links the file it left,
+    not a summary.md or charts it never wrote; with nothing complete the error names the partial."""
+    root = tmp_path / "bench" / "results"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    with pytest.raises(FileNotFoundError, match="no results.json measured on 'cuda'"):
+        report.latest_results(str(root), device_kind="cuda")
+    gpu = report.write_all(_gpu_doc(), str(root / "nvidia-h200"), charts=False)["json"]
+    cpu = report.write_all(_doc(), str(root / "some-cpu"), charts=False)["json"]
+    os.utime(gpu, (1e9, 1e9))  # the CPU run is the newer
+    assert report.latest_results(str(root)) == cpu
+    assert report.latest_results(str(root), device_kind="cuda") == gpu
+    with mock.patch.object(report, "RESULTS_DIR", str(root)):
+        assert cli._update_readme("latest", str(readme)) == 0
+        assert "**NVIDIA H200**" in readme.read_text() and "stopped" not in readme.read_text()
+        assert "newer than" not in capsys.readouterr().err
+        report.write_partial(_gpu_doc(), str(root / "nvidia-h200"))  # a later run there, stopped
+        assert cli._update_readme("latest", str(readme)) == 0
+        assert "results.partial.json (a run stopped before it finished) is newer than" in capsys.readouterr().err
+    # a run stopped from outside: its partial results, beside the charts and summary of an earlier run
+    stopped = _gpu_doc("NVIDIA H100 80GB HBM3")
+    partial = report.write_partial(stopped, str(root / "nvidia-h100"))
+    for leftover in ("summary.md", "toy.png"):
+        (root / "nvidia-h100" / leftover).write_text("an earlier run's")
+    assert cli._update_readme(partial, str(readme)) == 0
+    text = readme.read_text()
+    assert "**NVIDIA H100 80GB HBM3**" in text and report.PARTIAL_NOTE in text
+    assert "[bench/results/nvidia-h100/results.partial.json](bench/results/nvidia-h100/results.partial.json)" in text
+    assert "summary.md" not in text and "![toy]" not in text
+    with open(partial) as f:
+        assert report.PARTIAL_NOTE in report.format_markdown(json.load(f))
+    # nothing complete: the error names what the stopped run left
+    only = tmp_path / "stopped-only"
+    report.write_partial(stopped, str(only / "nvidia-h100"))
+    with pytest.raises(FileNotFoundError, match="results.partial.json: pass its path"):
+        report.latest_results(str(only), device_kind="cuda")
