@@ -11,7 +11,10 @@ model's greedy output token for token, and `perplexity` that of the continuation
 
 The context and the continuation are tokenized apart, the continuation with the delimiter
 (default a space) in front of it; where the two exceed the model's context, the context loses
-its first tokens. Rows are the JSON lines the fine-tuning data uses (gptfast.finetune).
+its first tokens. An empty context is the end-of-text token, as lm-evaluation-harness scores
+it (every token of the continuation is then predicted); with a tokenizer that has none (GPT-1)
+the continuation, without the delimiter, is scored from its second token on. Rows are the JSON
+lines the fine-tuning data uses (gptfast.finetune).
 """
 from __future__ import annotations
 
@@ -47,8 +50,12 @@ def prepare_requests(rows: Sequence[dict], tokenizer, delimiter: str = " ",
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(conts):
                 raise ValueError(f"{source}: row {n}: 'label' must be an index into its {len(conts)} choices, "
                                  f"got {label!r}")
-        ctx = tokenizer.encode(context)
-        pairs = [(ctx, tokenizer.encode(delimiter + c if context else c)) for c in conts]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if context or eos is None:
+            ctx, prefix = tokenizer.encode(context), delimiter if context else ""
+        else:  # lm-evaluation-harness's context for an empty one: the end-of-text token
+            ctx, prefix = [eos], delimiter
+        pairs = [(ctx, tokenizer.encode(prefix + c)) for c in conts]
         for i, (_, cont) in enumerate(pairs):
             problem = _unscorable(ctx, cont, context_len)
             if problem:

@@ -19,7 +19,9 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   attention dropout in training, runs transformers' SDPA path instead, and says so once; so
   does a padding mask under torch.compile (reading it would sync inside the graph; it is
   logged as the trace reaches it). `attention_dropout=False` runs the kernel in training too,
-  without dropout on the attention weights (as gptfast.GPT does).
+  without dropout on the attention weights (as gptfast.GPT does). A call that asks for the
+  attention weights (output_attentions) or passes a head_mask (transformers 4.x) runs
+  transformers' eager attention, which computes them, and says so once.
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
   the module keeps). The residual add stays transformers' own, so the add is not fused.
 - mlp: the MLP runs `ops.linear_bias_gelu` (c_fc with its GELU in the matmul epilogue) where
@@ -54,6 +56,7 @@ ATTENTION_NAME = "gptfast"
 MODEL_TYPES = ("gpt2", "openai-gpt")
 _TANH_GELUS = ("NewGELUActivation", "PytorchGELUTanh", "GELUTanh")  # transformers' activation modules
 _STATE = "_gptfast_patch"
+_ASKED = "_gptfast_asked"  # on a patched GPT2Model: what its current call asks of its attention modules
 
 
 def _check_model(model) -> None:
@@ -82,6 +85,25 @@ def _gelu_form(act) -> "str | None":
 
 
 # ---- attention -----------------------------------------------------------------------------
+
+def _eager(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """transformers' eager attention of the module's model: the one that returns the attention
+    weights and applies a head mask. It adds the mask to the scores, so SDPA's boolean mask (what
+    transformers makes for "gptfast") becomes additive, and where there is none, the causal mask
+    SDPA's is_causal would apply (transformers 5.x's eager applies none of its own)."""
+    import sys
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    tq, tk = query.shape[2], key.shape[2]
+    if attention_mask is None and tq > 1 and _causal(module, kwargs):
+        attention_mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :tk]
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -202,6 +224,12 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         dropout = 0.0
     tq, tk = query.shape[2], key.shape[2]
     reason = window = None
+    asked = [name for name, given in (("output_attentions", patch.get("asked", {}).get("output_attentions")),
+                                      ("head_mask", kwargs.get("head_mask") is not None)) if given]
+    if asked:
+        _dispatch.log_once(f"hf_patch:attention:{asked}", "gptfast: transformers attention runs transformers' "
+                           "eager attention, not gptfast's kernel: the call asked for %s", " and ".join(asked))
+        return _eager(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout > 0:
         reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run the "
                   "kernel without it)")
@@ -234,6 +262,15 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
     else:  # one query, another scale (or a gradient): every key is visible
         out = ops.attention(query, key, value, causal=False, scale=scale)
     return out.transpose(1, 2), None
+
+
+def _gpt2_model_forward(self, *args, **kwargs):
+    """GPT2Model.forward, noting for its attention modules whether this call asks for the
+    attention weights: transformers 5.x does not pass output_attentions down to them (hooks
+    collect what they return), 4.x passes it to the module but not to the attention function."""
+    asked = kwargs.get("output_attentions")
+    getattr(self, _ASKED)["output_attentions"] = bool(self.config.output_attentions if asked is None else asked)
+    return type(self).forward(self, *args, **kwargs)
 
 
 def _gpt1_attn(self, q, k, v, *args, **kwargs):
@@ -365,6 +402,14 @@ def patch_transformers(model, attention: bool = True, layer_norm: bool = True, m
         unpatch_transformers(model)
     patched: list[tuple[nn.Module, str]] = []  # (module, attribute) of each instance override
     gpt1 = model.config.model_type == "openai-gpt"
+    asked = {}  # GPT2Attention -> the flags of the GPT2Model it is in (_gpt2_model_forward sets them)
+    for module in model.modules():
+        if attention and type(module).__name__ == "GPT2Model":
+            flags = {"output_attentions": False}
+            setattr(module, _ASKED, flags)
+            module.forward = types.MethodType(_with_signature(_gpt2_model_forward, module.forward), module)
+            patched.append((module, "forward"))
+            asked.update((m, flags) for m in module.modules() if type(m).__name__ == "GPT2Attention")
 
     def patch(module, function, attr="forward", **state):
         setattr(module, _STATE, state)
@@ -384,7 +429,7 @@ def patch_transformers(model, attention: bool = True, layer_norm: bool = True, m
                 _dispatch.log_once(f"hf_patch:mlp:{act}",
                                    "gptfast: the MLP keeps transformers' code: its activation %s is not a GELU", act)
         elif attention and name == "GPT2Attention":
-            setattr(module, _STATE, {"attention_dropout": attention_dropout})
+            setattr(module, _STATE, {"attention_dropout": attention_dropout, "asked": asked.get(module, {})})
         elif attention and gpt1 and name == "Attention" and hasattr(module, "_attn"):
             arguments = list(inspect.signature(type(module)._attn).parameters)[4:]  # after self, q, k, v
             patch(module, _gpt1_attn, "_attn", attention_dropout=attention_dropout, arguments=arguments)
@@ -412,7 +457,9 @@ def unpatch_transformers(model):
         return model
     for module, attr in state["modules"]:
         delattr(module, attr)  # the instance attribute: the class's method shows through again
-        if hasattr(module, _STATE):
+        if hasattr(module, _ASKED):
+            delattr(module, _ASKED)
+        if module is not model and hasattr(module, _STATE):  # a patched GPT2Model may be the model itself
             delattr(module, _STATE)
     if state["forward"] is not None:
         del model.forward

@@ -1,8 +1,9 @@
 """GPT-2 byte-level BPE through Hugging Face `tokenizers`: the same ids as GPT2TokenizerFast.
 
-Reads tokenizer.json, or vocab.json + merges.txt, from a checkpoint directory. A vocab.json
-whose words end in "</w>" is GPT-1's BPE (lower-cased, BERT pre-tokenizer, end-of-word
-suffix), built as transformers' OpenAIGPTTokenizer builds it.
+Reads tokenizer.json, or vocab.json + merges.txt (with the tokens transformers added beyond
+them: added_tokens.json, or tokenizer_config.json's added_tokens_decoder), from a checkpoint
+directory. A vocab.json whose words end in "</w>" is GPT-1's BPE (lower-cased, BERT
+pre-tokenizer, end-of-word suffix), built as transformers' OpenAIGPTTokenizer builds it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ class Tokenizer:
             if os.path.isfile(tok_json):
                 return cls.from_file(tok_json)
             if os.path.isfile(vocab) and os.path.isfile(merges):
-                return cls(_gpt1_bpe(vocab, merges) if _is_gpt1_vocab(vocab) else _byte_level_bpe(vocab, merges))
+                backend = _gpt1_bpe(vocab, merges) if _is_gpt1_vocab(vocab) else _byte_level_bpe(vocab, merges)
+                _add_saved_tokens(backend, directory)
+                return cls(backend)
         except Exception as exc:  # noqa: BLE001 - a parse error is a corrupt file to the user
             raise ValueError(f"cannot read the tokenizer in {directory} (corrupt file?): {exc}") from exc
         raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json + merges.txt")
@@ -62,12 +65,26 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text; a special token written in it ("<|endoftext|>") is that token, as
+        GPT2TokenizerFast encodes it."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_utf8(text, "text")
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for n, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise TypeError(f"texts[{n}] must be a str, got {type(text).__name__}") from None
+                _check_utf8(text, f"texts[{n}]")
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids; ValueError naming the first id outside [0, vocab_size) (the backend
@@ -146,8 +163,20 @@ class Tokenizer:
         return pre_ok and all(n["type"] in _NEWLINE_SAFE_NORMALIZERS for n in norm)
 
 
+def _check_utf8(text: str, name: str) -> None:
+    """ValueError naming the first lone surrogate of text (a str can hold one; UTF-8 cannot,
+    and the backend only says its input is not a str)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} holds a lone surrogate {text[exc.start]!r} at index {exc.start}: it has no UTF-8 "
+                         "bytes to encode") from None
+
+
 class StreamDecoder:
-    """Turns a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a stream of ids into text pieces, holding back incomplete UTF-8 sequences; `flush`
+    gives what is held back at the end of the stream, so the pieces and the flush join to
+    `decode` of every id."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -170,6 +199,13 @@ class StreamDecoder:
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
+    def flush(self) -> str:
+        """The text held back at the end of the stream: an incomplete UTF-8 sequence (the stream
+        stopped inside a character) decodes to U+FFFD, as decode gives it."""
+        text = self.tokenizer._tok.decode(self.ids, skip_special_tokens=False)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
 
 def _byte_level_bpe(vocab_path: str, merges_path: str):
     from tokenizers import Tokenizer as HFTokenizer
@@ -182,6 +218,47 @@ def _byte_level_bpe(vocab_path: str, merges_path: str):
     if tok.token_to_id("<|endoftext|>") is not None:
         tok.add_special_tokens(["<|endoftext|>"])
     return tok
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _add_saved_tokens(tok, directory: str) -> None:
+    """The tokens transformers added beyond vocab.json (a pad token, fine-tuning markers), as its
+    save_pretrained writes them beside vocab.json + merges.txt: tokenizer_config.json's
+    added_tokens_decoder (id -> the token and its flags), else added_tokens.json (token -> id;
+    special where special_tokens_map.json names it). Each keeps its id: one that is neither
+    vocab.json's id for it nor the next free id is an error."""
+    from tokenizers import AddedToken
+
+    config = _read_json(os.path.join(directory, "tokenizer_config.json")) or {}
+    entries = config.get("added_tokens_decoder")
+    if isinstance(entries, dict) and entries:
+        added = [(int(i), dict(e)) for i, e in entries.items()]
+    else:
+        saved = _read_json(os.path.join(directory, "added_tokens.json")) or {}
+        named = _read_json(os.path.join(directory, "special_tokens_map.json")) or {}
+        special = set()
+        for value in named.values():
+            for v in value if isinstance(value, list) else [value]:
+                special.add(v.get("content") if isinstance(v, dict) else v)
+        added = [(int(i), {"content": t, "special": t in special}) for t, i in saved.items()]
+    for i, entry in sorted(added, key=lambda pair: pair[0]):
+        content, is_special = entry["content"], bool(entry.get("special", False))
+        token = AddedToken(content, single_word=bool(entry.get("single_word", False)),
+                           lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                           normalized=bool(entry.get("normalized", not is_special)), special=is_special)
+        known = tok.token_to_id(content)
+        if known is None and i != tok.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"added token {content!r} has id {i}, but the next free id after vocab.json and the "
+                             f"tokens added before it is {tok.get_vocab_size(with_added_tokens=True)}")
+        if known is not None and known != i:
+            raise ValueError(f"added token {content!r} has id {i}, but vocab.json gives it id {known}")
+        (tok.add_special_tokens if is_special else tok.add_tokens)([token])
 
 
 def _is_gpt1_vocab(vocab_path: str) -> bool:

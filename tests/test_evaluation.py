@@ -121,7 +121,62 @@ def test_cli_eval_and_bad_rows(models, tmp_path, capsys):
         evaluate_zero_shot(model, tok, long_rows, source="x.jsonl")
     one = tok.encode("b")
     assert len(one) == 1
+    no_eos = Tokenizer(tok._tok, eos_token=None)  # as GPT-1's: an empty context is no token at all
     with pytest.raises(ValueError, match="x.jsonl: row 1: the continuation is a single token with no context"):
-        evaluate_zero_shot(model, tok, [{"context": "", "continuation": "b"}], source="x.jsonl")
+        evaluate_zero_shot(model, no_eos, [{"context": "", "continuation": "b"}], source="x.jsonl")
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         score_continuations(model, [([1], [2])], batch_size=0)
+
+
+def test_an_empty_context_is_the_end_of_text_token(models):
+    """lm-evaluation-harness scores a row with an empty context after the end-of-text token, so
+    every token of each choice counts (the first one too), the delimiter in front as in any row."""
+    hf, model, tok, _ = models
+    rnd = random.Random(3)
+    rows = [{"context": "", "choices": [_text(rnd, 1, 4) for _ in range(3)], "label": i % 3} for i in range(9)]
+    rows.append({"context": "", "choices": ["b", "the"], "label": 1})  # single-token choices are scorable
+    result = evaluate_zero_shot(model, tok, rows, batch_size=4)
+    correct = correct_norm = 0
+    for r in rows:
+        ll = [_hf_loglik(hf, [tok.eos_token_id], tok.encode(" " + c))[0] for c in r["choices"]]
+        correct += max(range(len(ll)), key=ll.__getitem__) == r["label"]
+        correct_norm += max(range(len(ll)), key=lambda i: ll[i] / len(r["choices"][i])) == r["label"]
+    assert result == {"task": "choice", "examples": 10, "accuracy": correct / 10, "accuracy_norm": correct_norm / 10}
+    completion = [{"context": "", "continuation": _text(rnd, 1, 3)} for _ in range(4)]
+    got = evaluate_zero_shot(model, tok, completion, batch_size=3)
+    conts = [tok.encode(" " + r["continuation"]) for r in completion]
+    want = [_hf_loglik(hf, [tok.eos_token_id], c) for c in conts]
+    assert got["tokens"] == sum(map(len, conts))
+    assert got["perplexity"] == pytest.approx(math.exp(-sum(s for s, _ in want) / got["tokens"]), rel=1e-5)
+
+
+def test_strided_perplexity_equals_transformers_documented_method(models):
+    """gptfast.train.perplexity against the sliding-window loop of transformers' "Perplexity of
+    fixed-length models" on the transformers model itself: windows of n_positions starting every
+    stride tokens, each scoring the tokens no earlier window scored (the first window all but its
+    first token, the last one however short it is). The sum is taken per token, so the count is
+    exact where the documented loop weights each window's mean by its targets less one."""
+    from gptfast.train import perplexity
+
+    hf, model, _, _ = models
+    ctx = hf.config.n_positions
+    for n, stride in [(20, 8), (32, 8), (33, 16), (97, 16), (101, 7), (130, 31), (64, 1)]:
+        ids = torch.randint(0, hf.config.vocab_size, (1, n))
+        nll_sum, tokens, prev_end = 0.0, 0, 0
+        with torch.no_grad():
+            for begin in range(0, n, stride):
+                end = min(begin + ctx, n)
+                trg_len = end - prev_end
+                x = ids[:, begin:end]
+                labels = x.clone()
+                labels[:, :-trg_len] = -100
+                logits = hf(x).logits[:, :-1].double()
+                shifted = labels[:, 1:]
+                nll_sum += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), shifted, reduction="sum"))
+                tokens += int((shifted != -100).sum())
+                prev_end = end
+                if end == n:
+                    break
+        got = perplexity(model, ids[0].tolist(), stride=stride, progress=False, batch_size=3)
+        assert got["tokens"] == tokens == n - 1, (n, stride)
+        assert got["nll"] == pytest.approx(nll_sum / tokens, rel=1e-5), (n, stride)

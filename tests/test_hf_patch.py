@@ -379,6 +379,49 @@ def test_gpt1_attention_weights_asked_for_run_transformers_code(caplog):
     torch.testing.assert_close(got.attentions[1], want.attentions[1])
 
 
+def test_gpt2_attention_weights_and_head_mask_run_transformers_eager(monkeypatch, caplog):
+    """output_attentions (and transformers 4.x's head_mask, which scales the weights) need the
+    attention weights, which the kernels never make: those calls run transformers' eager attention
+    and say so (not empty or None attentions, not a head mask dropped), on a padded batch, with
+    cross-attention and through generate; a call without them is back on the kernel."""
+    model = hf_gpt2(seed=16)
+    patched = gptfast.patch_transformers(copy.deepcopy(model))
+    ids = torch.randint(1, 211, (3, 11), device=DEV)
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    calls = Calls(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="gptfast"), torch.no_grad():
+        for kw in ({}, {"attention_mask": _padded_mask(ids)}):
+            want, got = model(ids, output_attentions=True, **kw), patched(ids, output_attentions=True, **kw)
+            assert len(got.attentions) == len(want.attentions) == 2, kw
+            for a, b in zip(got.attentions, want.attentions):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        head_mask = torch.ones(2, 4, device=DEV)
+        head_mask[1, 2], head_mask[0, 0] = 0.0, 0.5
+        torch.testing.assert_close(patched(ids, head_mask=head_mask).logits, model(ids, head_mask=head_mask).logits,
+                                   rtol=1e-5, atol=1e-5)  # applied by transformers 4.x, ignored by 5.x: as unpatched
+        assert calls.n["attention"] == 0, calls.n
+        kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+                  return_dict_in_generate=True, output_attentions=True)
+        want, got = model.generate(ids, **kw), patched.generate(ids, **kw)
+        assert torch.equal(got.sequences, want.sequences) and len(got.attentions) == len(want.attentions) == 3
+        for step_got, step_want in zip(got.attentions, want.attentions):
+            for a, b in zip(step_got, step_want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(patched(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert calls.n["attention"] == 2, calls.n  # the last call, asking for nothing: the kernel again
+    assert "runs transformers' eager attention, not gptfast's kernel: the call asked for output_attentions" \
+        in caplog.text
+
+    cross = hf_gpt2(seed=17, add_cross_attention=True)
+    patched = gptfast.patch_transformers(copy.deepcopy(cross))
+    enc = torch.randn(3, 6, 64, device=DEV)
+    with torch.no_grad():
+        want, got = (m(ids, encoder_hidden_states=enc, output_attentions=True) for m in (cross, patched))
+        for a, b in zip(got.attentions + got.cross_attentions, want.attentions + want.cross_attentions, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert len(got.cross_attentions) == 2
+
 def test_bidirectional_config_runs_sdpa(caplog):
     """transformers' config.is_causal=False (its bidirectional switch) is not causal attention."""
     if ADDITIVE_MASKS:
