@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
         out.write(prompt)
         out.flush()
         stream = tok.stream_decoder()
-        text, t1, count, stats = "", time.perf_counter(), 0, {}
+        text, t1, count, stats, cut = "", time.perf_counter(), 0, {}, None
         seed = None if args.seed is None else args.seed + n
         for toks in model.generate_stream(ids, max_new_tokens=max_new, temperature=args.temperature,
                                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seed,
@@ -111,6 +111,8 @@ def cmd_generate(args) -> int:
                 break
             out.write(piece)
             out.flush()
+        if cut is None:  # what a stream that ended inside a character holds back, as decode gives it
+            out.write(stream.flush())
         out.write("\n")
         out.flush()
         if args.verbose:

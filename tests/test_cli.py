@@ -101,3 +101,19 @@ def test_ids_past_the_tokenizers_vocabulary_have_no_text_in_stop_checks():
     assert not stops.push(0, tok.vocab_size + 3)
     ids = tok.encode(" God")
     assert [stops.push(0, i) for i in ids][-1]
+
+
+@needs_default
+def test_generate_prints_what_a_stream_ended_inside_a_character_holds_back(monkeypatch, capsys):
+    """A stream that ends inside a multi-byte character (max tokens reached mid-emoji) prints its
+    held-back bytes as decode gives them, so the output is the prompt and decode of the ids."""
+    tok = gptfast.Tokenizer.from_pretrained(DEFAULT)
+    ids = tok.encode(" ab\U0001F680")[:-1]
+    assert tok.decode(ids).endswith("\ufffd")  # the last character is cut
+
+    def stream(self, *args, **kwargs):
+        yield from ([i] for i in ids)
+
+    monkeypatch.setattr(gptfast.GPT, "generate_stream", stream)
+    assert main(["generate", "And", "-n", str(len(ids)), "-t", "0"]) == 0
+    assert capsys.readouterr().out == "And" + tok.decode(ids) + "\n"
