@@ -1,7 +1,8 @@
 """Loading and saving weights: Hugging Face GPT-2 / GPT-1 directories and nanoGPT checkpoints.
 
-- HF: config.json + model.safetensors | pytorch_model.bin, sharded (*.index.json) too.
-  Conv1D weights ([in, out]) are transposed into nn.Linear ([out, in]); the LM head is tied.
+- HF: config.json + model.safetensors | pytorch_model.bin, sharded (*.index.json) too, of any
+  transformers GPT-2 / GPT-1 class (task heads ignored, saying so). Conv1D weights ([in, out]) are
+  transposed into nn.Linear ([out, in]); the LM head is tied (a stored head that differs is refused).
 - nanoGPT: a ckpt.pt with "model_args" and "model" (nn.Linear layout, maybe "_orig_mod." prefixes).
 - Pickled files load with weights_only=True; safetensors is preferred.
 - Saving checks the config first, then writes every file to a temporary name and renames it
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -22,6 +24,8 @@ import torch
 
 from .config import GPTConfig, read_json_object
 
+logger = logging.getLogger("gptfast")
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PT_WEIGHTS = "pytorch_model.bin"
@@ -29,6 +33,9 @@ PT_INDEX = "pytorch_model.bin.index.json"
 _WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, PT_WEIGHTS, PT_INDEX)  # the order read_hf_state_dict looks in
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT1_RENAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
+# Task heads of transformers' GPT-2 / GPT-1 classes, beside the body: *ForSequenceClassification,
+# *DoubleHeadsModel, *ForTokenClassification, *ForQuestionAnswering
+HF_HEADS = ("score.", "multiple_choice_head.", "classifier.", "qa_outputs.")
 
 
 class CheckpointError(ValueError):
@@ -59,11 +66,17 @@ def _load_sharded(directory: str, index_name: str) -> dict[str, torch.Tensor]:
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError(f"weight_map must map tensor names to shard file names, got {weight_map!r:.80}")
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path} is not a valid shard index: {exc}") from None
+        raise CheckpointError(f"{index_path} is not a valid shard index: {type(exc).__name__}: {exc}") from None
     state = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(_load_file(os.path.join(directory, shard)))
+        shard_path = os.path.join(directory, shard)
+        if not os.path.isfile(shard_path):
+            raise CheckpointError(f"shard {shard} listed in {index_path} is missing: {shard_path} does not exist "
+                                  "(an incomplete download or copy?)")
+        state.update(_load_file(shard_path))
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise CheckpointError(f"shards of {index_path} lack tensors it lists: {missing[:5]}")
@@ -81,18 +94,25 @@ def read_hf_state_dict(directory: str) -> dict[str, torch.Tensor]:
 
 # ---- key mapping ---------------------------------------------------------------------
 
-def hf_to_gptfast(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """HF GPT2LMHeadModel / OpenAIGPTLMHeadModel keys -> gptfast keys (Conv1D transposed)."""
+def hf_to_gptfast(state: dict[str, torch.Tensor], config: GPTConfig,
+                  source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel / GPT2Model / OpenAIGPT* keys -> gptfast keys (Conv1D transposed). The
+    task heads of other transformers classes (HF_HEADS) keep their names; an LM head is checked
+    to be the token embedding (check_tied_head)."""
     out = {}
+    head = None
     for key, t in state.items():
         k = key
         for prefix in ("transformer.", ""):
             if k.startswith(prefix):
                 k = k[len(prefix):]
                 break
-        if k.startswith("lm_head.") or k.endswith((".attn.bias", ".attn.masked_bias")) or k == "position_ids":
-            continue  # tied head; causal-mask buffers of older transformers
-        if key.startswith("score."):  # the head of *ForSequenceClassification (gptfast.finetune)
+        if key == "lm_head.weight":
+            head = t
+            continue
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "position_ids":
+            continue  # causal-mask buffers of older transformers
+        if key.startswith(HF_HEADS):  # score.: *ForSequenceClassification's head (gptfast.finetune)
             out[key] = t
             continue
         for old, new in _GPT1_RENAMES.items():
@@ -101,7 +121,32 @@ def hf_to_gptfast(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
         if k.endswith(CONV1D_SUFFIXES):
             t = t.t()
         out["transformer." + k] = t
+    check_tied_head(out, head, source)
     return out
+
+
+WTE = "transformer.wte.weight"
+
+
+def check_tied_head(state: dict[str, torch.Tensor], head: Optional[torch.Tensor], source: str) -> None:
+    """gptfast's LM head is the token embedding. A stored head must be a copy of it, or its only
+    copy (transformers 5 saves OpenAIGPTDoubleHeadsModel's tied pair as lm_head.weight alone): then
+    it fills the embedding. A head that differs is refused: tying it would change the model
+    (transformers keeps such a head untied, whatever tie_word_embeddings says)."""
+    if head is None:
+        return
+    wte = state.get(WTE)
+    if wte is None:
+        state[WTE] = head
+        return
+    if tuple(head.shape) != tuple(wte.shape):
+        raise CheckpointError(f"{source}: lm_head.weight has shape {tuple(head.shape)}, but the LM head is tied to "
+                              f"the token embedding {WTE} of shape {tuple(wte.shape)}")
+    if not torch.equal(head.to(wte.dtype), wte):
+        diff = (head.double() - wte.double()).abs().max().item()
+        raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding {WTE} (max abs "
+                              f"difference {diff:.3g}): an untied LM head, which gptfast cannot hold (its LM head "
+                              "is the embedding); tying it would change the model's outputs")
 
 
 def gptfast_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -129,12 +174,14 @@ def load_state_into(model, state: dict[str, torch.Tensor], source: str, optional
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}")
+        raise CheckpointError(f"{source}: weights do not match the config: missing {_some(missing)}, "
+                              f"unexpected {_some(unexpected)}")
     for k, t in state.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(t.shape)}, "
-                                  f"config expects {tuple(expected[k].shape)}")
+        shape, want = tuple(t.shape), tuple(expected[k].shape)
+        if shape != want:
+            hint = (" (its transpose: a weight stored in the other layout, nn.Linear's (out, in) against "
+                    "Hugging Face Conv1D's (in, out)?)" if len(shape) == 2 and shape[::-1] == want else "")
+            raise CheckpointError(f"{source}: {k} has shape {shape}, config expects {want}{hint}")
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: {k} has dtype {t.dtype}, expected a floating tensor")
     with torch.no_grad():
@@ -143,13 +190,17 @@ def load_state_into(model, state: dict[str, torch.Tensor], source: str, optional
             params[k].copy_(t)
 
 
+def _some(keys: list[str], n: int = 6) -> str:
+    return f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 # ---- public entry points -----------------------------------------------------------
 
 def resolve_path(path: str) -> str:
     """A local directory/file, or a hub name found in the local Hugging Face cache."""
     if os.path.exists(path):
         return path
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is None:
+    if re.fullmatch(r"(?!\.)[\w.-]+(/(?!\.)[\w.-]+)?", path) is None:  # ./x, ../x: paths, never hub names
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         from huggingface_hub import snapshot_download
@@ -182,7 +233,7 @@ def read_checkpoint(path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
     if kind == "hf":
         raw = read_json_object(os.path.join(path, "config.json"))
         config = GPTConfig.from_hf_dict(raw)
-        return config, hf_to_gptfast(read_hf_state_dict(path), config), raw
+        return config, hf_to_gptfast(read_hf_state_dict(path), config, path), raw
     return (*read_nanogpt(path), {})
 
 
@@ -241,7 +292,7 @@ def _read_transformers_model(hf_model) -> tuple[GPTConfig, dict[str, torch.Tenso
     raw = {**config_obj.to_diff_dict(), "model_type": getattr(config_obj, "model_type", None)}
     config = GPTConfig.from_hf_dict(raw, source=f"{name}.config")
     state = {k: v.detach() for k, v in hf_model.state_dict().items()}  # build_model copies them
-    return config, hf_to_gptfast(state, config), raw
+    return config, hf_to_gptfast(state, config, name), raw
 
 
 def build_model(cls, config: GPTConfig, state: dict[str, torch.Tensor], source: str, device=None, dtype=None,
@@ -261,11 +312,20 @@ def build_model(cls, config: GPTConfig, state: dict[str, torch.Tensor], source: 
 
 
 def load_model(path: str, device=None, dtype=None):
-    """A GPT language model. Fine-tuning heads in the checkpoint (score.*) are not part of it."""
+    """A GPT language model. Task heads in the checkpoint (HF_HEADS: a fine-tuned classifier's
+    score.*, GPT2DoubleHeadsModel's multiple_choice_head.*...) are not part of it: ignored, saying so.
+    Parameters are float32 unless dtype is given, whatever the checkpoint's dtype (an fp16 or
+    bf16 checkpoint is upcast exactly; its config's torch_dtype is not read)."""
     from .model import GPT
 
-    config, state, _ = read_checkpoint(path)
-    state = {k: v for k, v in state.items() if not k.startswith("score.")}
+    config, state, raw = read_checkpoint(path)
+    heads = sorted({k.split(".", 1)[0] for k in state if k.startswith(HF_HEADS)})
+    if heads:
+        arch = ", ".join(raw.get("architectures") or []) if isinstance(raw.get("architectures"), list) else ""
+        logger.warning("gptfast: %s: ignoring the checkpoint's task head%s %s%s: GPT.from_pretrained loads the "
+                       "language model (body and tied LM head)", _source(path), "s" if len(heads) > 1 else "",
+                       ", ".join(h + ".*" for h in heads), f" ({arch})" if arch else "")
+        state = {k: v for k, v in state.items() if not k.startswith(HF_HEADS)}
     return build_model(GPT, config, state, _source(path), device=device, dtype=dtype)
 
 
@@ -298,11 +358,16 @@ def read_nanogpt(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad model config: {type(exc).__name__}: {exc}") from None
     state = {}
+    head = None
     for k, t in ckpt["model"].items():
         k = k.removeprefix("_orig_mod.")
-        if k.endswith(".attn.bias") or k.startswith("lm_head."):
+        if k == "lm_head.weight":
+            head = t
+            continue
+        if k.endswith(".attn.bias"):
             continue
         state[k] = t
+    check_tied_head(state, head, path)
     return config, state
 
 

@@ -55,29 +55,50 @@ def current_backend(backend: Optional[str] = None) -> str:
 
 
 class use_backend(contextlib.ContextDecorator):
-    """Select the backend for every op, as a setter or a context manager.
+    """Select the backend for every op, as a setter, a context manager or a decorator.
 
     ``gptfast.use_backend("torch")`` sets it until changed;
-    ``with gptfast.use_backend("kernel"): ...`` sets it inside the block only.
+    ``with gptfast.use_backend("kernel"): ...`` sets it inside the block only;
+    ``@gptfast.use_backend("torch")`` sets it inside each call of the function only.
     ``use_backend(None)`` returns to the environment / "auto".
     """
 
     def __init__(self, backend: Optional[str]):
         if backend is not None:
             _check(backend, "backend")
-        self._previous = _override[0]
+        self._backend = backend
+        self._restore = [_override[0]]  # what each exit puts back; the setter's call has set it already
+        self._set_by_init = True
         _override[0] = backend
 
     def __enter__(self):
+        if self._set_by_init:  # `with use_backend(x):` - the call above set it
+            self._set_by_init = False
+        else:  # entered again, or each call of a function it decorates
+            self._restore.append(_override[0])
+            _override[0] = self._backend
         return self
 
     def __exit__(self, *exc):
-        _override[0] = self._previous
+        _override[0] = self._restore.pop()
         return False
+
+    def __call__(self, func):
+        """As a decorator (`@use_backend("torch")`): the setting holds inside each call of func
+        only, not from the decoration on."""
+        if self._set_by_init:
+            self._set_by_init = False
+            _override[0] = self._restore.pop()
+        return super().__call__(func)
+
+
+# What Triton's knobs read as true, case-insensitive and unstripped (Triton 3.4 to 3.9; 3.9 takes "y" too)
+_TRUE = ("1", "true", "yes", "on")
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False")
+    """Whether Triton runs kernels in its CPU interpreter: TRITON_INTERPRET as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE
 
 
 _triton_probe: list[Optional[str]] = []  # memo; a plain global so torch.compile reads it as a constant
@@ -290,13 +311,19 @@ def _compiling() -> bool:
 def backends() -> dict[str, dict[str, object]]:
     """Per op: the fast implementation, whether it is available here, and why not."""
     cuda = torch.cuda.is_available()
+    setting = current_backend()
     report = {}
     for op, (impl, probe, ready) in sorted(_REGISTRY.items()):
         reason = probe()
         if reason is None and ready is not None:
             reason_text = ready()
+        elif reason is None and "Triton" in impl and not cuda:
+            reason_text = ("ready under TRITON_INTERPRET (CPU tensors: backend='kernel' runs the interpreter; "
+                           "'auto' runs the PyTorch reference)")
         else:
-            reason_text = reason or ("ready (TRITON_INTERPRET)" if "Triton" in impl and not cuda else "ready")
+            reason_text = reason or "ready"
+        if reason is None and setting == "torch":
+            reason_text += "; not used: the backend setting is 'torch' (use_backend / GPTFAST_BACKEND)"
         report[op] = {
             "implementation": impl,
             "available": reason is None,
@@ -306,7 +333,7 @@ def backends() -> dict[str, dict[str, object]]:
     report["_device"] = {
         "cuda": cuda,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "backend": current_backend(),
+        "backend": setting,
         "torch": torch.__version__,
     }
     return report
