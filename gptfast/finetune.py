@@ -11,7 +11,9 @@ linear decay to 0, weight decay 0.01, dropout 0.1 on the head's input.
 
 Tasks and their input transformations:
 - "classification": one text, or a text pair (entailment, paraphrase...) joined by the
-  delimiter token: `[start] text [delim text_pair] [extract]`.
+  delimiter token: `[start] text [delim text_pair] [extract]`. A pair is read in the order
+  given: the paper's similarity transformation (both orders, their representations summed)
+  is not done.
 - "choice" (multiple choice, e.g. story cloze): each choice becomes `[start] context [delim]
   choice [extract]`, the head gives each one a score, and a softmax over the choices is the
   task's distribution.
@@ -27,8 +29,10 @@ classification. Labels may be strings or ints; the label set is read from the tr
 The run directory ends as a Hugging Face directory that transformers loads as
 GPT2ForSequenceClassification / OpenAIGPTForSequenceClassification (same logits; the
 `pad_token_id` in config.json is chosen so its last-non-pad rule finds the same token), plus
-the tokenizer, log.jsonl and loss.png. Checkpoints, resume and torchrun work as in
-gptfast.train: the same command resumes an interrupted run and reaches the same weights.
+the tokenizer, log.jsonl and loss.png. `--max-len` is saved with the head, so predict() and
+`gptfast classify` cut over-long examples as training and its validation did. Checkpoints,
+resume and torchrun work as in gptfast.train: the same command resumes an interrupted run and
+reaches the same weights.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class TaskSpec:
     extract: Optional[int] = None
     pad: Optional[int] = None  # pad id written to config.json for transformers' last-non-pad rule
     text_pair: Optional[bool] = None  # classification: trained on text pairs (True), single texts (False), or unknown
+    max_len: Optional[int] = None  # tokens an example is cut to (--max-len; None: the model's context)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -71,6 +76,9 @@ class TaskSpec:
             raise ValueError(f"classification needs at least 2 labels, got {self.labels!r}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be distinct, got {self.labels!r}")
+        if self.max_len is not None and (isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
+                                         or self.max_len < 2):
+            raise ValueError(f"max_len must be an int >= 2 or None, got {self.max_len!r}")
 
     @property
     def num_outputs(self) -> int:
@@ -204,7 +212,19 @@ def read_rows(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if path.endswith((".csv", ".tsv")):
-                rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+                sep = "\t" if path.endswith(".tsv") else ","
+                reader, rows = csv.reader(f, delimiter=sep), []
+                header = next(reader, [])
+                if len(set(header)) != len(header):
+                    raise ValueError(f"{path}:1: the header names a column twice: {header}")
+                for cells in reader:  # a row whose cells do not match the header would shift its columns
+                    if not cells:
+                        continue
+                    if len(cells) != len(header):
+                        raise ValueError(f"{path}:{reader.line_num}: {len(cells)} cells, but the header has "
+                                         f"{len(header)} ({header}); quote a cell that holds a "
+                                         f"{'tab' if sep == chr(9) else 'comma'}")
+                    rows.append(dict(zip(header, cells)))
             else:
                 rows = []
                 for n, line in enumerate(f, 1):
@@ -227,6 +247,9 @@ def label_set(rows: Sequence[dict], source: str) -> list:
     missing = [n for n, r in enumerate(rows, 1) if r.get("label") in (None, "")]
     if missing:
         raise ValueError(f"{source}: row {missing[0]} has no 'label' ({len(missing)} rows lack one)")
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r["label"], (str, int, float)):
+            raise ValueError(f"{source}: row {n}: label must be a string or a number, got {r['label']!r}")
     values = {r["label"] for r in rows}
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return sorted(values)
@@ -237,11 +260,17 @@ def label_set(rows: Sequence[dict], source: str) -> list:
 
 
 def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, source: str,
-                labelled: bool = True) -> tuple[list[Example], int]:
-    """Examples (token ids per the spec's input transformation) and how many were truncated."""
+                labelled: bool = True, numbers: Optional[Sequence[int]] = None) -> tuple[list[Example], int]:
+    """Examples (token ids per the spec's input transformation) and how many were truncated.
+    Each is cut to max_len tokens, or to the spec's max_len (the one it was trained with) when
+    that is shorter. numbers: the rows' numbers in source, for errors (default 1, 2, ...)."""
+    if spec.max_len is not None:
+        max_len = min(max_len, spec.max_len)
+    if numbers is not None and len(numbers) != len(rows):
+        raise ValueError(f"numbers must have one entry per row ({len(rows)}), got {len(numbers)}")
     index = {lab: i for i, lab in enumerate(spec.labels)}
     examples, truncated = [], 0
-    for n, row in enumerate(rows, 1):
+    for n, row in zip(numbers or range(1, len(rows) + 1), rows):
         where = f"{source}: row {n}"
         if spec.task == "classification":
             text = _field(row, ("text", "sentence", "text_a"), where)
@@ -252,6 +281,10 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
             label = None
             if labelled or row.get("label") not in (None, ""):
                 raw = row.get("label")
+                if raw in (None, ""):
+                    raise ValueError(f"{where}: no 'label' (one of the model's labels {spec.labels})")
+                if not isinstance(raw, (str, int, float)):
+                    raise ValueError(f"{where}: label must be a string or a number, got {raw!r}")
                 key = raw if raw in index else str(raw)
                 if key not in index:
                     raise ValueError(f"{where}: label {raw!r} is not one of the model's labels {spec.labels}")
@@ -342,14 +375,16 @@ def collate(examples: Sequence[Example], task: str, pad_id: int, device) -> tupl
 @torch.no_grad()
 def evaluate(model: GPTClassifier, examples: Sequence[Example], batch_size: int = 32, lm_coef: float = 0.0,
              progress: bool = False) -> dict:
-    """Accuracy and mean task loss (and LM loss when lm_coef) over labelled examples."""
+    """Accuracy and mean task loss (and LM loss when lm_coef) over labelled examples: the task
+    loss averaged over examples, the LM loss over target tokens (as in training), so neither
+    depends on how the examples fall into batches."""
     from tqdm import tqdm
 
     if not examples:
         raise ValueError("no examples to evaluate")
     was_training = model.training
     model.eval()
-    correct, task_sum, lm_sum = 0, 0.0, 0.0
+    correct, task_sum, lm_sum, lm_targets = 0, 0.0, 0.0, 0
     pad = _pad_id(model.spec)
     for i in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress):
         chunk = examples[i:i + batch_size]
@@ -360,24 +395,29 @@ def evaluate(model: GPTClassifier, examples: Sequence[Example], batch_size: int 
         correct += int((out.logits.argmax(-1) == labels).sum())
         task_sum += float(out.task_loss) * len(chunk)
         if out.lm_loss is not None:
-            lm_sum += float(out.lm_loss) * len(chunk)
+            n = sum(max(len(s) - 1, 0) for e in chunk for s in e.seqs)  # the tokens lm_loss is the mean over
+            lm_sum += float(out.lm_loss) * n
+            lm_targets += n
     model.train(was_training)
     result = {"examples": len(examples), "accuracy": correct / len(examples), "loss": task_sum / len(examples)}
     if lm_coef:
-        result["lm_loss"] = lm_sum / len(examples)
+        result["lm_loss"] = lm_sum / lm_targets if lm_targets else None
     return result
 
 
 @torch.no_grad()
-def predict(model: GPTClassifier, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> torch.Tensor:
+def predict(model: GPTClassifier, tokenizer, rows: Sequence[dict], batch_size: int = 32,
+            source: str = "input") -> torch.Tensor:
     """Probabilities [N, labels] (classification) or [N, choices] (choice) for rows in the data
-    file format (labels not needed)."""
-    examples, _ = encode_rows(rows, tokenizer, model.spec, model.config.n_positions, "input", labelled=False)
+    file format (labels not needed); source names the rows in errors (their file)."""
+    examples, _ = encode_rows(rows, tokenizer, model.spec, model.config.n_positions, source, labelled=False)
+    was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(examples), batch_size):
         ids, lengths, _ = collate(examples[i:i + batch_size], model.spec.task, _pad_id(model.spec), model.device)
         out.append(model(ids, lengths).logits.softmax(-1).cpu())
+    model.train(was_training)
     width = max(o.shape[-1] for o in out)
     return torch.cat([F.pad(o, (0, width - o.shape[-1])) for o in out])
 
@@ -500,15 +540,18 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     spec = model.spec
     max_len = min(args.max_len or model.config.n_positions, model.config.n_positions)
+    train_numbers = val_numbers = None  # rows keep their numbers in the file, for errors
     if args.val:
         val_rows = read_rows(args.val)
     else:  # a seeded split of the training file
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_val = max(1, int(len(train_rows) * args.val_fraction))
+        val_numbers, train_numbers = [i + 1 for i in order[:n_val]], [i + 1 for i in order[n_val:]]
         val_rows = [train_rows[i] for i in order[:n_val]]
         train_rows = [train_rows[i] for i in order[n_val:]]
-    train_set, cut_train = encode_rows(train_rows, tokenizer, spec, max_len, args.data)
-    val_set, cut_val = encode_rows(val_rows, tokenizer, spec, max_len, args.val or f"{args.data} (val split)")
+    train_set, cut_train = encode_rows(train_rows, tokenizer, spec, max_len, args.data, numbers=train_numbers)
+    val_set, cut_val = encode_rows(val_rows, tokenizer, spec, max_len, args.val or f"{args.data} (val split)",
+                                   numbers=val_numbers)
     if (cut_train or cut_val) and rank == 0:
         print(f"[gptfast] {cut_train} training and {cut_val} validation examples truncated to {max_len} tokens",
               file=sys.stderr)
@@ -614,7 +657,8 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
     pairs = ({r.get("text_pair", r.get("text_b")) not in (None, "") for r in rows}
              if args.task == "classification" else set())
     spec = TaskSpec(task=args.task, labels=labels, start=start, delimiter=delimiter, extract=extract, pad=pad,
-                    text_pair=pairs.pop() if len(pairs) == 1 else None)  # None: mixed (or choice)
+                    text_pair=pairs.pop() if len(pairs) == 1 else None,  # None: mixed (or choice)
+                    max_len=args.max_len)
     model = GPTClassifier.from_pretrained(path, spec=spec, classifier_dropout=args.classifier_dropout)
     model.config.extra["finetuned_from"] = path
     if tokenizer.vocab_size > model.config.vocab_size:
