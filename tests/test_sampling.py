@@ -451,3 +451,19 @@ def test_cuda_cluster_chosen_for_small_batches():
     assert blocks(torch.empty(1, 50257, device="cuda")) == 8
     assert blocks(torch.empty(1, 1000, device="cuda")) == 1  # under 1024 tokens per block
     assert blocks(torch.empty(1024, 50257, device="cuda")) == 1
+
+
+@pytest.mark.parametrize("bad, error", [([[1.0, 2.0]], TypeError), (torch.randn(2, 3, 5), ValueError),
+                                        (torch.randn(0, 5), ValueError), (torch.randint(0, 5, (2, 5)), TypeError)])
+def test_bad_logits_are_an_error_before_dispatch(bad, error, caplog, monkeypatch):
+    """A bad logits argument raises without logging a fallback line: the op logs only its first
+    fallback, which a bad call would otherwise use up (a later real fallback would say nothing)."""
+    import logging
+
+    from gptfast.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    with caplog.at_level(logging.WARNING, logger="gptfast"), pytest.raises(error, match="logits must be"):
+        S.sample(bad)
+    assert not [r for r in caplog.records if "ops.sample" in r.getMessage()]
+    assert "sample" not in _dispatch._fallback_logged

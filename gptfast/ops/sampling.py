@@ -117,21 +117,26 @@ def _isfinite(a):
     return torch.isfinite(a) if isinstance(a, torch.Tensor) else math.isfinite(a)
 
 
-def check_sample_args(logits, temperature, top_k, top_p, min_p, check_values: bool = True):
-    """Validate and broadcast the arguments; returns per-row tensors (t, k, p, m).
-
-    check_values=False skips the value checks of tensor arguments (they sync with
-    the host): for torch.compile tracing and CUDA-graph capture.
-    """
+def check_logits(logits) -> None:
+    """The checks of logits' type, shape and dtype, which need no host sync."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"logits must be fp16, bf16, fp32 or fp64, got {logits.dtype}")
-    batch, vocab = logits.shape
-    if batch == 0 or vocab == 0:
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
+
+
+def check_sample_args(logits, temperature, top_k, top_p, min_p, check_values: bool = True):
+    """Validate and broadcast the arguments; returns per-row tensors (t, k, p, m).
+
+    check_values=False skips the value checks of tensor arguments (they sync with
+    the host): for torch.compile tracing and CUDA-graph capture.
+    """
+    check_logits(logits)
+    batch, vocab = logits.shape
     dev = logits.device
     t = _as_row_param("temperature", temperature, batch, dev, torch.float32)
     k = _as_row_param("top_k", top_k, batch, dev, torch.int64)
@@ -251,7 +256,8 @@ def sample(logits, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.
     generator: None (torch's RNG), a torch.Generator, or int64 row keys [B].
     return_probs: also return the filtered probabilities [B, V] (fp32).
     """
-    reason = _kernel_reason(logits) if isinstance(logits, torch.Tensor) else "logits is not a tensor"
+    check_logits(logits)  # before dispatch: a bad argument is an error, not the op's one fallback line
+    reason = _kernel_reason(logits)
     if _dispatch.use_kernel("sample", backend, reason):
         return _dispatch.kernel_module(_EXT).sample(logits, temperature, top_k, top_p, min_p, generator, return_probs)
     return sample_reference(logits, temperature, top_k, top_p, min_p, generator, return_probs)
