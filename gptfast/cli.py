@@ -235,7 +235,7 @@ def cmd_classify(args) -> int:
         print(json.dumps(result, indent=2) if args.json else
               f"accuracy {result['accuracy']:.4f} on {result['examples']} examples (task loss {result['loss']:.4f})")
         return 0
-    probs = predict(model, tok, rows, batch_size=args.batch_size)
+    probs = predict(model, tok, rows, batch_size=args.batch_size, source=args.data)
     for p in probs:  # one prediction per line
         best = int(p.argmax())
         print(json.dumps({"label": spec.labels[best] if spec.task == "classification" else best,

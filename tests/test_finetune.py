@@ -561,6 +561,9 @@ def test_classify_errors_say_what_is_wrong(tuned, tmp_path, capsys):
     assert "error: input: row 1: the text is empty (field 'text')" in capsys.readouterr().err
     assert main(["classify", "the light", "--pair", "so it was", "--model", args.out]) == 2
     assert "this model was fine-tuned on single texts, but the row has a second text" in capsys.readouterr().err
+    unlabelled = _write(tmp_path / "u.jsonl", [{"text": "the light"}, {"text": ""}])
+    assert main(["classify", "--data", unlabelled, "--model", args.out]) == 2
+    assert f"error: {unlabelled}: row 2: the text is empty" in capsys.readouterr().err
     make_hf_gpt2(tmp_path / "lm")
     Tokenizer.from_pretrained(args.out).save(str(tmp_path / "lm"))
     assert main(["classify", "x", "--model", str(tmp_path / "lm")]) == 2
