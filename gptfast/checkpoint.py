@@ -207,13 +207,18 @@ def resolve_path(path: str) -> str:
     except ImportError:
         raise FileNotFoundError(f"checkpoint not found: no local path {path!r}, and huggingface_hub is not "
                                 "installed to look it up in the Hugging Face cache") from None
-    patterns = ["config.json", "*.safetensors", "*.json", "*.txt", "*.bin"]
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.bin"]
     try:
         return snapshot_download(path, local_files_only=True, allow_patterns=patterns)
     except Exception:  # noqa: BLE001 - not in the cache: try the network once
         pass
     try:
-        return snapshot_download(path, allow_patterns=patterns)
+        from huggingface_hub import list_repo_files
+
+        # one copy of the weights: safetensors where the repo has them (as transformers loads),
+        # not pytorch_model.bin beside them (gpt2-xl holds 6 GB of each)
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in list_repo_files(path)) else "*.bin"
+        return snapshot_download(path, allow_patterns=["*.json", "*.txt", weights])
     except Exception as exc:  # noqa: BLE001
         raise FileNotFoundError(
             f"checkpoint not found: {path!r} is not a local path, not in the local Hugging Face cache, and "

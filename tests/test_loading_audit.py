@@ -246,3 +246,29 @@ def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_pat
         with pytest.raises(FileNotFoundError) as info:
             GPT.from_pretrained(path)
         assert str(info.value) == f"checkpoint not found: {path}"
+
+
+@pytest.mark.parametrize("repo_files, weights", [
+    (["config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt"], "*.safetensors"),
+    (["config.json", "pytorch_model.bin", "tokenizer.json"], "*.bin"),
+])
+def test_a_hub_download_fetches_one_copy_of_the_weights(tmp_path, monkeypatch, repo_files, weights):
+    """Not in the cache: the download takes safetensors where the repo has them, not also the
+    pytorch_model.bin beside them (twice the bytes), and the .bin where it has nothing else."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from gptfast.checkpoint import resolve_path
+
+    calls = []
+
+    def snapshot_download(repo, local_files_only=False, allow_patterns=None):
+        calls.append((repo, local_files_only, allow_patterns))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: repo_files)
+    assert resolve_path("someone/gpt2-like") == str(tmp_path)
+    (_, offline, _), (_, online, patterns) = calls
+    assert offline and not online
+    assert weights in patterns and not {"*.safetensors", "*.bin"} - {weights} & set(patterns)
