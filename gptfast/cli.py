@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run directory")
     f.add_argument("--model", help="checkpoint to start from (default: the shipped model)")
     f.add_argument("--val", help="validation examples (default: --val-fraction of --data)")
-    f.add_argument("--task", choices=["classification", "choice"])
+    f.add_argument("--task", choices=["classification", "similarity", "choice"],
+                   help="similarity: text pairs read in both orders, their states summed (GPT-1)")
     for name, typ in (("lm-coef", float), ("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
                       ("warmup-fraction", float), ("weight-decay", float), ("grad-clip", float),
                       ("classifier-dropout", float), ("max-len", int), ("eval-every", int),

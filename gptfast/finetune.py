@@ -10,10 +10,14 @@ the paper: 3 epochs, batch 32, lr 6.25e-5 with linear warm-up over 0.2% of the s
 linear decay to 0, weight decay 0.01, dropout 0.1 on the head's input.
 
 Tasks and their input transformations:
-- "classification": one text, or a text pair (entailment, paraphrase...) joined by the
-  delimiter token: `[start] text [delim text_pair] [extract]`. A pair is read in the order
-  given: the paper's similarity transformation (both orders, their representations summed)
-  is not done.
+- "classification": one text, or a text pair (entailment...) joined by the delimiter token:
+  `[start] text [delim text_pair] [extract]`, read in the order given.
+- "similarity" (`--task similarity`; paraphrase, semantic similarity): a text pair has no order,
+  so, as in the paper (section 3.3), the model reads it both ways, `[start] text [delim]
+  text_pair [extract]` and `[start] text_pair [delim] text [extract]` (cut alike when too long),
+  and the head reads the sum of the two last-token states: swapping the texts changes nothing.
+  It is a classification head with `similarity: true` in its TaskSpec; the LM loss covers both
+  orders.
 - "choice" (multiple choice, e.g. story cloze): each choice becomes `[start] context [delim]
   choice [extract]`, the head gives each one a score, and a softmax over the choices is the
   task's distribution.
@@ -29,10 +33,13 @@ classification. Labels may be strings or ints; the label set is read from the tr
 The run directory ends as a Hugging Face directory that transformers loads as
 GPT2ForSequenceClassification / OpenAIGPTForSequenceClassification (same logits; the
 `pad_token_id` in config.json is chosen so its last-non-pad rule finds the same token), plus
-the tokenizer, log.jsonl and loss.png. `--max-len` is saved with the head, so predict() and
-`gptfast classify` cut over-long examples as training and its validation did. Checkpoints,
-resume and torchrun work as in gptfast.train: the same command resumes an interrupted run and
-reaches the same weights.
+the tokenizer, log.jsonl and loss.png. A similarity model is an exception: transformers knows
+no two-order sum, and the same directory loaded there scores one order only; as the head is
+linear with no bias, the sum of its logits for both orders is gptfast's logits (in eval mode).
+gptfast loads it with the similarity behaviour. `--max-len` is saved with the head, so
+predict() and `gptfast classify` cut over-long examples as training and its validation did.
+Checkpoints, resume and torchrun work as in gptfast.train: the same command resumes an
+interrupted run and reaches the same weights.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ from .config import GPTConfig
 from .model import GPT
 
 TASKS = ("classification", "choice")
+FINETUNE_TASKS = ("classification", "similarity", "choice")  # --task: similarity is a classification head
 SPECIAL_TOKENS = ("<|start|>", "<|delimiter|>", "<|extract|>")
 
 
@@ -68,6 +76,7 @@ class TaskSpec:
     pad: Optional[int] = None  # pad id written to config.json for transformers' last-non-pad rule
     text_pair: Optional[bool] = None  # classification: trained on text pairs (True), single texts (False), or unknown
     max_len: Optional[int] = None  # tokens an example is cut to (--max-len; None: the model's context)
+    similarity: bool = False  # classification of text pairs read in both orders, states summed (GPT-1 3.3)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -79,6 +88,16 @@ class TaskSpec:
         if self.max_len is not None and (isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
                                          or self.max_len < 2):
             raise ValueError(f"max_len must be an int >= 2 or None, got {self.max_len!r}")
+        if not isinstance(self.similarity, bool):
+            raise ValueError(f"similarity must be True or False, got {self.similarity!r}")
+        if self.similarity and (self.task != "classification" or self.text_pair is False):
+            raise ValueError(f"similarity reads text pairs in both orders: it needs task 'classification' and "
+                             f"text_pair True or None, got task {self.task!r}, text_pair {self.text_pair!r}")
+
+    @property
+    def kind(self) -> str:
+        """The input transformation: "classification", "similarity" or "choice" (collate's task)."""
+        return "similarity" if self.similarity else self.task
 
     @property
     def num_outputs(self) -> int:
@@ -102,7 +121,13 @@ class ClassifierOutput(NamedTuple):
 
 class GPTClassifier(GPT):
     """A GPT with a linear head (`score`, as in transformers' *ForSequenceClassification) on the
-    last real token of each row. It is still a language model: generate() and the LM head work."""
+    last real token of each row. It is still a language model: generate() and the LM head work.
+
+    With spec.similarity the head reads h(a $ b) + h(b $ a), the last-token states of a pair in
+    both orders. Saved, such a model still says GPT2ForSequenceClassification (or OpenAIGPT...)
+    in config.json: transformers computes score(h(a $ b)), one order only, and the sum of its
+    logits over both orders equals this model's logits in eval mode (the head is linear, no bias).
+    GPTClassifier.from_pretrained reads `similarity` from config.json and sums the orders."""
 
     def __init__(self, config: GPTConfig, spec: TaskSpec, classifier_dropout: float = 0.1):
         super().__init__(config)
@@ -156,17 +181,17 @@ class GPTClassifier(GPT):
 
     # ---- forward -------------------------------------------------------------
     def forward(self, input_ids, lengths=None, labels=None, lm_coef: float = 0.0, validate: bool = True):
-        """input_ids [B, T] (classification) or [B, C, T] (choice), right-padded; lengths [B] or
-        [B, C] real tokens per row (default T; 0 marks an absent choice); labels [B] class or
-        choice index. Returns ClassifierOutput; the losses are None without labels, lm_loss is
-        None when lm_coef is 0."""
+        """input_ids [B, T] (classification), [B, 2, T] (similarity: the pair, then the pair swapped)
+        or [B, C, T] (choice), right-padded; lengths [B] or [B, C] real tokens per row (default T;
+        0 marks an absent choice); labels [B] class or choice index. Returns ClassifierOutput; the
+        losses are None without labels, lm_loss is None when lm_coef is 0."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (2, 3):
             raise ValueError(f"input_ids must be [B, T] or [B, C, T], got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-        choice = self.spec.task == "choice"
-        if (input_ids.dim() == 3) != choice:
-            raise ValueError(f"a {self.spec.task} head takes input_ids of "
-                             f"{'[B, C, T]' if choice else '[B, T]'}, got {tuple(input_ids.shape)}")
+        choice, similarity = self.spec.task == "choice", self.spec.similarity
+        if (input_ids.dim() == 3) != (choice or similarity) or (similarity and input_ids.shape[1] != 2):
+            want = "[B, C, T]" if choice else "[B, 2, T] (both orders)" if similarity else "[B, T]"
+            raise ValueError(f"a {self.spec.kind} head takes input_ids of {want}, got {tuple(input_ids.shape)}")
         lead, T = input_ids.shape[:-1], input_ids.shape[-1]
         if lengths is None:
             lengths = torch.full(lead, T, dtype=torch.long, device=input_ids.device)
@@ -179,6 +204,8 @@ class GPTClassifier(GPT):
         h = self.hidden_states(ids, validate=validate)  # (N, T, C)
         last = (lens - 1).clamp(min=0)
         pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (N, C): each row's last real token
+        if similarity:
+            pooled = pooled.view(lead[0], 2, -1).sum(1)  # (B, C): h(a $ b) + h(b $ a)
         logits = self.score(self.classifier_dropout(pooled)).float()
         if choice:
             logits = logits.view(lead).masked_fill(lens.view(lead) == 0, float("-inf"))  # (B, C)
@@ -277,7 +304,8 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
             pair = row.get("text_pair", row.get("text_b"))
             _check_pair(spec, pair not in (None, ""), where)
             parts = [tokenizer.encode(text)] + ([tokenizer.encode(str(pair))] if pair not in (None, "") else [])
-            seqs = [_join(parts, spec, max_len, where)]
+            orders = [parts, parts[::-1]] if spec.similarity else [parts]  # similarity: both orders
+            seqs = [_join(p, spec, max_len, where) for p in orders]
             label = None
             if labelled or row.get("label") not in (None, ""):
                 raw = row.get("label")
@@ -317,6 +345,9 @@ def _field(row: dict, names: tuple, where: str) -> str:
 
 def _check_pair(spec: TaskSpec, has_pair: bool, where: str) -> None:
     """A classification row must be what the head was trained on: a text pair, or a single text."""
+    if spec.similarity and not has_pair:
+        raise ValueError(f"{where}: this is a similarity model (it compares two texts, in both orders), but the "
+                         "row has no second text: give its 'text_pair' (gptfast classify's --pair)")
     if spec.text_pair is None or spec.text_pair == has_pair:
         return
     if has_pair:
@@ -336,7 +367,8 @@ def _join(parts: list[list[int]], spec: TaskSpec, max_len: int, where: str) -> t
     parts = [list(p) for p in parts]
     seq, cut = [], False
     while sum(map(len, parts)) + fixed > max_len:
-        longest = max(parts, key=len)
+        # similarity: a tie is broken by the tokens, not the order, so both orders are cut alike
+        longest = max(parts, key=(lambda p: (len(p), p)) if spec.similarity else len)
         if not longest:
             raise ValueError(f"{where}: max_len {max_len} leaves no room for text")
         del longest[max(0, max_len - fixed - (sum(map(len, parts)) - len(longest))):]
@@ -355,8 +387,12 @@ def _join(parts: list[list[int]], spec: TaskSpec, max_len: int, where: str) -> t
 
 
 def collate(examples: Sequence[Example], task: str, pad_id: int, device) -> tuple:
-    """(input_ids, lengths, labels or None) right-padded to the batch's longest sequence."""
+    """(input_ids, lengths, labels or None) right-padded to the batch's longest sequence; task is
+    the spec's kind: ids [B, T] for "classification", [B, 2, T] or [B, C, T] otherwise."""
     C = max(len(e.seqs) for e in examples)
+    if task == "classification" and C != 1:  # a similarity example would lose its second order
+        raise ValueError(f"classification examples hold one sequence each, got {C}; for a similarity model "
+                         "pass task=spec.kind ('similarity')")
     T = max(len(s) for e in examples for s in e.seqs)
     ids = torch.full((len(examples), C, T), pad_id, dtype=torch.long)
     lengths = torch.zeros((len(examples), C), dtype=torch.long)
@@ -388,7 +424,7 @@ def evaluate(model: GPTClassifier, examples: Sequence[Example], batch_size: int 
     pad = _pad_id(model.spec)
     for i in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress):
         chunk = examples[i:i + batch_size]
-        ids, lengths, labels = collate(chunk, model.spec.task, pad, model.device)
+        ids, lengths, labels = collate(chunk, model.spec.kind, pad, model.device)
         if labels is None:
             raise ValueError("evaluate needs labelled examples")
         out = model(ids, lengths, labels, lm_coef=lm_coef)
@@ -408,14 +444,14 @@ def evaluate(model: GPTClassifier, examples: Sequence[Example], batch_size: int 
 @torch.no_grad()
 def predict(model: GPTClassifier, tokenizer, rows: Sequence[dict], batch_size: int = 32,
             source: str = "input") -> torch.Tensor:
-    """Probabilities [N, labels] (classification) or [N, choices] (choice) for rows in the data
-    file format (labels not needed); source names the rows in errors (their file)."""
+    """Probabilities [N, labels] (classification, similarity) or [N, choices] (choice) for rows
+    in the data file format (labels not needed); source names the rows in errors (their file)."""
     examples, _ = encode_rows(rows, tokenizer, model.spec, model.config.n_positions, source, labelled=False)
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(examples), batch_size):
-        ids, lengths, _ = collate(examples[i:i + batch_size], model.spec.task, _pad_id(model.spec), model.device)
+        ids, lengths, _ = collate(examples[i:i + batch_size], model.spec.kind, _pad_id(model.spec), model.device)
         out.append(model(ids, lengths).logits.softmax(-1).cpu())
     model.train(was_training)
     width = max(o.shape[-1] for o in out)
@@ -436,7 +472,7 @@ class FinetuneArgs:
     out: str
     model: Optional[str] = None  # checkpoint to start from (default: the shipped model)
     val: Optional[str] = None  # validation file (default: a val_fraction split of data)
-    task: str = "classification"
+    task: str = "classification"  # or "similarity" (a text pair in both orders), "choice"
     lm_coef: float = 0.5
     epochs: int = 3
     batch_size: int = 32  # examples per micro-batch and rank
@@ -461,8 +497,8 @@ class FinetuneArgs:
         for name in ("data", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{flag_name(name)} must be a path, got {getattr(self, name)!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in FINETUNE_TASKS:
+            raise ValueError(f"--task must be one of {FINETUNE_TASKS}, got {self.task!r}")
         for name in ("epochs", "batch_size", "grad_accum"):
             check_number(self, name, low=1, integer=True)
         check_number(self, "eval_every", low=0, integer=True, why=" (0: at the end of each epoch)")
@@ -586,7 +622,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
         opt.zero_grad(set_to_none=True)
         sums = {name: torch.zeros((), device=device) for name in ("loss", "task_loss", "lm_loss")}
         for k, sync in micro_steps(model, accum, world):
-            ids, lengths, labels = collate(micro[k], spec.task, pad, device)
+            ids, lengths, labels = collate(micro[k], spec.kind, pad, device)
             w_task, w_lm = 1 / accum, targets[k] / max(1, sum(targets))  # 1.0 and 1.0 without accumulation
             with sync:
                 with autocast:
@@ -625,7 +661,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     vals = [e for e in log if "val_accuracy" in e]
     if step == start:  # nothing trained in this call (a finished run run again): its last logged loss
         loss_f = log[-1]["loss"] if log else None
-    return finite_json({"steps": step, "epochs": args.epochs, "train_loss": loss_f, "task": spec.task,
+    return finite_json({"steps": step, "epochs": args.epochs, "train_loss": loss_f, "task": spec.kind,
                         "labels": spec.labels, "val_accuracy": vals[-1]["val_accuracy"] if vals else None,
                         "val_loss": vals[-1]["val_loss"] if vals else None, "train_examples": len(train_set),
                         "val_examples": len(val_set), "seconds": time.time() - t0, "out": args.out,
@@ -646,7 +682,7 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"--model {args.model}: {exc}") from None
     tokenizer = Tokenizer.from_pretrained(path)
-    labels = label_set(rows, args.data) if args.task == "classification" else []
+    labels = label_set(rows, args.data) if args.task != "choice" else []
     torch.manual_seed(args.seed)  # the new head's (and new tokens') init
     if args.special_tokens:
         start, delimiter, extract = tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
@@ -656,9 +692,11 @@ def _start(args: FinetuneArgs, rows: list[dict]) -> tuple[GPTClassifier, object]
         delimiter = pad = tokenizer.eos_token_id
     pairs = ({r.get("text_pair", r.get("text_b")) not in (None, "") for r in rows}
              if args.task == "classification" else set())
-    spec = TaskSpec(task=args.task, labels=labels, start=start, delimiter=delimiter, extract=extract, pad=pad,
-                    text_pair=pairs.pop() if len(pairs) == 1 else None,  # None: mixed (or choice)
-                    max_len=args.max_len)
+    similarity = args.task == "similarity"  # every row a pair: encode_rows names one that is not
+    spec = TaskSpec(task="choice" if args.task == "choice" else "classification", labels=labels, start=start,
+                    delimiter=delimiter, extract=extract, pad=pad,
+                    text_pair=True if similarity else pairs.pop() if len(pairs) == 1 else None,  # None: mixed
+                    max_len=args.max_len, similarity=similarity)
     model = GPTClassifier.from_pretrained(path, spec=spec, classifier_dropout=args.classifier_dropout)
     model.config.extra["finetuned_from"] = path
     if tokenizer.vocab_size > model.config.vocab_size:
