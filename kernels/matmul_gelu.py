@@ -143,3 +143,14 @@ matmul_bias_gelu_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune})(matmul_bias_gelu_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+# GPTFAST_MATMUL_AUTOTUNE=0 on a GPU: one of HOPPER_TILES (so the AOT check compiles it), whose
+# 4 stages of 128 x 64 tiles (128 KB in 16 bits) fit an A100's shared memory too
+FIXED_TILE = (128, 128, 64, 4, 8)
+
+
+def fixed_config():
+    """(meta-parameters, launch options) of the untuned config (TMA is the launcher's choice)."""
+    bm, bn, bk, stages, warps = FIXED_TILE
+    assert FIXED_TILE in HOPPER_TILES
+    return ({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            {"num_stages": stages, "num_warps": warps})

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from . import _tma as _tma_mod
-from ._dispatch import import_source_package, triton_interpret
+from ._dispatch import env_switch, import_source_package, triton_interpret
 
 
 import_source_package("kernels", "kernels")
@@ -112,7 +112,7 @@ def _t_bucket(*ts: int) -> int:
 def _autotune() -> bool:
     """GPU only. GPTFAST_ATTN_AUTOTUNE=0 launches kernels/attention.py's FIXED_CONFIGS instead:
     no tuning runs (fast start-up, and quick test sweeps over many shapes)."""
-    return os.environ.get("GPTFAST_ATTN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch("GPTFAST_ATTN_AUTOTUNE")
 
 
 def _tma(kind: str, tensors: dict):

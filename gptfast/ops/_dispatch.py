@@ -96,6 +96,12 @@ class use_backend(contextlib.ContextDecorator):
 _TRUE = ("1", "true", "yes", "on")
 
 
+def env_switch(name: str) -> bool:
+    """An on-by-default switch (GPTFAST_ATTN_AUTOTUNE, GPTFAST_MATMUL_AUTOTUNE): 0, false, no or
+    off, in any case, turn it off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def triton_interpret() -> bool:
     """Whether Triton runs kernels in its CPU interpreter: TRITON_INTERPRET as Triton reads it."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE

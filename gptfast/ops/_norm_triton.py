@@ -28,7 +28,7 @@ from gptfast.kernels import layer_norm as _ln_k  # noqa: E402
 from gptfast.kernels import matmul_gelu as _mm_k  # noqa: E402
 from gptfast.kernels import LAUNCH_OPTIONS  # noqa: E402
 
-from ._dispatch import triton_interpret  # noqa: E402
+from ._dispatch import env_switch, triton_interpret  # noqa: E402
 
 # ---- tuning and dispatch constants (chosen by reasoning; to be measured on the H100: kernels/NORM_NOTES.md) ----
 
@@ -249,12 +249,16 @@ def _linear_bias_gelu_fwd_launch(x, weight, bias, approximate, save_pre):
     flags = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", STORE_PRE=save_pre,
                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                  UPCAST_DOT=triton_interpret() and x.dtype == torch.bfloat16)
-    if triton_interpret():
-        cfg = {**_mm_k.INTERPRETER_CONFIG, "TMA": tma_ok == 2}
+    # GPU: autotuned, unless GPTFAST_MATMUL_AUTOTUNE=0 (one fixed config: fast start-up, and
+    # quick test sweeps); the interpreter: one small config (timing configs there takes minutes)
+    if triton_interpret() or not env_switch("GPTFAST_MATMUL_AUTOTUNE"):
+        cfg, options = ((dict(_mm_k.INTERPRETER_CONFIG), {}) if triton_interpret()
+                        else _mm_k.fixed_config())
+        cfg["TMA"] = tma_ok == 2
         if cfg["TMA"]:
             _mm_k.set_tma_block_shapes({**dict(zip(("A_desc", "W_desc", "C_desc", "T_desc"), descs.values())), **cfg})
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _mm_k.matmul_bias_gelu_kernel[grid](*args, **flags, **cfg)
+        _mm_k.matmul_bias_gelu_kernel[grid](*args, **flags, **cfg, **options, **LAUNCH_OPTIONS)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
