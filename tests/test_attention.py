@@ -3,7 +3,9 @@
 The rule (flash-attention's): the kernel's error against the float64 reference is at most
 2x the error of PyTorch computing the same thing in the input dtype, plus a small atol.
 On CPU the kernels run under TRITON_INTERPRET=1 on a subset of shapes that still covers
-every T, D, dtype and causal mode; the full cross-product runs on a GPU (@pytest.mark.gpu).
+every T, D, dtype and causal mode; on a GPU the @pytest.mark.gpu tests run full shapes: every T,
+and each head dim, dtype, mode, TMA and pointer path at least once, not their whole
+cross-product (each case compiles its own kernels: the GPU check's budget, .ci/compile-census).
 """
 import math
 import os
@@ -355,10 +357,14 @@ def test_attention_tma_auto_needs_hopper(monkeypatch):
     assert tma(q)[0] == 0
 
 
+# GPU compile budget (.ci/compile-census): each head dim once through the descriptors (their
+# box and swizzle follow D), each dtype and mode twice, not the 16-case cross-product. D 16 and
+# 32 non-causal here, where test_attention_fwd_bwd_full runs them causal only.
+TMA_FULL = [(16, FP16, False), (32, FP16, False), (64, BF16, True), (128, BF16, True)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
-@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("D,dtype,causal", TMA_FULL, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in TMA_FULL])
 def test_attention_tma_full(D, dtype, causal, poisoned, tma_forced, monkeypatch):
     # the fixed configs with TMA on the GPU; the autotuned test below times TMA configs beside
     # the pointer ones on sm_90 and may pick either
@@ -372,10 +378,17 @@ def test_attention_tma_full(D, dtype, causal, poisoned, tma_forced, monkeypatch)
     assert tma_forced == TMA_ALL * 6
 
 
+# GPU compile budget (.ci/compile-census): a (D, dtype, mode) compiles its kernels once per class
+# of T (1, not a multiple of 16, a multiple), so every T stays for the cases kept. fp32 and bf16
+# at every head dim, non-causal at D 64 and 128 only (D 16 and 32 non-causal: test_attention_tma_full);
+# fp16 in GPT-2's case, D 64 causal (fp16 at the other head dims: test_attention_tma_full,
+# test_attention_fwd_bwd_autotuned, test_attention_key_window_full).
+FULL_CASES = [(D, dt, causal) for D in (16, 32, 64, 128) for dt in (FP32, FP16, BF16) for causal in (True, False)
+              if (causal or D >= 64) and (dt != FP16 or (D, causal) == (64, True))]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=str)
-@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("D,dtype,causal", FULL_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in FULL_CASES])
 @pytest.mark.parametrize("T", [1, 7, 64, 77, 200, 1000, 1024, 2048])
 def test_attention_fwd_bwd_full(T, D, dtype, causal, poisoned, monkeypatch):
     # fixed configs: the cross-product would otherwise autotune (compile every candidate) per case
@@ -386,10 +399,15 @@ def test_attention_fwd_bwd_full(T, D, dtype, causal, poisoned, monkeypatch):
     _run_fwd_bwd(B, H, T, D, dtype, causal, 0.3)
 
 
+# GPU compile budget (.ci/compile-census): a 16-bit case compiles every config its pruner keeps
+# (31 at D 64, 20 at D 128, for each class of T), so GPT-2's case (D 64 causal, bf16) and one
+# that turns every axis (D 128 non-causal, fp16: where the pruner cuts most); fp32 prunes to the
+# fixed configs test_attention_fwd_bwd_full runs (nothing to compile), here through the autotuner.
+AUTOTUNED_FULL = [(64, BF16, True), (128, FP16, False), (64, FP32, True)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [FP16, BF16, FP32], ids=str)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D,dtype,causal", AUTOTUNED_FULL, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in AUTOTUNED_FULL])
 def test_attention_fwd_bwd_autotuned(D, dtype, causal, poisoned, monkeypatch):
     monkeypatch.setenv("GPTFAST_ATTN_AUTOTUNE", "1")  # whatever the environment says (.ci/gpu-check: 0)
     torch.manual_seed(D)
@@ -398,22 +416,28 @@ def test_attention_fwd_bwd_autotuned(D, dtype, causal, poisoned, monkeypatch):
     _run_fwd_bwd(2, 4, 300, D, dtype, causal, None, Tk=1000)
 
 
-# every D and dtype on the fixed configs; the autotuned ones (TMA among the candidates on Hopper,
-# a tuning run per new key) for the GPU's case only, to keep the GPU check's time
-WINDOW_FULL = [(D, dt, "0") for D in (64, 128) for dt in (FP16, BF16, FP32)] + [(64, BF16, "1")]
+# every D and dtype on the fixed configs, and GPT-2's case through the TMA descriptors (forced).
+# GPU compile budget (.ci/compile-census): no autotuned case (one compiled 32 configs, 28 of them
+# for it alone, and checked only the one it chose; the autotuner: test_attention_fwd_bwd_autotuned).
+WINDOW_FULL = [(D, dt, "autotune0") for D in (64, 128) for dt in (FP16, BF16, FP32)] + [(64, BF16, "tma1")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,dtype,autotune", WINDOW_FULL,
-                         ids=[f"D{c[0]}-{str(c[1])[6:]}-autotune{c[2]}" for c in WINDOW_FULL])
-def test_attention_key_window_full(D, dtype, autotune, poisoned, monkeypatch):
+@pytest.mark.parametrize("D,dtype,mode", WINDOW_FULL, ids=[f"D{c[0]}-{str(c[1])[6:]}-{c[2]}" for c in WINDOW_FULL])
+def test_attention_key_window_full(D, dtype, mode, poisoned, monkeypatch, request):
     """Padded batches at full length: left, right and both, rows that see no key."""
-    monkeypatch.setenv("GPTFAST_ATTN_AUTOTUNE", autotune)
-    torch.manual_seed(D + int(autotune))
-    for T in (1000,) if autotune == "1" else (1000, 2048):
+    monkeypatch.setenv("GPTFAST_ATTN_AUTOTUNE", "0")
+    tma = None
+    if mode == "tma1":
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("TMA needs sm_90+")
+        tma = request.getfixturevalue("tma_forced")
+    torch.manual_seed(D + (tma is not None))
+    for T in (1000, 2048):
         start = _ints([0, T // 3, 0, T - 1])
         end = _ints([T, T, T // 2 + 7, T])
         _run_fwd_bwd(4, 12, T, D, dtype, True, None, kv_start=start, kv_end=end)
+    assert tma is None or tma == TMA_ALL * 2
 
 
 # ---- decode -------------------------------------------------------------------------------
