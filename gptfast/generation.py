@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import ops
+from .model import autocast_dtype
 from .ops.sampling import check_sample_args
 
 Prompt = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
@@ -240,14 +241,10 @@ def _decode_step(model, batch: int, total: int, cuda_graph: bool) -> "DecodeStep
                            lambda key: DecodeStep(model.setup_cache(batch, max_len), cuda_graph=True, key=key))
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
 def graph_key(model, *shape) -> tuple:
     """What a captured graph bakes in besides its shapes: the mode, the backend, autocast (and
     its dtype), and the parameters' storage (model.to(...) reallocates them)."""
-    return (*shape, model.training, ops.current_backend(), _autocast_dtype(model.device),
+    return (*shape, model.training, ops.current_backend(), autocast_dtype(model.device),
             tuple(p.data_ptr() for p in model.parameters()))
 
 

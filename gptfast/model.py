@@ -19,6 +19,11 @@ from . import ops
 from .config import GPTConfig
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on device's type, or None where it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 @dataclass
 class KVCache:
     """A static KV cache: k/v [n_layer] x [B, H, Tmax, D], seqlens [B] (valid entries per row).
@@ -245,9 +250,7 @@ class GPT(nn.Module):
         under autocast on the model's device, else the weights' (attention needs q, k, v alike)."""
         max_seq_len = self.config.n_positions if max_seq_len is None else max_seq_len
         if dtype is None:
-            kind = self.device.type
-            dtype = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
-                     else self.transformer.wte.weight.dtype)
+            dtype = autocast_dtype(self.device) or self.transformer.wte.weight.dtype
         return KVCache.allocate(self.config, batch_size, max_seq_len, self.device, dtype, slack=slack)
 
     # ---- forward -------------------------------------------------------------
