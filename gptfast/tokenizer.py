@@ -193,16 +193,17 @@ class StreamDecoder:
         else:
             new = self.tokenizer.check_ids(ids, name="ids")
         self.ids.extend(new)
-        text = self.tokenizer._tok.decode(self.ids, skip_special_tokens=False)  # checked as they came in
-        if text.endswith("\ufffd"):  # a multi-byte character not complete yet
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        return self._emit(hold=True)
 
     def flush(self) -> str:
         """The text held back at the end of the stream: an incomplete UTF-8 sequence (the stream
         stopped inside a character) decodes to U+FFFD, as decode gives it."""
-        text = self.tokenizer._tok.decode(self.ids, skip_special_tokens=False)
+        return self._emit(hold=False)
+
+    def _emit(self, hold: bool) -> str:
+        text = self.tokenizer._tok.decode(self.ids, skip_special_tokens=False)  # checked as they came in
+        if hold and text.endswith("\ufffd"):  # a multi-byte character not complete yet
+            return ""
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
