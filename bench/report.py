@@ -146,7 +146,7 @@ def _env_lines(doc: dict) -> list[str]:
 
 def format_markdown(doc: dict) -> str:
     out = ["# gptfast benchmark results", ""] + _env_lines(doc) + [""]
-    notes = doc["notes"] + ([PARTIAL_NOTE] if doc.get("partial") else [])
+    notes = _notes(doc)
     for note in notes:
         out.append(f"> {note}")
     if notes:
@@ -209,6 +209,11 @@ def write_charts(doc: dict, out_dir: str) -> list[str]:
 PARTIAL = "results.partial.json"
 PARTIAL_NOTE = (f"This run was stopped before it finished ({PARTIAL}): only the cases it completed are "
                 "shown; the cases after them were not run.")
+
+
+def _notes(doc: dict) -> list[str]:
+    """The run's notes, and for a stopped run the note that says so."""
+    return doc["notes"] + ([PARTIAL_NOTE] if doc.get("partial") else [])
 
 
 def write_partial(doc: dict, out_dir: str) -> str:
@@ -314,7 +319,7 @@ def readme_block(doc: dict, results_dir: str, charts: Optional[list] = None, det
         else:
             ours_cols = [f"not run: {_short(ours['reason'])}", *peer_cols, "-", "-"]
         lines.append("| " + " | ".join([case["op"], f"{case['name']} ({case['dtype']})", *ours_cols]) + " |")
-    for note in doc["notes"] + ([PARTIAL_NOTE] if doc.get("partial") else []):
+    for note in _notes(doc):
         lines += ["", f"> {note}"]
     if charts is None:
         charts = [c["op"] for c in doc["cases"] if any(r["status"] == "ok" for r in c["results"])]

@@ -269,14 +269,18 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _check_label_type(raw, where: str) -> None:
+    if not isinstance(raw, (str, int, float)):
+        raise ValueError(f"{where}: label must be a string or a number, got {raw!r}")
+
+
 def label_set(rows: Sequence[dict], source: str) -> list:
     """The sorted distinct labels of classification rows (ints and integer strings numerically)."""
     missing = [n for n, r in enumerate(rows, 1) if r.get("label") in (None, "")]
     if missing:
         raise ValueError(f"{source}: row {missing[0]} has no 'label' ({len(missing)} rows lack one)")
     for n, r in enumerate(rows, 1):
-        if not isinstance(r["label"], (str, int, float)):
-            raise ValueError(f"{source}: row {n}: label must be a string or a number, got {r['label']!r}")
+        _check_label_type(r["label"], f"{source}: row {n}")
     values = {r["label"] for r in rows}
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return sorted(values)
@@ -311,8 +315,7 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
                 raw = row.get("label")
                 if raw in (None, ""):
                     raise ValueError(f"{where}: no 'label' (one of the model's labels {spec.labels})")
-                if not isinstance(raw, (str, int, float)):
-                    raise ValueError(f"{where}: label must be a string or a number, got {raw!r}")
+                _check_label_type(raw, where)
                 key = raw if raw in index else str(raw)
                 if key not in index:
                     raise ValueError(f"{where}: label {raw!r} is not one of the model's labels {spec.labels}")

@@ -60,7 +60,7 @@ def _unpack(input_ids: Prompt, attention_mask) -> _Prompts:
             if first > 0:
                 layout = "left"
             rows.append(kept)
-        pad = next((r[i] for r, m in zip(ids, mask) for i, mi in enumerate(m) if not mi), 0)
+        pad = next((p[0] for p in pads if p), 0)  # the first masked-out id
         return _Prompts(rows, layout, input_ids.shape[1], pad, pads)
     if attention_mask is not None:
         raise ValueError("attention_mask is only accepted with a tensor input_ids")
@@ -367,8 +367,7 @@ def generate(model, input_ids: Prompt, max_new_tokens: int = 32, *, pad_token_id
       padding), a list of ids, or a list of lists (ragged). The result has the same form:
       a tensor [B, T + new] (rows that stopped early padded with pad_token_id, default the
       first eos id, else the input's pad id or 0; a left-padded input keeps its pad columns as
-      given),
-      a list, or a list of lists.
+      given), a list, or a list of lists.
     Sampling: temperature (0 = greedy), top_k, top_p, min_p: scalars or per-row [B] tensors.
     Stopping: eos_token_id (int or list; default config.eos_token_id), ignore_eos,
       stop_strings with tokenizer=. seed: int (row b uses seed + b), per-row list, or None.
