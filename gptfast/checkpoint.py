@@ -352,7 +352,9 @@ def read_nanogpt(path: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     try:
         config = GPTConfig(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
                            n_layer=args["n_layer"], n_head=args["n_head"], bias=args.get("bias", True),
-                           activation="gelu")  # nanoGPT's MLP uses nn.GELU(): the exact erf form
+                           activation="gelu",  # nanoGPT's MLP uses nn.GELU(): the exact erf form
+                           # nanoGPT's one dropout rate: on the embeddings, the attention weights and the residuals
+                           **dict.fromkeys(("embd_pdrop", "attn_pdrop", "resid_pdrop"), args.get("dropout", 0.0)))
         if GPTFAST_CONFIG_KEY in ckpt:  # written by save_nanogpt: the whole config
             full = GPTConfig.from_dict(dict(ckpt[GPTFAST_CONFIG_KEY]))
             differ = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bias")

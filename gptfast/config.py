@@ -23,12 +23,24 @@ _HF_IGNORED = {
     "_attn_implementation_autoset", "_attn_implementation", "sep_token_id", "cls_token_id",
     "unk_token_id", "finetuning_task", "max_length", "num_labels", "do_sample",
     "temperature", "top_k", "top_p", "n_special", "afn_kwargs",
+    # PretrainedConfig's generic fields (generation settings, export flags) and keys that older
+    # transformers versions wrote into GPT-2 configs (distilgpt2's "_num_labels", 4.x's
+    # "gradient_checkpointing", "output_past"): transformers loads such configs unchanged.
+    "_num_labels", "gradient_checkpointing", "output_past", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "is_encoder_decoder", "tie_encoder_decoder", "cross_attention_hidden_size", "xla_device",
+    "_commit_hash", "_attn_implementation_internal", "min_length", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
 }
 # HF keys whose non-default values change the model in ways gptfast does not implement.
 _HF_UNSUPPORTED = {
     "scale_attn_by_inverse_layer_idx": False,
     "reorder_and_upcast_attn": False,
     "add_cross_attention": False,
+    "pruned_heads": {},  # transformers 4.x removes these heads from each layer
 }
 
 
@@ -53,7 +65,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
-    attn_pdrop: float = 0.0  # accepted for HF parity; fused attention applies no dropout
+    attn_pdrop: float = 0.0  # dropout on the attention weights in training (runs SDPA, not the kernel)
     eos_token_id: Optional[int] = 50256
     scale_attn_weights: bool = True  # attention scores scaled by 1/sqrt(head_dim) (HF GPT-2's flag)
     extra: dict = field(default_factory=dict, repr=False)  # free-form metadata (provenance...)
@@ -67,13 +79,20 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
+        if isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int) or self.n_inner <= 0:
+            raise ValueError(f"GPTConfig.n_inner must be a positive int (or None: 4 * n_embd), got {self.n_inner!r}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"GPTConfig.activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop", "layer_norm_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"GPTConfig.{name} must be a number, got {value!r}")
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if not isinstance(self.scale_attn_weights, bool):
-            raise ValueError(f"GPTConfig.scale_attn_weights must be a bool, got {self.scale_attn_weights!r}")
+        for name in ("scale_attn_weights", "pre_ln", "final_ln", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
 
@@ -130,7 +149,9 @@ class GPTConfig:
         # each model reads its own key (GPT2Config ignores "afn", OpenAIGPTConfig "activation_function")
         act = d.get("activation_function", "gelu_new") if model_type == "gpt2" else d.get("afn", "gelu")
         act_map = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                   "gelu": "gelu"}
+                   "gelu_accurate": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu"}
+        if model_type == "openai-gpt":
+            act_map = {"gelu": "gelu_tanh"}  # OpenAIGPT's afn table has no other GELU name
         if act not in act_map:
             raise ValueError(f"{source}: activation {act!r} is not supported; expected one of {sorted(act_map)}")
         extra = dict(d.get("gptfast", {}))
@@ -157,9 +178,10 @@ class GPTConfig:
             pre_ln=model_type == "gpt2",
             final_ln=model_type == "gpt2",
             layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
-            embd_pdrop=d.get("embd_pdrop", 0.0),
-            resid_pdrop=d.get("resid_pdrop", 0.0),
-            attn_pdrop=d.get("attn_pdrop", 0.0),
+            # absent, transformers' GPT2Config / OpenAIGPTConfig default (0.1) is what it trains with
+            embd_pdrop=d.get("embd_pdrop", 0.1),
+            resid_pdrop=d.get("resid_pdrop", 0.1),
+            attn_pdrop=d.get("attn_pdrop", 0.1),
             eos_token_id=eos if isinstance(eos, int) else None,
             scale_attn_weights=scale,
             extra=extra,

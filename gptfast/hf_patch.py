@@ -19,7 +19,8 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   attention dropout in training, runs transformers' SDPA path instead, and says so once; so
   does a padding mask under torch.compile (reading it would sync inside the graph; it is
   logged as the trace reaches it). `attention_dropout=False` runs the kernel in training too,
-  without dropout on the attention weights (as gptfast.GPT does). A call that asks for the
+  without dropout on the attention weights (as gptfast.GPT does with each block's
+  attn.attn_dropout.p at 0). A call that asks for the
   attention weights (output_attentions) or passes a head_mask (transformers 4.x) runs
   transformers' eager attention, which computes them, and says so once.
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule

@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 
 from . import ops
 from .config import GPTConfig
+from .ops import _dispatch
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -72,13 +73,16 @@ class CausalSelfAttention(nn.Module):
         self.decode_q_factor = None if config.scale_attn_weights else math.sqrt(config.head_dim)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)  # its p, on the attention weights in training
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x, layer: int = 0, cache: Optional[KVCache] = None, positions=None, attend_lens=None):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs), strided views
-        if cache is None:
+        if cache is None and self.training and self.attn_dropout.p > 0:
+            y = self._dropout_attention(q, k, v)
+        elif cache is None:
             y = ops.attention(q, k, v, causal=True, scale=self.scale)
         else:
             idx = positions.view(B, 1, T, 1).expand(B, self.n_head, T, C // self.n_head)
@@ -92,6 +96,17 @@ class CausalSelfAttention(nn.Module):
                 y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _dropout_attention(self, q, k, v):
+        """Causal attention with dropout on its weights, as transformers' GPT-2 / GPT-1 train (the
+        same masks as its eager and SDPA paths for the same RNG state). The kernels have no dropout:
+        torch SDPA runs instead, and says so once (as gptfast.patch_transformers does)."""
+        p = self.attn_dropout.p
+        reason = (f"attention dropout p={p} in training (GPTConfig.attn_pdrop; set each block's "
+                  "attn.attn_dropout.p = 0 to train through the kernel without it)")
+        _dispatch.log_once("model:attention-dropout", "gptfast: attention runs torch SDPA, not ops.attention: %s",
+                           reason)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
 
 
 class MLP(nn.Module):
@@ -172,7 +187,7 @@ class GPT(nn.Module):
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
-            if name.endswith("c_proj.weight"):
+            if config.pre_ln and name.endswith("c_proj.weight"):  # GPT-1 (post-LN): N(0, 0.02) throughout
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
@@ -278,6 +293,10 @@ class GPT(nn.Module):
         validate: check token ids and positions on the host (one sync); the generation loop
             validates once up front and then passes False.
         """
+        if targets is not None and labels is not None:
+            raise ValueError("pass labels (shifted inside) or targets (not shifted), not both")
+        if logits_index is not None and (labels is not None or targets is not None):
+            raise ValueError("logits_index cannot be combined with labels or targets: the loss reads every position")
         x = self.hidden_states(input_ids, cache=cache, input_lengths=input_lengths, validate=validate)
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or targets.shape != input_ids.shape:
@@ -335,14 +354,16 @@ class GPT(nn.Module):
         start = 0 if cache is None else int(cache.seqlens.max())
         limit = self.config.n_positions if cache is None else min(self.config.n_positions, cache.max_seq_len)
         if start + T > limit:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit} positions")
+            what = (f"n_positions={self.config.n_positions}" if limit == self.config.n_positions
+                    else f"the KV cache's max_seq_len={cache.max_seq_len}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit} positions ({what})")
 
     @staticmethod
     def loss(logits, labels):
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).long(), ignore_index=-100)
 
     # ---- generation ----------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):

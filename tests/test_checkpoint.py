@@ -37,7 +37,7 @@ def test_sharded_bin(tmp_path):
         assert (model(x) - hf(x).logits).abs().max() <= 1e-4
 
 
-def _nanogpt_checkpoint(path, bias=True):
+def _nanogpt_checkpoint(path, bias=True, dropout=0.0):
     """A checkpoint in nanoGPT's train.py format, built from a gptfast model's weights."""
     torch.manual_seed(3)
     cfg = GPTConfig(vocab_size=211, n_positions=24, n_embd=32, n_layer=2, n_head=4, bias=bias, activation="gelu")
@@ -47,7 +47,7 @@ def _nanogpt_checkpoint(path, bias=True):
             p.add_(torch.randn_like(p) * 0.05)
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
     state["_orig_mod.lm_head.weight"] = model.lm_head.weight
-    args = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, bias=bias, vocab_size=211, dropout=0.0)
+    args = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, bias=bias, vocab_size=211, dropout=dropout)
     torch.save({"model": state, "model_args": args, "iter_num": 5, "best_val_loss": torch.tensor(2.5),
                 "config": {"dataset": "shakespeare"}}, path)
     return model
@@ -62,6 +62,14 @@ def test_nanogpt_checkpoint(tmp_path, bias):
         x = torch.randint(0, 211, (2, 24))
         with torch.no_grad():
             assert torch.allclose(model(x), ref(x), atol=1e-6)
+
+
+def test_nanogpt_dropout_is_its_one_rate_everywhere(tmp_path):
+    """nanoGPT's model_args["dropout"] drops out its embeddings, attention weights and residuals:
+    `gptfast train --init ckpt.pt` trains with it, as nanoGPT's own resume does."""
+    _nanogpt_checkpoint(tmp_path / "ckpt.pt", dropout=0.15)
+    cfg = GPT.from_pretrained(str(tmp_path / "ckpt.pt")).config
+    assert (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) == (0.15, 0.15, 0.15)
 
 
 def test_missing_directory():
