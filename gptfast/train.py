@@ -115,7 +115,7 @@ class TrainArgs:
     grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 1000
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: Optional[float] = None  # default: lr / 10 (3e-4 for the default lr)
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -144,7 +144,12 @@ class TrainArgs:
                      why=" (a byte-level BPE holds the 256 bytes and <|endoftext|>, then its merges)")
         check_number(self, "eval_limit", low=1, integer=True, optional=True)
         check_number(self, "lr", low=0, low_open=True)
-        check_number(self, "min_lr", low=0)
+        check_number(self, "min_lr", low=0, optional=True)
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if self.min_lr > self.lr:  # the cosine would climb from --lr to it
+            raise ValueError(f"--min-lr must be <= --lr {self.lr} (the learning rate decays from --lr to --min-lr), "
+                             f"got {self.min_lr}")
         check_number(self, "weight_decay", low=0)
         check_number(self, "grad_clip", low=0, low_open=True, allow_inf=True)  # inf: no clipping
         check_number(self, "val_fraction", low=0, high=1, low_open=True, high_open=True)
@@ -223,18 +228,20 @@ def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = Fals
                              f"vocab_size {vocab_size}")
     else:
         tokens, val = load_tokens(args, tokenizer, progress), None
-    split = ""
+    hint = {}  # what to do about a split too small, by split
     if val is None:
         total = len(tokens)
         n_val = max(args.block_size + 2, int(total * args.val_fraction))
         tokens, val = tokens[:-n_val], tokens[-n_val:]
-        split = (f" ({n_val} of its {total} tokens are the validation split: --val-fraction {args.val_fraction}, "
-                 f"and at least --block-size + 2)")
+        hint["training"] = (f" ({n_val} of its {total} tokens are the validation split: --val-fraction "
+                            f"{args.val_fraction}, and at least --block-size + 2)")
+    else:  # gptfast train's --val-fraction does not apply to a val.bin
+        hint["validation"] = (" (its val.bin: prepare the data again with a larger --val-fraction, or with "
+                              "--val-fraction 0 to have gptfast train hold out the tail of train.bin)")
     for name, part in (("training", tokens), ("validation", val)):
         if len(part) < args.block_size + 2:
             raise ValueError(f"{source}: the {name} split has {len(part)} tokens; need at least "
-                             f"{args.block_size + 2} for --block-size {args.block_size}"
-                             + (split if name == "training" else ""))
+                             f"{args.block_size + 2} for --block-size {args.block_size}" + hint.get(name, ""))
     return tokens, val
 
 
@@ -258,6 +265,8 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.G
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
+    """The learning rate of step (0-based): linear warm-up to lr over warmup steps, then a cosine
+    from lr towards min_lr at args.steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
@@ -443,6 +452,7 @@ def make_optimizer(model, lr: float, weight_decay: float, betas: tuple, state: O
     if state is None:
         return opt, 0, []
     opt.load_state_dict(state["optimizer"])
+    opt.param_groups[0]["weight_decay"] = weight_decay  # the flag's, not the checkpoint's: a resume may change it
     return opt, state["step"], json.loads(state["log"])
 
 
@@ -743,6 +753,10 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     opt, step, log = make_optimizer(raw_model, args.lr, args.weight_decay, (0.9, 0.95), state)
     scaler = make_scaler(device, dtype, state)
     start, state = step, None  # the optimizer holds its state now
+    if args.warmup >= args.steps > step:  # a short run with the default --warmup 50, say
+        say(rank, f"[gptfast] --warmup {args.warmup} is not below --steps {args.steps}: the learning rate warms up "
+                  f"over the whole run, to {lr_at(args.steps - 1, args):.3g} at the last step (--lr {args.lr}), "
+                  "and never decays to --min-lr; give a smaller --warmup for the schedule")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=args.steps, initial=min(step, args.steps), desc="train", disable=not progress or rank != 0,
                unit="step")

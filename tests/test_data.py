@@ -548,7 +548,8 @@ def test_token_data_errors_name_the_problem(corpus, tmp_path):
     with pytest.raises(ValueError, match="holds token id 60000, outside the model's vocab_size 400"):
         train(TrainArgs(data=str(big), out=str(tmp_path / "b"), tokenizer=str(d / "tok"), **base), progress=False)
     with pytest.raises(ValueError, match=r"the validation split has 100 tokens; need at least 130 for "
-                                         r"--block-size 128"):
+                                         r"--block-size 128 \(its val.bin: prepare the data again with a larger "
+                                         r"--val-fraction"):  # this run's --val-fraction does not apply to it
         train(TrainArgs(data=str(big), out=str(tmp_path / "c"), tokenizer=str(d / "tok"),
                         **{**base, "block_size": 128}), progress=False)
     with pytest.raises(ValueError, match="--grad-accum must be an int >= 1, got 0"):
