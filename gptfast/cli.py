@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -39,7 +41,13 @@ def _at_least(low: int):
     return parse
 
 
-def _nonempty(text: str) -> str:
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _stop_string(text: str) -> str:
+    """--stop: a non-empty string; \\n, \\t, \\r and \\\\ name a newline, tab, carriage return and
+    backslash, since `--stop "\\n"` reaches us from the shell as a backslash and an n."""
+    text = re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
@@ -92,7 +100,7 @@ def cmd_generate(args) -> int:
         out.write(prompt)
         out.flush()
         stream = tok.stream_decoder()
-        text, t1, count, stats, cut = "", time.perf_counter(), 0, {}, None
+        text, t1, count, stats, cut, shown = "", time.perf_counter(), 0, {}, None, 0
         seed = None if args.seed is None else args.seed + n
         for toks in model.generate_stream(ids, max_new_tokens=max_new, temperature=args.temperature,
                                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seed,
@@ -107,12 +115,14 @@ def cmd_generate(args) -> int:
             text += piece
             cut = _stop_cut(text, args.stop)
             if cut is not None:  # print up to the stop string, not beyond
-                out.write(piece[: len(piece) - (len(text) - cut)])
+                out.write(text[shown:cut])
                 break
-            out.write(piece)
+            end = len(text) - _stop_prefix(text, args.stop)  # a stop string's start waits for its end
+            out.write(text[shown:end])
             out.flush()
+            shown = end
         if cut is None:  # what a stream that ended inside a character holds back, as decode gives it
-            out.write(stream.flush())
+            out.write(text[shown:] + stream.flush())
         out.write("\n")
         out.flush()
         if args.verbose:
@@ -149,6 +159,13 @@ def _stop_cut(text: str, stops) -> int | None:
     return min(hits) if hits else None
 
 
+def _stop_prefix(text: str, stops) -> int:
+    """The length of the longest end of text that begins a stop string (held back from the output
+    until the next tokens show whether the stop string follows)."""
+    return max((k for s in stops or [] for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+               default=0)
+
+
 def cmd_backends(args) -> int:
     import gptfast
     report = gptfast.backends()
@@ -180,6 +197,16 @@ def cmd_info(args) -> int:
             print(f"  {k}: {v}")
     print(f"  files: {', '.join(info['files'])}")
     return 0
+
+
+def _numeric_flags(parser, args_cls, flags, helps=None) -> None:
+    """Add each (flag, type) with its default in the help, read from args_cls's field (or helps[flag]);
+    the flag's value stays None when not given, so args_cls applies the default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(args_cls)}
+    for name, typ in flags:
+        dest = name.replace("-", "_")
+        text = (helps or {}).get(name) or (None if defaults[dest] is None else f"default: {defaults[dest]}")
+        parser.add_argument(f"--{name}", type=typ, dest=dest, help=text)
 
 
 def _run_training(args, args_cls, run) -> int:
@@ -330,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--stop", action="append", type=_nonempty, help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", type=_stop_string,
+                   help="stop string (repeatable; \\n, \\t, \\r and \\\\ are escapes: --stop '\\n' stops at a newline)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--num-samples", type=_at_least(1), default=1)
     g.add_argument("--device", default="auto")
@@ -378,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on --data)")
     t.add_argument("--init", help="a checkpoint to start from (directory, nanoGPT .pt, or a hub name that is no "
                    "preset), or a preset name (gpt2, gpt2-medium, ...: that shape, randomly initialised)")
-    for name, typ in (("vocab-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
-                      ("block-size", int), ("batch-size", int), ("grad-accum", int), ("steps", int),
-                      ("lr", float), ("min-lr", float), ("warmup", int), ("weight-decay", float),
-                      ("grad-clip", float), ("eval-every", int), ("eval-batches", int), ("val-fraction", float),
-                      ("seed", int), ("peak-tflops", float)):
-        t.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+    from gptfast.train import DEFAULT_VOCAB_SIZE, TrainArgs
+    _numeric_flags(t, TrainArgs, (("vocab-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
+                   ("block-size", int), ("batch-size", int), ("grad-accum", int), ("steps", int),
+                   ("lr", float), ("min-lr", float), ("warmup", int), ("weight-decay", float),
+                   ("grad-clip", float), ("eval-every", int), ("eval-batches", int), ("val-fraction", float),
+                   ("seed", int), ("peak-tflops", float)),
+                   {"vocab-size": f"default: {DEFAULT_VOCAB_SIZE} (of the BPE trained on --data)", "min-lr": "default: --lr / 10",
+                    "peak-tflops": "default: the GPU's datasheet peak, for MFU"})
     t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the training step (default backend: inductor)")
     t.add_argument("--grad-checkpoint", action="store_true", default=None,
@@ -403,11 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--val", help="validation examples (default: --val-fraction of --data)")
     f.add_argument("--task", choices=["classification", "similarity", "choice"],
                    help="similarity: text pairs read in both orders, their states summed (GPT-1)")
-    for name, typ in (("lm-coef", float), ("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
-                      ("warmup-fraction", float), ("weight-decay", float), ("grad-clip", float),
-                      ("classifier-dropout", float), ("max-len", int), ("eval-every", int),
-                      ("val-fraction", float), ("seed", int)):
-        f.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+    from gptfast.finetune import FinetuneArgs
+    _numeric_flags(f, FinetuneArgs, (("lm-coef", float), ("epochs", int), ("batch-size", int), ("grad-accum", int),
+                   ("lr", float), ("warmup-fraction", float), ("weight-decay", float), ("grad-clip", float),
+                   ("classifier-dropout", float), ("max-len", int), ("eval-every", int),
+                   ("val-fraction", float), ("seed", int)),
+                   {"max-len": "default: the model's context", "eval-every": "default: 0 (at the end of each epoch)"})
     f.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in the backward pass (less memory)")
     f.add_argument("--special-tokens", action="store_true", default=None,

@@ -117,3 +117,63 @@ def test_generate_prints_what_a_stream_ended_inside_a_character_holds_back(monke
     monkeypatch.setattr(gptfast.GPT, "generate_stream", stream)
     assert main(["generate", "And", "-n", str(len(ids)), "-t", "0"]) == 0
     assert capsys.readouterr().out == "And" + tok.decode(ids) + "\n"
+
+
+@needs_default
+@pytest.mark.parametrize("flag, stop", [("\\n", "\n"), ("\\t", "\t"), ("x\\\\n", "x\\n"), ("\\q", "\\q")])
+def test_stop_flag_reads_escapes(flag, stop, monkeypatch, capsys):
+    """`--stop "\\n"` (the README's example) passes backslash and n through the shell: it means a
+    newline, as it does to echo -e and printf; `\\\\` is a backslash, other backslashes stay as written."""
+    tok = gptfast.Tokenizer.from_pretrained(DEFAULT)
+    text = " and it was so" + stop + " And God saw"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    seen = {}
+
+    def stream(self, prompt, **kwargs):
+        seen.update(kwargs)
+        yield from ([i] for i in ids)
+
+    monkeypatch.setattr(gptfast.GPT, "generate_stream", stream)
+    assert main(["generate", "And", "--stop", flag, "-n", str(len(ids)), "-t", "0"]) == 0
+    assert seen["stop_strings"] == [stop]
+    assert capsys.readouterr().out == "And and it was so\n"
+
+
+@needs_default
+@pytest.mark.parametrize("stop", [" And God", "so\n\n", "it was", " was so"])
+def test_generate_prints_no_part_of_a_stop_string_that_spans_tokens(stop, monkeypatch, capsys):
+    """A stop string made of several tokens: the tokens of its start wait until the next ones
+    show whether it follows, so nothing of it is printed (and nothing after it)."""
+    tok = gptfast.Tokenizer.from_pretrained(DEFAULT)
+    text = " and it was so\n\n And God saw"
+    ids = tok.encode(text)
+    pieces = [tok.decode([i]) for i in ids]
+    assert not any(stop in p for p in pieces) and stop in text  # several tokens
+
+    def stream(self, prompt, **kwargs):
+        yield from ([i] for i in ids)
+
+    monkeypatch.setattr(gptfast.GPT, "generate_stream", stream)
+    assert main(["generate", "And", "--stop", stop, "--stop", "never", "-n", str(len(ids))]) == 0
+    assert capsys.readouterr().out == "And" + text[:text.index(stop)] + "\n"
+    # a start of a stop string that the text does not go on to is printed in the end
+    assert main(["generate", "And", "--stop", text[-3:] + "!", "-n", str(len(ids))]) == 0
+    assert capsys.readouterr().out == "And" + text + "\n"
+
+
+def test_training_help_shows_the_defaults(capsys):
+    """train/finetune --help name each numeric flag's default, read from TrainArgs / FinetuneArgs."""
+    from gptfast.finetune import FinetuneArgs
+    from gptfast.train import TrainArgs
+    for command, cls, flags in (("train", TrainArgs, ("warmup", "weight-decay", "steps")),
+                                ("finetune", FinetuneArgs, ("lm-coef", "epochs", "lr"))):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for flag in flags:
+            default = cls.__dataclass_fields__[flag.replace("-", "_")].default
+            assert f"--{flag} {flag.replace('-', '_').upper()} default: {default}" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--min-lr MIN_LR default: --lr / 10" in " ".join(capsys.readouterr().out.split())
