@@ -77,6 +77,10 @@ CASES = [
     Case("tiny_vocab", 2, 33, torch.float32, "tied", dict(top_k=5, top_p=0.9)),  # C = 8: one block gets nothing
     Case("odd_vocab_fp16", 2, 5001, torch.float16, "normal", dict(top_k=20, top_p=0.95)),
     Case("gpt2_vocab", 1, 50257, torch.float32, "normal", dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02)),
+    # k = the count of x >= 2 (row 0) or >= 0 (row 1): the k-th value is the lowest of a cluster's
+    # bin segment (C = 4, 8 split the top digit at 2, C = 2 at 0), so the cutoff's segment total
+    # reaches the target exactly; row 0 also holds the float just below 2, which must go
+    Case("segment_boundary", 2, 3000, torch.float32, "normal", dict(top_k="segment_boundary")),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -95,9 +99,13 @@ def make_inputs(case: Case, seed: int):
         rows[torch.rand(case.batch, width, generator=g) < 0.3] = float("-inf")
         rows[:, 0] = 1.0
     logits = rows.to(case.dtype)[:, :case.vocab]
+    if case.params.get("top_k") == "segment_boundary":
+        logits[0, 1] = torch.nextafter(torch.tensor(2.0), torch.tensor(0.0))
 
     def per_row(name, default, dtype):
         value = case.params.get(name, default)
+        if value == "segment_boundary":
+            value = [int((logits[r] >= (2.0, 0.0)[r % 2]).sum()) for r in range(case.batch)]
         values = value if isinstance(value, list) else [value] * case.batch
         assert len(values) == case.batch, f"{case.name}: {name} needs {case.batch} values"
         return torch.tensor(values, dtype=dtype)

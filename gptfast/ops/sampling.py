@@ -234,6 +234,9 @@ def sample_reference(logits, temperature: Param = 1.0, top_k: Param = 0, top_p: 
     logp = torch.log_softmax(x, dim=-1)
     u = uniform_from_key(keys, vocab).to(logp.dtype)
     drawn = (logp - torch.log(-torch.log(u))).argmax(dim=-1)
+    # A +inf in x (a +inf logit, or one that overflowed at this temperature) makes logp NaN:
+    # take the first +inf, as the extension does.
+    drawn = torch.where(torch.isposinf(x).any(dim=-1), x.argmax(dim=-1), drawn)
     greedy = logits.argmax(dim=-1)
     tokens = torch.where(t > 0, drawn, greedy)
     if return_probs:
