@@ -80,6 +80,19 @@ def test_every_dtype_within_twice_torchs_error(dtype, N, V, bias, step):
 
 
 @pytest.mark.parametrize("step", STEPS)
+def test_another_ignore_index(step):
+    """ignore_index other than -100 (here a valid class, 3) reaches the chunk step: its rows score
+    nothing, and -100 is then an ordinary (out of range) target nowhere in the batch."""
+    x, w, b, t = _inputs(40, 16, 30, torch.float32, bias=True, ignore_every=0, seed=5)
+    t[::4] = 3
+    assert (t == 3).sum() > 10 and (t == 3).sum() < 40
+    want = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, b, t, torch.float64, ignore_index=3)
+    got = _loss_and_grads(_fused(step), x, w, b, t, torch.float32, ignore_index=3, chunk_size=7)
+    for name, a, r in zip(("loss", "dx", "dw", "db"), got, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("step", STEPS)
 def test_under_autocast_as_the_unfused_head(step):
     x, w, _, t = _inputs(90, 64, 500, torch.float32, seed=2)
     exact = _loss_and_grads(ops.linear_cross_entropy_reference, x, w, None, t, torch.float64)
@@ -286,9 +299,10 @@ def test_chunk_kernel_out_of_range_target_gives_nan():
 def test_chunk_kernel_opcheck():
     from gptfast.ops import _cross_entropy_triton  # noqa: F401 - registers the op
     targets = torch.tensor([2, -100, 0, 6], device=DEV)
-    for write_grad in (True, False):
+    for write_grad, dtype in ((True, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
+        # bf16 logits: the loss is fp32 whatever their dtype, in the fake as in the kernel
         torch.library.opcheck(torch.ops.gptfast.cross_entropy_rows.default,
-                              (torch.randn(4, 7, device=DEV), targets, -100, write_grad))
+                              (torch.randn(4, 7, device=DEV).to(dtype), targets, -100, write_grad))
     from gptfast.ops._cross_entropy_triton import cross_entropy_rows
     with pytest.raises(TypeError, match="logits must be float16, bfloat16 or float32 .* got torch.float64"):
         cross_entropy_rows(torch.randn(4, 7, dtype=torch.float64, device=DEV), targets, -100, True)

@@ -90,12 +90,12 @@ LN_SHAPES = [((1,), 77), ((7,), 128), ((2, 65), 1000)]
 @pytest.mark.parametrize("lead,n", LN_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
 def test_layer_norm(lead, n, dtype, residual, affine):
     x = rand(*lead, n, dtype=dtype, scale=2.0, shift=0.5)
     r = rand(*lead, n, dtype=dtype) if residual else None
-    w = rand(n, dtype=dtype, scale=0.5, shift=1.0) if affine != "none" else None
-    b = rand(n, dtype=dtype, scale=0.5) if affine == "weight+bias" else None
+    w = rand(n, dtype=dtype, scale=0.5, shift=1.0) if "weight" in affine else None
+    b = rand(n, dtype=dtype, scale=0.5) if "bias" in affine else None
     inputs = [x, w, b, 1e-5, r]
     names = ["y"] + (["h"] if residual else []) + ["dx"] + (["dweight"] if w is not None else []) \
         + (["dbias"] if b is not None else []) + (["dresidual"] if residual else [])
@@ -103,6 +103,19 @@ def test_layer_norm(lead, n, dtype, residual, affine):
     if residual:
         h_exact = x.detach() + r.detach()
         assert torch.equal(outs[1], h_exact), "h must be x + residual rounded as torch rounds it"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_layer_norm_normalises_the_rounded_sum(dtype):
+    """y is LN of h = x + residual rounded to x's dtype (the h the model carries on), not of the
+    exact sum: x near 40 (an ulp of 1/4 in bf16, 1/32 in fp16) and a residual mostly below it."""
+    x = rand(5, 77, dtype=dtype, shift=40.0, grad=False)
+    r = rand(5, 77, dtype=dtype, scale=0.1, grad=False)
+    w, b = rand(77, dtype=dtype, scale=0.5, shift=1.0, grad=False), rand(77, dtype=dtype, scale=0.5, grad=False)
+    y, h = ops.layer_norm(x, w, b, 1e-5, residual=r, backend="kernel")
+    assert torch.equal(h, x + r)
+    y_torch = ops.layer_norm_reference(x, w, b, 1e-5, r)[0]
+    check("y", y, ops.layer_norm_reference(*as64([h, w, b]), 1e-5), y_torch)
 
 
 def test_layer_norm_layouts_and_eps():
@@ -118,6 +131,28 @@ def test_layer_norm_layouts_and_eps():
     for name, got, want in [("y", y, y64), ("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad),
                             ("db", b.grad, b64.grad)]:
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "linear_bias_gelu"])
+def test_row_strided_upstream_gradients(op, monkeypatch):
+    """Upstream gradients as narrow views of a wider one, as torch.cat's backward hands them out
+    (unit column stride, row stride the width of the cat): each is read at its own row stride."""
+    monkeypatch.setattr(NT, "EPILOGUE_MIN_ROWS", 0)
+    x = rand(9, 80, scale=2.0)
+    args = {"layer_norm": [x, rand(80, scale=0.5, shift=1.0), rand(80, scale=0.5), 1e-5, rand(9, 80)],
+            "bias_gelu": [x, rand(80), "tanh"],
+            "linear_bias_gelu": [x, rand(72, 80, scale=0.2), rand(72), "none"]}[op]
+    results = []
+    for fn, inputs in ((getattr(ops, op), args), (getattr(ops, f"{op}_reference"), as64(args))):
+        kw = {"backend": "kernel"} if fn is getattr(ops, op) else {}
+        outs = _tuple(fn(*inputs, **kw))
+        wide = torch.cat([*outs, torch.zeros_like(outs[0])], -1)  # every output gets a narrow view
+        if not results:
+            g = rand(*wide.shape, dtype=torch.float64, grad=False)
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor)]
+        results.append(torch.autograd.grad(wide, leaves, g.to(wide.dtype)))
+    for i, (got, want) in enumerate(zip(*results)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=f"{op} gradient {i}")
 
 
 def test_layer_norm_fp32_params_bf16_activations():
@@ -155,6 +190,21 @@ def test_gelu_saturates_without_nan():
         torch.testing.assert_close(dx, torch.tensor([0.0, 0, 0, 0.5, 1, 1, 1], device=DEVICE), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("approximate", APPROX)
+def test_gelu_fp32_within_a_few_ulps(approximate):
+    """fp32 GELU and its derivative (inputs of scale 4: both tails) to a few fp32 ulps of float64:
+    the 2x rule's atol (1e-5 of the largest value) lets a constant wrong in its fifth digit
+    (sqrt(2/pi) as 0.7979) pass; this does not."""
+    x = rand(3001, scale=4.0)
+    y = ops.bias_gelu(x, None, approximate, backend="kernel")
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x64 = x.detach().double().requires_grad_()
+    y64 = ops.bias_gelu_reference(x64, None, approximate)
+    (dx64,) = torch.autograd.grad(y64, x64, torch.ones_like(y64))
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=2e-6, atol=1e-6, msg="y")
+    torch.testing.assert_close(dx.double(), dx64, rtol=2e-6, atol=1e-6, msg="dx")
+
+
 # ---- the MLP front: gelu(x @ W^T + b) -----------------------------------------------------
 
 MM_SHAPES = [((1,), 40, 70), ((7,), 64, 96), ((2, 65), 77, 200)]
@@ -180,11 +230,16 @@ def test_linear_bias_gelu(monkeypatch, lead, k, n, dtype, path, approximate, has
 
 @pytest.mark.parametrize("path", ["epilogue", "split"])
 def test_linear_bias_gelu_without_saved_preactivation(monkeypatch, path):
-    """Inference writes no pre-activation; a backward then recomputes it."""
+    """Inference writes no pre-activation, training does (no second matmul in the backward);
+    a backward without one recomputes it."""
     monkeypatch.setattr(NT, "EPILOGUE_MIN_ROWS", 0 if path == "epilogue" else 1 << 30)
+    saved, launch = [], NT._linear_bias_gelu_fwd_launch
+    monkeypatch.setattr(NT, "_linear_bias_gelu_fwd_launch", lambda *a: saved.append(a[-1]) or launch(*a))
     x, w, b = rand(9, 48), rand(80, 48, scale=0.2), rand(80, scale=0.5)
     with torch.no_grad():
         y = ops.linear_bias_gelu(x, w, b, backend="kernel")
+    ops.linear_bias_gelu(x.detach(), w.detach(), b, backend="kernel")  # only the bias needs a gradient
+    assert saved == [False, True], saved
     y2, t = torch.ops.gptfast.linear_bias_gelu_fwd(x, w, b, "tanh", False)
     assert t.numel() == 0
     torch.testing.assert_close(y, ops.linear_bias_gelu_reference(x, w, b).detach(), rtol=1e-5, atol=1e-5)
