@@ -10,6 +10,7 @@ import torch
 
 from gptfast import GPT
 from gptfast.train import TrainArgs, latest_checkpoint, lr_at, make_optimizer, train
+from test_cli_train import _interrupted
 
 WORDS = ("river", "mountain", "sea", "sky", "field", "word", "people", "spoke", "above", "of", "the", "and")
 
@@ -96,29 +97,12 @@ def test_lr_warms_up_linearly_then_decays_by_a_cosine_to_min_lr(book, tmp_path, 
                                          * (lr - min_lr))
 
 
-def _interrupt_after(monkeypatch, args, losses: int) -> None:
-    import gptfast.train as train_mod
-
-    real, calls = train_mod._shifted_loss, []
-
-    def dies(*a):
-        calls.append(1)
-        if len(calls) > losses:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(train_mod, "_shifted_loss", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train(args, progress=False)
-    monkeypatch.setattr(train_mod, "_shifted_loss", real)
-
-
 def test_an_interruption_between_micro_batches_resumes_to_the_same_weights(book, tmp_path, monkeypatch):
     """grad_accum 3: steps 1-2 (6 micro-batches), the evaluation at step 2 (1 batch), then 2 of
     step 3's micro-batches, and the interruption: the resumed run redoes step 3 whole."""
     base = _base(book, steps=5, eval_every=2, grad_accum=3)
     train(TrainArgs(out=str(tmp_path / "whole"), **base), progress=False)
-    _interrupt_after(monkeypatch, TrainArgs(out=str(tmp_path / "cut"), **base), losses=6 + 1 + 2)
+    _interrupted(monkeypatch, TrainArgs(out=str(tmp_path / "cut"), **base), losses=6 + 1 + 2)
     assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000002")
     assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
     train(TrainArgs(out=str(tmp_path / "cut"), **base), progress=False)
