@@ -180,3 +180,16 @@ def test_strided_perplexity_equals_transformers_documented_method(models):
         got = perplexity(model, ids[0].tolist(), stride=stride, progress=False, batch_size=3)
         assert got["tokens"] == tokens == n - 1, (n, stride)
         assert got["nll"] == pytest.approx(nll_sum / tokens, rel=1e-5), (n, stride)
+
+
+def test_is_greedy_needs_every_continuation_token_greedy(models):
+    """A continuation is the greedy output only if each of its tokens is the argmax: one greedy
+    token followed by one that is not is no match (a check of any token would say it is)."""
+    hf, model, tok, _ = models
+    ctx = tok.encode(_text(random.Random(int(torch.randint(0, 2**31, ()))), 2, 9))
+    with torch.no_grad():
+        first = int(hf(torch.tensor([ctx])).logits[0, -1].argmax())
+        ranked = hf(torch.tensor([ctx + [first]])).logits[0, -1].argsort(descending=True).tolist()
+    pairs = [(ctx, [first, ranked[0]]), (ctx, [first, ranked[1]])]
+    got = [g for _, g, _ in score_continuations(model, pairs, batch_size=2)]
+    assert got == [True, False]
