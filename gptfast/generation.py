@@ -84,10 +84,16 @@ def _row_seeds(seed, batch: int) -> torch.Tensor:
     if seed is None:
         return torch.randint(0, 2**31 - 1, (batch,), dtype=torch.int64)
     if isinstance(seed, int) and not isinstance(seed, bool):
-        return seed + torch.arange(batch, dtype=torch.int64)
-    if isinstance(seed, (list, tuple)) and len(seed) == batch and all(isinstance(s, int) for s in seed):
-        return torch.tensor(seed, dtype=torch.int64)
-    raise ValueError(f"seed must be None, an int, or a list of {batch} ints (one per row), got {seed!r}")
+        seeds = [seed + b for b in range(batch)]
+    elif isinstance(seed, (list, tuple)) and len(seed) == batch and all(isinstance(s, int) for s in seed):
+        seeds = list(seed)
+    else:
+        raise ValueError(f"seed must be None, an int, or a list of {batch} ints (one per row), got {seed!r}")
+    # a key is seed + (step << 32): a seed outside [0, 2**32) would share its draws with another seed's
+    bad = next((s for s in seeds if not 0 <= s < 2**32), None)
+    if bad is not None:
+        raise ValueError(f"seed must be in [0, 2**32) for every row (an int seed gives row b seed + b), got {bad}")
+    return torch.tensor(seeds, dtype=torch.int64)
 
 
 def _eos_ids(model, eos_token_id, ignore_eos: bool) -> list[int]:
