@@ -373,7 +373,9 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
                                     bias=head.bias, ignore_index=ignore_index)
     if num_items is not None:  # a sum over the batch divided by the items of all accumulated batches
         num_items = torch.as_tensor(num_items, device=loss.device)
-        loss = loss * (targets != ignore_index).sum().to(loss.dtype) / num_items.to(loss.dtype)
+        count = (targets != ignore_index).sum()
+        # a batch with no target adds 0 (transformers' sum), not its mean's 0/0 = nan
+        loss = torch.where(count > 0, loss, 0.0) * count.to(loss.dtype) / num_items.to(loss.dtype)
     out.loss, out.logits = loss, None
     return out
 

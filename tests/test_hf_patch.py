@@ -145,6 +145,11 @@ def test_loss_over_items_of_accumulated_batches(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     mean = patched(ids, labels=labels).loss
     torch.testing.assert_close(got, mean * (labels[:, 1:] != -100).sum() / 57, rtol=1e-5, atol=1e-6)
+    none = torch.full_like(labels, -100)  # a micro-batch with no target (all prompt) adds 0, not nan
+    got = patched(ids, labels=none, num_items_in_batch=items).loss
+    torch.testing.assert_close(got, model(ids, labels=none, num_items_in_batch=items).loss)
+    got.backward()
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["scale", "scale-by-layer"])

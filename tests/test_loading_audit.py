@@ -4,6 +4,7 @@ compared against transformers itself."""
 import json
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -132,6 +133,14 @@ def test_missing_shard_is_named_with_its_index(tmp_path):
     os.remove(tmp_path / "sharded" / shards[1])
     with pytest.raises(CheckpointError, match=rf"shard {shards[1]} listed in .*model.safetensors.index.json "
                                               r"is missing"):
+        GPT.from_pretrained(str(tmp_path / "sharded"))
+    from safetensors.torch import load_file, save_file
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    kept = load_file(str(tmp_path / "sharded" / shards[1]))  # a shard rewritten without one tensor it held
+    dropped = sorted(kept)[0]
+    save_file({k: v for k, v in kept.items() if k != dropped}, str(tmp_path / "sharded" / shards[1]))
+    with pytest.raises(CheckpointError, match=rf"shards of .*model.safetensors.index.json lack tensors it lists: "
+                                              rf"\['{re.escape(dropped)}'\]"):
         GPT.from_pretrained(str(tmp_path / "sharded"))
     index = tmp_path / "sharded" / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": ["model-00001.safetensors"]}))
@@ -272,3 +281,18 @@ def test_a_hub_download_fetches_one_copy_of_the_weights(tmp_path, monkeypatch, r
     (_, offline, _), (_, online, patterns) = calls
     assert offline and not online
     assert weights in patterns and not {"*.safetensors", "*.bin"} - {weights} & set(patterns)
+
+
+def test_causal_mask_buffers_of_older_transformers_are_skipped(tmp_path):
+    """A .bin saved by transformers 2.x-4.x holds each layer's attn.bias (the causal mask) and
+    attn.masked_bias buffers beside the weights: not weights, skipped, the logits transformers' own."""
+    hf = _hf("GPT2LMHeadModel")
+    state = dict(hf.state_dict())
+    for i in range(SHAPE["n_layer"]):
+        n = SHAPE["n_positions"]
+        state[f"transformer.h.{i}.attn.bias"] = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    _write_bin(tmp_path, hf.config, state)
+    x = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_pretrained(str(tmp_path))(x), hf(x).logits, rtol=0, atol=1e-4)
