@@ -352,9 +352,18 @@ def _lm_head_forward(self, x):
 def _causal_lm_forward(self, *args, labels=None, **kwargs):
     state = getattr(self, _STATE)
     original = state["forward"]
-    if (labels is None or not self.training or kwargs.get("return_dict") is False
-            or kwargs.get("logits_to_keep", 0) not in (0, None)
-            or getattr(self.lm_head, _STATE, None) is None):  # the head was replaced or wrapped since
+    if labels is None or not self.training:  # no loss, or evaluation (which wants the logits as well)
+        return original(*args, labels=labels, **kwargs)
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:  # transformers 4.x also takes it from the config (torchscript: tuples)
+        return_dict = getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
+    reason = ("a tuple output (return_dict=False) holds the logits" if return_dict is False
+              else "logits_to_keep asks for logits" if kwargs.get("logits_to_keep", 0) not in (0, None)
+              else "the LM head was replaced or wrapped after patching" if getattr(self.lm_head, _STATE, None) is None
+              else None)
+    if reason is not None:
+        _dispatch.log_once(f"hf_patch:loss:{reason}", "gptfast: the training loss runs transformers' LM head and "
+                           "cross-entropy, not ops.linear_cross_entropy: %s", reason)
         return original(*args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)

@@ -215,6 +215,30 @@ def test_padded_batches_run_the_kernels(backend, monkeypatch, caplog):
     assert calls.n["attention"] == 2 * layers and len(reads) == 2, (calls.n, reads)
 
 
+@pytest.mark.parametrize("how", ["kwarg", "config"])
+def test_tuple_output_keeps_transformers_loss_and_says_so(how, caplog, monkeypatch):
+    """return_dict=False (the call's, or transformers 4.x's config.return_dict): the tuple holds the
+    logits, so the loss is transformers' own (not the fused one, which has no logits) and is said once."""
+    model = hf_gpt2(seed=5).train()
+    kw = {"return_dict": False} if how == "kwarg" else {}
+    if how == "config":
+        model.config.return_dict = False
+    ids = torch.randint(0, 211, (2, 13), device=DEV)
+    try:
+        want = model(ids, labels=ids, **kw)
+    except AttributeError as exc:  # transformers 5's GPT2LMHeadModel itself fails on config.return_dict=False
+        pytest.skip(f"transformers {transformers.__version__} has no tuple output this way: {exc}")
+    patched = gptfast.patch_transformers(copy.deepcopy(model))
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        got = patched(ids, labels=ids, **kw)
+    assert isinstance(got, tuple) and len(got) == len(want)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)  # the logits, where they belong
+    assert "return_dict=False" in caplog.text and "ops.linear_cross_entropy" in caplog.text
+
+
+
 def test_padded_training_loss_and_gradients_equal_transformers(backend, monkeypatch):
     """Right- and left-padded rows with the pads' labels kept (as a naive collator leaves them):
     the loss and every gradient through the windowed kernels' backward."""
