@@ -136,20 +136,32 @@ def generate_stream(model, input_ids: Prompt, max_new_tokens: int = 32, *, tempe
 
 
 class _Stops:
-    """Whether a row stops after a token: an eos id, or a stop string in the text of its new tokens."""
+    """Whether a row stops after a token: an eos id, or a stop string in the text of its new tokens.
+
+    The text grows by a stream decoder per row: a stop string new after a token ends past the
+    text returned before it, so it lies in that text's last len(s) - 1 characters (kept in
+    tails), the token's piece and what the decoder holds back (decode of every id is the
+    pieces and the held text). A decoder that decodes every id (`whole`) is checked so too."""
 
     def __init__(self, batch: int, eos, stop_strings, tokenizer):
         self.eos, self.strings, self.tokenizer = set(eos), stop_strings, tokenizer
-        self.texts = [[] for _ in range(batch)] if stop_strings else None
+        self.texts = [tokenizer.stream_decoder() for _ in range(batch)] if stop_strings else None
+        self.tails = [""] * batch
+        self.keep = max(map(len, stop_strings)) - 1 if stop_strings else 0
 
     def push(self, row: int, token: int) -> bool:
         if token in self.eos:
             return True
-        if self.texts is None:
+        if self.texts is None or token >= self.tokenizer.vocab_size:  # a padded vocabulary's extra ids have no text
             return False
-        if token < self.tokenizer.vocab_size:  # a padded model vocabulary's extra ids have no text
-            self.texts[row].append(token)
-        return any(s in self.tokenizer.decode(self.texts[row]) for s in self.strings)
+        stream = self.texts[row]
+        piece = stream.push(token)
+        if stream.whole:
+            return any(s in self.tokenizer.decode(stream.ids) for s in self.strings)
+        text = self.tails[row] + piece
+        self.tails[row] = text[len(text) - self.keep:] if len(text) > self.keep else text
+        text += stream.held
+        return any(s in text for s in self.strings)
 
 
 def _stream(model, prompts: _Prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos, stop_strings,

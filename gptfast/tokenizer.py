@@ -173,15 +173,41 @@ def _check_utf8(text: str, name: str) -> None:
                          "bytes to encode") from None
 
 
+# Decoders whose text for ids[p:] is, from the start of a complete character on, the text those
+# ids have inside the whole stream: ByteLevel maps each token to bytes and decodes them as UTF-8,
+# BPEDecoder (GPT-1) maps each token alone, but for the last one's "</w>" (dropped, else a space).
+_WINDOW_DECODERS = {"ByteLevel", "BPEDecoder"}
+
+
 class StreamDecoder:
     """Turns a stream of ids into text pieces, holding back incomplete UTF-8 sequences; `flush`
     gives what is held back at the end of the stream, so the pieces and the flush join to
-    `decode` of every id."""
+    `decode` of every id.
+
+    Each push decodes a short window, not the whole stream: the ids from the last-but-one
+    piece's end (`_start`) on, whose text starts with that of the ids up to the last piece's end
+    (`_read`); the new piece is the rest. Pieces are those of decoding every id at each push
+    (the text past what was returned, held back while it ends in U+FFFD). A decoder not known to
+    decode a window as it decodes it in context, or whose window text does not extend the
+    window's earlier text, decodes every id at each push (`whole`), and says so once."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
+        self._start = self._read = 0  # window start (a character boundary), end of the last piece
+        self._prefix = ""  # the text of ids[_start:_read] decoded alone
+        self._read_whole = True  # ids[:_read] end with a complete character
+        self.held = ""  # the text of the ids past the last piece, as decode gives it (U+FFFD-ended)
+        self._emitted: Optional[int] = None  # in whole mode: characters of decode(ids) returned
+        decoder = type(getattr(tokenizer._tok, "decoder", None)).__name__
+        if decoder not in _WINDOW_DECODERS:
+            self._decode_whole(f"its decoder is {decoder}, not one known to decode a window of ids as in "
+                               f"context ({', '.join(sorted(_WINDOW_DECODERS))})", decoder)
+
+    @property
+    def whole(self) -> bool:
+        """True when every push decodes every id so far (the quadratic path, exact for any decoder)."""
+        return self._emitted is not None
 
     def push(self, ids: Union[int, Sequence[int]]) -> str:
         """The text the new id(s) complete; a bad id raises (naming it) and is not kept."""
@@ -200,11 +226,41 @@ class StreamDecoder:
         stopped inside a character) decodes to U+FFFD, as decode gives it."""
         return self._emit(hold=False)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer._tok.decode(ids, skip_special_tokens=False)  # checked as they came in
+
+    def _decode_whole(self, why: str, key: str) -> None:
+        from .ops._dispatch import log_once
+
+        log_once(f"stream_decoder:{key}", "gptfast: streaming decode decodes every id at each token: %s", why)
+        self._emitted = len(self._decode(self.ids[:self._read]))
+
     def _emit(self, hold: bool) -> str:
-        text = self.tokenizer._tok.decode(self.ids, skip_special_tokens=False)  # checked as they came in
+        if self._emitted is None:
+            n = len(self.ids)
+            if n == self._read:
+                return ""
+            text = self._decode(self.ids[self._start:n])
+            # after a flush inside a character, that character's U+FFFD may have become the character
+            known = self._prefix if self._read_whole else self._prefix.rstrip("\ufffd")
+            if text.startswith(known):
+                if hold and text.endswith("\ufffd"):  # a multi-byte character not complete yet
+                    self.held = text[len(self._prefix):]
+                    return ""
+                piece, self.held = text[len(self._prefix):], ""
+                if self._read_whole:  # the window moves up to the last piece's end
+                    self._start = self._read
+                    text = self._decode(self.ids[self._start:n])
+                self._read, self._prefix, self._read_whole = n, text, not text.endswith("\ufffd")
+                return piece
+            self._decode_whole(f"decoding ids {self._start}..{n - 1} gave {text!r}, which does not extend "
+                               f"{self._prefix!r}, the text of ids {self._start}..{self._read - 1}",
+                               type(self.tokenizer._tok.decoder).__name__ + " (window)")
+        text = self._decode(self.ids)
         if hold and text.endswith("\ufffd"):  # a multi-byte character not complete yet
+            self.held = text[self._emitted:]
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
+        piece, self._emitted, self.held = text[self._emitted:], len(text), ""
         return piece
 
 
