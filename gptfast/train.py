@@ -236,6 +236,12 @@ def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = Fals
         hint["training"] = (f" ({n_val} of its {total} tokens are the validation split: --val-fraction "
                             f"{args.val_fraction}, and at least --block-size + 2)")
     else:  # gptfast train's --val-fraction does not apply to a val.bin
+        if args.val_fraction != TrainArgs.__dataclass_fields__["val_fraction"].default:  # given, so meant
+            from .ops._dispatch import logger
+            logger.warning("gptfast: --val-fraction %s does not apply: --data %s brings its own validation split "
+                           "(val.bin, %d tokens), used as it is; --val-fraction holds out the tail of a text file "
+                           "or of token data without a val.bin (to change the split, run gptfast prepare again "
+                           "with --val-fraction %s)", args.val_fraction, args.data, len(val), args.val_fraction)
         hint["validation"] = (" (its val.bin: prepare the data again with a larger --val-fraction, or with "
                               "--val-fraction 0 to have gptfast train hold out the tail of train.bin)")
     for name, part in (("training", tokens), ("validation", val)):
@@ -251,7 +257,8 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.G
     device; ids are checked against vocab_size on the host (token files come from elsewhere).
     With world > 1, gen draws the batch_size x world windows of every rank and this rank gets
     its slice of them, so that the ranks together see the rows one process would see."""
-    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size * world,), generator=gen)
+    # a window tokens[s:s + block_size + 1] fits for s <= len - block_size - 1 (randint's high is exclusive)
+    starts = torch.randint(0, len(tokens) - block_size, (batch_size * world,), generator=gen)
     starts = starts[rank * batch_size:(rank + 1) * batch_size]
     x = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
     if vocab_size is not None and int(x.max()) >= vocab_size:
