@@ -6,17 +6,18 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 _ACTIVATIONS = ("gelu_tanh", "gelu")  # tanh approximation (GPT-2) / exact erf (GPT-1, nanoGPT)
 
 # Hugging Face config keys that do not change the forward pass; accepted and ignored. (Read, not
-# ignored: scale_attn_weights, afn / activation_function, n_inner, layer_norm_epsilon and the shapes.)
+# ignored: scale_attn_weights, scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn,
+# initializer_range, eos_token_id, afn / activation_function, n_inner, layer_norm_epsilon and the shapes.)
 _HF_IGNORED = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "task_specific_params",
     "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-    "summary_first_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
-    "initializer_range", "predict_special_tokens", "id2label", "label2id", "_name_or_path",
+    "summary_first_dropout", "bos_token_id", "pad_token_id", "use_cache",
+    "predict_special_tokens", "id2label", "label2id", "_name_or_path",
     "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings",
     "is_decoder", "add_cross_attention", "n_ctx", "problem_type",
     "tokenizer_class", "prefix", "decoder_start_token_id", "chunk_size_feed_forward",
@@ -37,8 +38,6 @@ _HF_IGNORED = {
 }
 # HF keys whose non-default values change the model in ways gptfast does not implement.
 _HF_UNSUPPORTED = {
-    "scale_attn_by_inverse_layer_idx": False,
-    "reorder_and_upcast_attn": False,
     "add_cross_attention": False,
     "pruned_heads": {},  # transformers 4.x removes these heads from each layer
 }
@@ -66,8 +65,16 @@ class GPTConfig:
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0  # dropout on the attention weights in training (runs SDPA, not the kernel)
-    eos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[Union[int, list[int]]] = 50256  # None, an id, or a list of ids (HF allows each)
     scale_attn_weights: bool = True  # attention scores scaled by 1/sqrt(head_dim) (HF GPT-2's flag)
+    # HF GPT-2's flag: layer i's scores (0-based) divided by i + 1 as well (stanford-crfm's models)
+    scale_attn_by_inverse_layer_idx: bool = False
+    # HF GPT-2's flag for q.k and softmax in fp32 in its eager attention. It changes nothing here:
+    # every gptfast attention path already does that (the Triton kernels' tl.dot accumulates in
+    # fp32 and their softmax runs in fp32; the torch references upcast q, k, v to fp32), as SDPA
+    # does in transformers, whose SDPA path ignores the flag. Kept so a config round-trips.
+    reorder_and_upcast_attn: bool = False
+    initializer_range: float = 0.02  # std of the normal init (GPT-2's residual projections: / sqrt(2 n_layer))
     extra: dict = field(default_factory=dict, repr=False)  # free-form metadata (provenance...)
 
     def __post_init__(self):
@@ -90,11 +97,16 @@ class GPTConfig:
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("scale_attn_weights", "pre_ln", "final_ln", "bias"):
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                     "pre_ln", "final_ln", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        r = self.initializer_range
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (r > 0 and math.isfinite(r)):
+            raise ValueError(f"GPTConfig.initializer_range must be a finite number > 0, got {r!r}")
+        self.eos_token_id = _check_eos(self.eos_token_id, "GPTConfig.eos_token_id")
 
     @property
     def head_dim(self) -> int:
@@ -102,8 +114,17 @@ class GPTConfig:
 
     @property
     def attn_scale(self) -> float:
-        """The factor on the attention scores q.k: 1/sqrt(head_dim), or 1 with scale_attn_weights=False."""
+        """The factor on the attention scores q.k: 1/sqrt(head_dim), or 1 with scale_attn_weights=False
+        (before scale_attn_by_inverse_layer_idx: see layer_attn_scale)."""
         return 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
+
+    def layer_attn_scale(self, layer_idx: int) -> float:
+        """The factor on layer layer_idx's (0-based) attention scores: attn_scale, divided by
+        layer_idx + 1 with scale_attn_by_inverse_layer_idx (as transformers' GPT2Attention.scaling)."""
+        scale = self.attn_scale
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        return scale
 
     @property
     def gelu_approximate(self) -> str:
@@ -142,7 +163,8 @@ class GPTConfig:
             raise ValueError(f"{source}: tie_word_embeddings=False is not supported (GPT ties the LM head)")
         known = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                  "activation_function", "afn", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop",
-                 "attn_pdrop", "scale_attn_weights", "gptfast"} | _HF_IGNORED | set(_HF_UNSUPPORTED)
+                 "attn_pdrop", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                 "initializer_range", "eos_token_id", "gptfast"} | _HF_IGNORED | set(_HF_UNSUPPORTED)
         unknown = sorted(k for k in d if k not in known)
         if unknown:
             raise ValueError(f"{source}: unknown config field(s) {unknown}")
@@ -162,11 +184,15 @@ class GPTConfig:
             activation = extra.pop("activation", "gelu_tanh")
             if activation not in _ACTIVATIONS:
                 raise ValueError(f"{source}: gptfast.activation must be one of {_ACTIVATIONS}, got {activation!r}")
-        eos = d.get("eos_token_id", 50256 if model_type == "gpt2" else None)
-        # OpenAIGPT always scales its scores and has a 4 * n_embd MLP, whatever the config says
-        scale = d.get("scale_attn_weights", True) if model_type == "gpt2" else True
-        if not isinstance(scale, bool):
-            raise ValueError(f"{source}: scale_attn_weights must be true or false, got {scale!r}")
+        eos = _check_eos(d.get("eos_token_id", 50256 if model_type == "gpt2" else None), f"{source}: eos_token_id")
+        # OpenAIGPT always scales its scores (by 1/sqrt(head_dim) alone) and has a 4 * n_embd MLP,
+        # whatever the config says: it has none of GPT-2's attention flags.
+        flags = {}
+        for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                             ("reorder_and_upcast_attn", False)):
+            flags[key] = d.get(key, default) if model_type == "gpt2" else default
+            if not isinstance(flags[key], bool):
+                raise ValueError(f"{source}: {key} must be true or false, got {flags[key]!r}")
         return cls(
             vocab_size=d.get("vocab_size", 50257 if model_type == "gpt2" else 40478),
             n_positions=d.get("n_positions", 1024 if model_type == "gpt2" else 512),
@@ -182,9 +208,10 @@ class GPTConfig:
             embd_pdrop=d.get("embd_pdrop", 0.1),
             resid_pdrop=d.get("resid_pdrop", 0.1),
             attn_pdrop=d.get("attn_pdrop", 0.1),
-            eos_token_id=eos if isinstance(eos, int) else None,
-            scale_attn_weights=scale,
+            eos_token_id=eos,
+            initializer_range=d.get("initializer_range", 0.02),
             extra=extra,
+            **flags,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -194,11 +221,12 @@ class GPTConfig:
         if reason:
             raise ValueError(reason)
         act = "gelu_new" if self.activation == "gelu_tanh" else "gelu"
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, list) else self.eos_token_id
         common = {
             "vocab_size": self.vocab_size, "n_positions": self.n_positions, "n_embd": self.n_embd,
             "n_layer": self.n_layer, "n_head": self.n_head, "layer_norm_epsilon": self.layer_norm_epsilon,
             "resid_pdrop": self.resid_pdrop, "embd_pdrop": self.embd_pdrop, "attn_pdrop": self.attn_pdrop,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": True, "initializer_range": self.initializer_range,
         }
         if self.extra:
             common["gptfast"] = self.extra
@@ -206,11 +234,17 @@ class GPTConfig:
             return {**common, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                     "n_inner": self.n_inner, "activation_function": act,
                     "scale_attn_weights": self.scale_attn_weights,
-                    "bos_token_id": self.eos_token_id, "eos_token_id": self.eos_token_id}
+                    "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx,
+                    "reorder_and_upcast_attn": self.reorder_and_upcast_attn,
+                    # transformers' GPT-2 configs write bos == eos; a list's first id for bos
+                    "bos_token_id": (eos[0] if eos else None) if isinstance(eos, list) else eos,
+                    "eos_token_id": eos}
         if self.activation == "gelu":
             # OpenAIGPT's afn "gelu" runs the tanh form in transformers and has no erf option: the
             # exact form is recorded for gptfast; transformers will run this model with tanh GELU.
             common["gptfast"] = {**self.extra, "activation": "gelu"}
+        if eos is not None:  # OpenAIGPTConfig has no default EOS; one read from a config.json is kept
+            common["eos_token_id"] = eos
         return {**common, "model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "afn": "gelu"}
 
     def hf_incompatibility(self) -> Optional[str]:
@@ -226,11 +260,24 @@ class GPTConfig:
                     f"got {self.n_inner}")
         if not self.pre_ln and not self.scale_attn_weights:
             return "Hugging Face OpenAIGPT always scales attention: scale_attn_weights=False has no GPT-1 equivalent"
+        if not self.pre_ln and self.scale_attn_by_inverse_layer_idx:
+            return ("Hugging Face OpenAIGPT scales every layer's attention alike: "
+                    "scale_attn_by_inverse_layer_idx=True has no GPT-1 equivalent")
         return None
 
     @classmethod
     def from_json_file(cls, path: str) -> "GPTConfig":
         return cls.from_hf_dict(read_json_object(path), source=os.path.basename(path))
+
+
+def _check_eos(value, what: str):
+    """eos_token_id as GPTConfig holds it: None, an int >= 0, or a list of them (a tuple becomes a list)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return list(value)
+    raise ValueError(f"{what} must be None, a token id (an int >= 0) or a list of them, got {value!r}")
 
 
 def read_json_object(path: str) -> dict[str, Any]:

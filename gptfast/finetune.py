@@ -157,6 +157,7 @@ class GPTClassifier(GPT):
         elif "score.weight" in state:  # trained by transformers: labels from id2label
             id2label = raw.get("id2label") or {str(i): f"LABEL_{i}" for i in range(state["score.weight"].shape[0])}
             eos = raw.get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) and eos else eos  # a list: its first id, as bos_token_id
             saved = TaskSpec(labels=[id2label[k] for k in sorted(id2label, key=int)], pad=raw.get("pad_token_id"),
                              delimiter=eos if isinstance(eos, int) and 0 <= eos < config.vocab_size else None)
         if saved is not None and spec is not None and (saved.task, saved.labels) != (spec.task, spec.labels):

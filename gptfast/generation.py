@@ -99,9 +99,9 @@ def _row_seeds(seed, batch: int) -> torch.Tensor:
 def _eos_ids(model, eos_token_id, ignore_eos: bool) -> list[int]:
     if ignore_eos:
         return []
-    if eos_token_id is None:
+    if eos_token_id is None:  # the config's: None, an id or a list of ids (ids past the vocabulary never come)
         eos = model.config.eos_token_id
-        return [eos] if eos is not None and eos < model.config.vocab_size else []
+        return [i for i in ([eos] if isinstance(eos, int) else eos or []) if i < model.config.vocab_size]
     if isinstance(eos_token_id, torch.Tensor):  # as transformers takes it: a 0-d or 1-d tensor
         eos_token_id = eos_token_id.tolist()
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)

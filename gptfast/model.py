@@ -63,14 +63,17 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.n_head = config.n_head
-        # scale_attn_weights=False (HF GPT-2's flag): scores q.k unscaled. None keeps the ops'
-        # default 1/sqrt(head_dim). ops.decode_attention always applies 1/sqrt(head_dim), so
-        # unscaled decoding multiplies q by sqrt(head_dim) first.
-        self.scale = None if config.scale_attn_weights else config.attn_scale
-        self.decode_q_factor = None if config.scale_attn_weights else math.sqrt(config.head_dim)
+        # HF GPT-2's flags scale_attn_weights=False (scores q.k unscaled) and
+        # scale_attn_by_inverse_layer_idx (layer i's scores divided by i + 1 as well). None keeps
+        # the ops' default 1/sqrt(head_dim). ops.decode_attention always applies 1/sqrt(head_dim),
+        # so decoding with another scale multiplies q by scale * sqrt(head_dim) first.
+        default = config.scale_attn_weights and not (config.scale_attn_by_inverse_layer_idx and layer_idx > 0)
+        scale = config.layer_attn_scale(layer_idx)
+        self.scale = None if default else scale
+        self.decode_q_factor = None if default else scale * math.sqrt(config.head_dim)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)  # its p, on the attention weights in training
@@ -138,11 +141,11 @@ class LayerNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.pre_ln = config.pre_ln
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)  # layer_idx: scale_attn_by_inverse_layer_idx
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon, config.bias)
         self.mlp = MLP(config)
 
@@ -178,7 +181,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.embd_pdrop),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         if config.final_ln:
             self.transformer["ln_f"] = LayerNorm(config.n_embd, config.layer_norm_epsilon, config.bias)
@@ -186,18 +189,20 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
+        std = config.initializer_range
         for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
-            if config.pre_ln and name.endswith("c_proj.weight"):  # GPT-1 (post-LN): N(0, 0.02) throughout
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if config.pre_ln and name.endswith("c_proj.weight"):  # GPT-1 (post-LN): N(0, std) throughout
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module):
+    def _init_weights(self, module):
+        """N(0, config.initializer_range) weights and zero biases, as transformers' GPT-2 / GPT-1."""
+        std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
 
     # ---- construction ------------------------------------------------------
     @classmethod
@@ -246,7 +251,7 @@ class GPT(nn.Module):
         if vocab_size == old.num_embeddings:
             return
         new = nn.Embedding(vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        nn.init.normal_(new.weight, mean=0.0, std=0.02)
+        nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
         keep = min(vocab_size, old.num_embeddings)
         with torch.no_grad():
             new.weight[:keep].copy_(old.weight[:keep])

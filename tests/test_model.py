@@ -146,8 +146,8 @@ def test_bad_config_values():
         GPTConfig(activation="relu")
     with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
         GPTConfig.from_preset("gpt3")
-    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
-        GPTConfig.from_hf_dict({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+    with pytest.raises(ValueError, match="add_cross_attention=True is not supported"):
+        GPTConfig.from_hf_dict({"model_type": "gpt2", "add_cross_attention": True})
     with pytest.raises(ValueError, match="model_type must be 'gpt2' or 'openai-gpt', got 'llama'"):
         GPTConfig.from_hf_dict({"model_type": "llama"})
 
