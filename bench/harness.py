@@ -292,6 +292,7 @@ def _run_provider(case: Case, provider: Provider, ctx: RunContext) -> dict:
                          "raise --compile-budget or run without --quick to include it")
         return rec
     caught: list = []
+    started = time.perf_counter()
     try:
         if case.measure is not None:
             out = case.measure(provider, ctx)
@@ -328,6 +329,8 @@ def _run_provider(case: Case, provider: Provider, ctx: RunContext) -> dict:
         rec["reason"] = str(exc)
         return rec
     except Exception as exc:  # noqa: BLE001 - any failure is recorded as the provider's reason
+        if provider.compiled and rec.get("first_call_s") is None:  # a compile that failed spent the budget too
+            ctx.compile_spent_s += time.perf_counter() - started
         rec["reason"] = ("out of memory: " if _is_oom(exc) else f"failed on {ctx.device.type}: ") + _short(exc)
         if caught:
             rec["reason"] += " | warning: " + str(caught[0].message).strip().splitlines()[0][:300]
