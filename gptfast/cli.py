@@ -121,8 +121,9 @@ def cmd_generate(args) -> int:
             out.write(text[shown:end])
             out.flush()
             shown = end
-        if cut is None:  # what a stream that ended inside a character holds back, as decode gives it
-            out.write(text[shown:] + stream.flush())
+        if cut is None:  # what a stream that ended inside a character holds back, as decode gives it,
+            text += stream.flush()  # which may complete a stop string (generation stopped on it)
+            out.write(text[shown:_stop_cut(text, args.stop)])
         out.write("\n")
         out.flush()
         if args.verbose:
@@ -351,18 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text (streams to stdout)")
     g.add_argument("prompt", nargs="?", help="prompt text (default: read standard input)")
     g.add_argument("--model", help="HF GPT-2 directory, nanoGPT checkpoint or hub name (default: shipped model)")
-    g.add_argument("--max-new-tokens", "-n", type=_at_least(1), default=100)
-    g.add_argument("--temperature", "-t", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", "-n", type=_at_least(1), default=100, help="default: %(default)s")
+    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="default: %(default)s (0 disables)")
+    g.add_argument("--top-p", type=float, default=0.95, help="default: %(default)s (1 disables)")
+    g.add_argument("--min-p", type=float, default=0.0, help="default: %(default)s (0 disables)")
+    g.add_argument("--seed", type=int, help="sample i of --num-samples uses seed + i - 1 (default: unseeded)")
     g.add_argument("--stop", action="append", type=_stop_string,
                    help="stop string (repeatable; \\n, \\t, \\r and \\\\ are escapes: --stop '\\n' stops at a newline)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--num-samples", type=_at_least(1), default=1)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--num-samples", type=_at_least(1), default=1, help="default: %(default)s")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16/bf16, float16/fp16 (default: %(default)s)")
     g.add_argument("--backend", choices=["auto", "kernel", "torch"])
     g.add_argument("--no-cuda-graph", action="store_true",
                    help="run each decode step eagerly instead of replaying a captured CUDA graph")
@@ -370,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "drafting for gpt2-xl), or 'prompt-lookup' (proposals copied from the "
                                    "prompt and the output so far); greedy output is unchanged, samples keep "
                                    "the model's distribution")
-    g.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    g.add_argument("--draft-tokens", type=int, default=4,
+                   help="tokens the draft proposes per round (default: %(default)s)")
     g.add_argument("--verbose", "-v", action="store_true", help="timings and load info on stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -498,6 +500,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\n[gptfast] interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output left (`gptfast generate ... | head`): stop, as cat does
+        try:  # and leave nothing for Python to fail flushing at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as the shell reports a writer killed by a closed pipe
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"gptfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
