@@ -64,7 +64,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     embd_pdrop: float = 0.0
     resid_pdrop: float = 0.0
-    attn_pdrop: float = 0.0  # dropout on the attention weights in training (runs SDPA, not the kernel)
+    attn_pdrop: float = 0.0  # dropout on the attention weights in training (inside the attention kernel)
     eos_token_id: Optional[Union[int, list[int]]] = 50256  # None, an id, or a list of ids (HF allows each)
     scale_attn_weights: bool = True  # attention scores scaled by 1/sqrt(head_dim) (HF GPT-2's flag)
     # HF GPT-2's flag: layer i's scores (0-based) divided by i + 1 as well (stanford-crfm's models)

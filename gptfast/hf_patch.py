@@ -15,12 +15,12 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   training) goes to the same kernels as a key window per row (ops.attention's kv_start /
   kv_end), once transformers' mask is checked to be exactly causal + one key range per row over
   the keys written so far (a static cache's tail dropped; three host syncs per forward: the
-  layers share the mask); a query that sees no key gets 0, as in SDPA. Any other mask, or
-  attention dropout in training, runs transformers' SDPA path instead, and says so once; so
-  does a padding mask under torch.compile (reading it would sync inside the graph; it is
-  logged as the trace reaches it). `attention_dropout=False` runs the kernel in training too,
-  without dropout on the attention weights (as gptfast.GPT does with each block's
-  attn.attn_dropout.p at 0). A call that asks for the
+  layers share the mask); a query that sees no key gets 0, as in SDPA. Attention dropout in
+  training runs inside the kernel (ops.attention's dropout_p: transformers' distribution, the
+  kernel's own masks); `attention_dropout=False` trains without it. Any other mask runs
+  transformers' SDPA path instead (with its dropout), and says so once; so does a padding mask
+  under torch.compile (reading it would sync inside the graph; it is logged as the trace
+  reaches it). A call that asks for the
   attention weights (output_attentions) or passes a head_mask (transformers 4.x) runs
   transformers' eager attention, which computes them, and says so once.
 - layer_norm: every nn.LayerNorm runs `ops.layer_norm` (not under autocast, whose fp32 rule
@@ -33,7 +33,7 @@ path without moving to `gptfast.GPT`. What is patched, each on this model's modu
   logits=None (as Liger-Kernel does). Evaluation, and calls without labels, are unchanged.
 
 GPT-1 (OpenAIGPT*, post-LN, no KV cache) gets the same, its attention through `ops.attention`
-in place of the Attention module's `_attn` (no attention weights asked for, no dropout; no mask,
+in place of the Attention module's `_attn` (no attention weights asked for; no mask,
 or a right-padding one, as kv_end: a left pad's row, which sees no key, gets a uniform mix of
 every key from transformers' GPT-1, so left padding keeps transformers' code).
 
@@ -231,10 +231,7 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         _dispatch.log_once(f"hf_patch:attention:{asked}", "gptfast: transformers attention runs transformers' "
                            "eager attention, not gptfast's kernel: the call asked for %s", " and ".join(asked))
         return _eager(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if dropout > 0:
-        reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run the "
-                  "kernel without it)")
-    elif tq > tk or (attention_mask is None and tq > 1 and not _causal(module, kwargs)):
+    if tq > tk or (attention_mask is None and tq > 1 and not _causal(module, kwargs)):
         reason = "not causal self-attention"
     elif attention_mask is not None:
         batch = query.shape[0]
@@ -246,7 +243,7 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
                            "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s", reason)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = _scaling(module, query.shape[-1]) if scaling is None else float(scaling)
-    decode = tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) \
+    decode = tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) and not dropout \
         and not (torch.is_grad_enabled() and query.requires_grad)
     kv_start = kv_end = None
     if window is not None:  # the mask's causal limit is bottom-right (queries at the end of the keys)
@@ -259,9 +256,10 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device) if kv_end is None else kv_end
         out = ops.decode_attention(query, key, value, lens, kv_start=kv_start)
     elif tq > 1 or window is not None:
-        out = ops.attention(query, key, value, causal=True, scale=scale, kv_start=kv_start, kv_end=kv_end)
+        out = ops.attention(query, key, value, causal=True, scale=scale, kv_start=kv_start, kv_end=kv_end,
+                            dropout_p=dropout)
     else:  # one query, another scale (or a gradient): every key is visible
-        out = ops.attention(query, key, value, causal=False, scale=scale)
+        out = ops.attention(query, key, value, causal=False, scale=scale, dropout_p=dropout)
     return out.transpose(1, 2), None
 
 
@@ -276,8 +274,8 @@ def _gpt2_model_forward(self, *args, **kwargs):
 
 def _gpt1_attn(self, q, k, v, *args, **kwargs):
     """OpenAIGPT's Attention._attn (k comes transposed, [B, H, D, T]) through ops.attention when
-    it is plain causal attention: no head mask, no attention weights, no dropout, and no mask
-    or a right-padding one (the kernel's kv_end)."""
+    it is plain causal attention: no head mask, no attention weights, and no mask or a
+    right-padding one (the kernel's kv_end); dropout in training is the kernel's."""
     state = getattr(self, _STATE)
     given = {**dict(zip(state["arguments"], args)), **kwargs}  # attention_mask, (head_mask,) output_attentions
     asked = sorted(name for name, value in given.items()
@@ -287,9 +285,6 @@ def _gpt1_attn(self, q, k, v, *args, **kwargs):
     reason = window = None
     if asked:
         reason = "it was given " + ", ".join(asked)
-    elif dropout > 0:
-        reason = (f"attention dropout p={dropout} in training (patch with attention_dropout=False to run "
-                  "the kernel without it)")
     elif mask is not None:
         batch, tk = q.shape[0], v.shape[2]
         window, reason = _mask_window(mask, ("gpt1", batch, tk), lambda: _read_gpt1_window(mask, batch, tk),
@@ -300,7 +295,7 @@ def _gpt1_attn(self, q, k, v, *args, **kwargs):
         return type(self)._attn(self, q, k, v, *args, **kwargs)
     scale = 1.0 / math.sqrt(v.shape[-1]) if self.scale else 1.0
     (kv_end,) = window if window is not None else (None,)
-    return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale, kv_end=kv_end)]
+    return [ops.attention(q, k.transpose(-1, -2), v, causal=True, scale=scale, kv_end=kv_end, dropout_p=dropout)]
 
 
 def _register_attention() -> None:

@@ -17,7 +17,6 @@ import torch.utils.checkpoint
 
 from . import ops
 from .config import GPTConfig
-from .ops import _dispatch
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -83,10 +82,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs), strided views
-        if cache is None and self.training and self.attn_dropout.p > 0:
-            y = self._dropout_attention(q, k, v)
-        elif cache is None:
-            y = ops.attention(q, k, v, causal=True, scale=self.scale)
+        if cache is None:  # training applies attn_pdrop to the weights (the kernel's own masks)
+            y = ops.attention(q, k, v, causal=True, scale=self.scale,
+                              dropout_p=self.attn_dropout.p if self.training else 0.0)
         else:
             idx = positions.view(B, 1, T, 1).expand(B, self.n_head, T, C // self.n_head)
             cache.k[layer].scatter_(2, idx, k.to(cache.k[layer].dtype))
@@ -99,17 +97,6 @@ class CausalSelfAttention(nn.Module):
                 y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-    def _dropout_attention(self, q, k, v):
-        """Causal attention with dropout on its weights, as transformers' GPT-2 / GPT-1 train (the
-        same masks as its eager and SDPA paths for the same RNG state). The kernels have no dropout:
-        torch SDPA runs instead, and says so once (as gptfast.patch_transformers does)."""
-        p = self.attn_dropout.p
-        reason = (f"attention dropout p={p} in training (GPTConfig.attn_pdrop; set each block's "
-                  "attn.attn_dropout.p = 0 to train through the kernel without it)")
-        _dispatch.log_once("model:attention-dropout", "gptfast: attention runs torch SDPA, not ops.attention: %s",
-                           reason)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
 
 
 class MLP(nn.Module):

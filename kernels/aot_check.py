@@ -148,13 +148,14 @@ def _cases(quick: bool):
     def qkv(B, T, H, D, dtype):  # [B, H, T, D] views of the [B, T, 3, H, D] projection, as the model passes
         return torch.empty(B, T, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def flash(dtype, D, causal, window=False):
+    def flash(dtype, D, causal, window=False, dropout=False):
         B, T, H = BATCH, SEQ, 768 // D
         q, k, v = qkv(B, T, H, D, dtype)
-        bounds = (torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.int32)) if window else ()
-        out, lse = attn._flash_fwd_launch(q, k, v, causal, D ** -0.5, *bounds)
+        bounds = (torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.int32)) if window else (None, None)
+        drop = (0.1, torch.empty(1, dtype=torch.int64)) if dropout else ()  # attention dropout: p and its seed
+        out, lse = attn._flash_fwd_launch(q, k, v, causal, D ** -0.5, *bounds, *drop)
         dout = attn._bhtd_like_bthd(B, H, T, D, dtype, cpu)  # grad of the model's y.transpose(1, 2).reshape
-        attn._flash_bwd_launch(dout, q, k, v, out, lse, causal, D ** -0.5, *bounds)
+        attn._flash_bwd_launch(dout, q, k, v, out, lse, causal, D ** -0.5, *bounds, *drop)
 
     def decode(dtype, D, tq, splits, window=False):
         B, H = BATCH, 768 // D
@@ -197,6 +198,10 @@ def _cases(quick: bool):
             if D in (64, 128):  # a key window (padded batches, transformers' masks): causal, both modes
                 yield dn, f"D={D} causal kv-window", ("fixed",) if quick else ("autotune", "fixed"), \
                     partial(flash, dtype, D, True, True)
+            if D in ((64,) if quick else (64, 128)):  # attention dropout (training): causal, every path
+                yield dn, f"D={D} causal dropout", \
+                    ("fixed", "fixed-tma") if quick else ("autotune", "fixed", "fixed-tma"), \
+                    partial(flash, dtype, D, True, False, True)
             # 1 split: the split kernel writes the output; 22: B*H = 12 on 132 SMs; the largest reduce
             for tq in (1,) if quick else (1, 17, attn.DECODE_MAX_TQ):  # query blocks of 16, 32, 64
                 for splits in (22,) if quick else (1, 22, attn.DECODE_MAX_SPLITS):
@@ -300,11 +305,12 @@ def collect_jobs(arch: int, quick: bool = False, kernels=None) -> list[Job]:
                 jobs[key] = Job(name, dtype, variant, _config_label(constexprs, fn, options), pruned,
                                 fn, sig, constexprs, attrs, options)
     out = list(jobs.values())
-    if quick:  # one representative config per kernel and dtype (and TMA or not, key window or not)
+    if quick:  # one representative config per kernel and dtype (and TMA or not, key window, dropout or not)
         first = {}
         for j in out:
             if not j.pruned:
-                first.setdefault((j.kernel, j.dtype, j.config.endswith("tma"), "kv-" in j.variant), j)
+                first.setdefault((j.kernel, j.dtype, j.config.endswith("tma"), "kv-" in j.variant,
+                                  "dropout" in j.variant), j)
         out = list(first.values())
     return out
 

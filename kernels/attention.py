@@ -19,6 +19,13 @@ Conventions shared by all kernels:
   wholly inside the window and the causal limit stay unmasked. A query that sees no key gets 0 (and
   its saved LSE is +inf, so the backward's exp2(s - LSE) is 0 there), as SDPA gives for a fully
   masked row.
+- DROPOUT (optional, a constexpr; off, the code is the one above): dropout on the normalised
+  weights P, as SDPA's dropout_p (kept weights scaled by 1 / (1 - p)). Whether weight (i, j) of
+  head b * H + h is kept is a function of (seed, b * H + h, i * Tk + j) only (_dropout_keep:
+  Philox, the 10-round counter-based generator of tl.rand), so the backward kernels regenerate
+  the forward's mask whatever their tiles. The seed is an int64 tensor [1] read on the device.
+  The row sums l, the max m and the saved LSE are those of the undropped P; only the P V
+  product (forward) and dV, dP (backward) see the mask. delta = rowsum(dO * O) stays valid.
 - Under TRITON_INTERPRET=1 nothing is autotuned: the launcher passes INTERPRETER_* configs.
 """
 import functools
@@ -98,6 +105,19 @@ def _window(KV_START, KV_END, b, Tk, full_hi, hi, WINDOW: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _dropout_keep(seed, bh, q_idx, k_idx, Tk, dropout_p):
+    """Whether the attention weight of query q_idx on key k_idx (broadcastable int32 tiles) of
+    head bh = b * H + h survives dropout with probability 1 - dropout_p: a uniform draw of
+    Philox keyed by seed (int64) with counter (q_idx * Tk + k_idx, bh, 0, 0), so any tiling
+    (forward [M, N], dK/dV's transposed [N, M], dQ) regenerates the same mask. Needs
+    Tq * Tk < 2**31 (checked by the launcher's caller)."""
+    c0 = q_idx * Tk + k_idx
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, zero + bh, zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
 def _keys_seen(offs_m, offs_n, kv_lo, kv_hi, causal_shift, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """[BLOCK_M, BLOCK_N]: whether query row offs_m sees key offs_n (in Tk, i.e. below kv_hi
     without a window; in kv_lo .. kv_hi - 1 with one; causal: at most offs_m + causal_shift)."""
@@ -113,10 +133,10 @@ def _keys_seen(offs_m, offs_n, kv_lo, kv_hi, causal_shift, CAUSAL: tl.constexpr,
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v_desc, b, h,
-               offs_m, offs_n0, lo, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-               TMA: tl.constexpr):
+               offs_m, offs_n0, lo, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale, seed, bh, dropout_p,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
     # k_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T of key block 0; v_ptrs: [BLOCK_N, HEAD_DIM] to V.
     # TMA: K and V come through their [B, H, Tk, D] tensor descriptors instead (rows past Tk
     # read as zeros, so no load mask).
@@ -142,7 +162,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v
             m_use = m_new
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the undropped weights' sum (dropout acts after the softmax)
+        if DROPOUT:  # the 1 / (1 - p) of the kept weights is applied once, to the output
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p), p, 0.0)
         acc = tl.dot(_dot_operand(p, v_ptrs, UPCAST_DOT), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -161,6 +183,8 @@ def attn_fwd_kernel(
     O,    # [B, H, Tq, D] any strides (the launcher allocates [B, Tq, H, D] memory)
     LSE,  # [B, H, Tq] fp32 contiguous: log2-sum-exp2 of the scaled scores, for the backward
     KV_START, KV_END,  # [B] int32 / int64: each row's key window (WINDOW only; else None)
+    SEED,      # [1] int64: the dropout mask's Philox seed (DROPOUT only; else None)
+    dropout_p,  # probability of dropping a weight (DROPOUT only)
     qk_scale,  # scale * log2(e)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -171,7 +195,7 @@ def attn_fwd_kernel(
     TMA_OK,    # 0 no descriptors, 1 TMA configs timed too, 2 TMA only: an autotune key (unused in the body)
     Q_desc, K_desc, V_desc, O_desc,  # TMA tensor descriptors of Q, K, V, O ([B, H, T, D], blocks
                                      # [1, 1, BLOCK_M or BLOCK_N, D]), or None
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact, no silent TF32); ignored for 16-bit
     UPCAST_DOT: tl.constexpr,     # interpreter only: its tl.dot multiplies bf16 as raw bits
     TMA: tl.constexpr,            # move Q, K, V, O tiles with TMA (Hopper) through the descriptors
@@ -201,6 +225,7 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
+    seed = tl.load(SEED) if DROPOUT else 0
     causal_shift = Tk - Tq
     if CAUSAL:
         # keys < full_hi are visible to every row of the block; keys >= hi to none
@@ -213,13 +238,16 @@ def attn_fwd_kernel(
     if WINDOW:  # the block the window starts inside
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                                    offs_m, offs_n0, lo, head_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-                                   True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                                   seed, bh, dropout_p, True, CAUSAL, WINDOW, DROPOUT, BLOCK_N, HEAD_DIM,
+                                   DOT_PRECISION, UPCAST_DOT, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                                offs_m, offs_n0, head_hi, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-                               False, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                               seed, bh, dropout_p, False, CAUSAL, WINDOW, DROPOUT, BLOCK_N, HEAD_DIM,
+                               DOT_PRECISION, UPCAST_DOT, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                                offs_m, offs_n0, full_hi, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-                               True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                               seed, bh, dropout_p, True, CAUSAL, WINDOW, DROPOUT, BLOCK_N, HEAD_DIM,
+                               DOT_PRECISION, UPCAST_DOT, TMA)
 
     if WINDOW:  # a row that saw no key: output 0, LSE +inf (the backward's probabilities are 0)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -227,6 +255,8 @@ def attn_fwd_kernel(
     else:
         l_safe = l_i
         lse = m_i + tl.math.log2(l_i)
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
     o = (acc / l_safe[:, None]).to(O.dtype.element_ty)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     _store_tile(O_desc, o_ptrs, o, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, TMA)
@@ -260,9 +290,9 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, q_desc, do_desc, b, h,
-                offs_n, offs_m0, lo, hi, Tq, causal_shift, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
+                offs_n, offs_m0, lo, hi, Tq, causal_shift, qk_scale, seed, bh, Tk, dropout_p, drop_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
     # q_ptrs: [HEAD_DIM, BLOCK_M] pointers to Q^T of query block 0; do_ptrs: [BLOCK_M, HEAD_DIM];
     # lse_ptr / delta_ptr: this head's [Tq] rows. k, v: this program's [BLOCK_N, HEAD_DIM] block.
     # TMA: Q and dO tiles through their descriptors (rows past Tq read as zeros).
@@ -289,8 +319,14 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, st
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
             pT = tl.where(keep, pT, 0.0)
-        dv = tl.dot(_dot_operand(pT, do_ptrs, UPCAST_DOT), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:  # dV = (P * Z)^T dO (its 1 / (1 - p) applied once, at the end); dP = Z * dO V^T / (1 - p)
+            keptT = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
+            dv = tl.dot(_dot_operand(tl.where(keptT, pT, 0.0), do_ptrs, UPCAST_DOT), do, dv,
+                        input_precision=DOT_PRECISION)
+            dpT = tl.where(keptT, dpT * drop_scale, 0.0)
+        else:
+            dv = tl.dot(_dot_operand(pT, do_ptrs, UPCAST_DOT), do, dv, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(_dot_operand(dsT, q_ptrs, UPCAST_DOT), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -304,6 +340,7 @@ def attn_bwd_dkdv_kernel(
     LSE,      # [B, H, Tq] fp32 contiguous, log2 units (from the forward)
     DELTA,    # [B, H, Tq] fp32 contiguous (from the preprocess)
     KV_START, KV_END,  # [B] int: each row's key window (WINDOW only; else None)
+    SEED, dropout_p,   # [1] int64 and the probability of the forward's dropout (DROPOUT only; else None, 0)
     qk_scale, scale,  # scale * log2(e), scale
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -313,7 +350,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Tq, Tk, T_BUCKET, TMA_OK,
     Q_desc, K_desc, V_desc, DO_desc, DK_desc, DV_desc,  # TMA descriptors ([B, H, T, D]) or None
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -339,6 +376,8 @@ def attn_bwd_dkdv_kernel(
     delta_ptr = DELTA + bh * Tq
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    seed = tl.load(SEED) if DROPOUT else 0
+    drop_scale = 1.0 / (1.0 - dropout_p)
 
     causal_shift = Tk - Tq
     q_full_end = (Tq // BLOCK_M) * BLOCK_M  # query blocks below this need no row mask
@@ -363,19 +402,24 @@ def attn_bwd_dkdv_kernel(
         q_full_end = tl.where(outside, Tq, q_full_end)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
                          b, h, offs_n, offs_m0, lo, diag_end, Tq, causal_shift, qk_scale,
-                         True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                         seed, bh, Tk, dropout_p, drop_scale, True, CAUSAL, DROPOUT, BLOCK_M, HEAD_DIM,
+                         DOT_PRECISION, UPCAST_DOT, TMA)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
                          b, h, offs_n, offs_m0, diag_end, q_full_end, Tq, causal_shift, qk_scale,
-                         False, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                         seed, bh, Tk, dropout_p, drop_scale, False, CAUSAL, DROPOUT, BLOCK_M, HEAD_DIM,
+                         DOT_PRECISION, UPCAST_DOT, TMA)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, Q_desc, DO_desc,
                          b, h, offs_n, offs_m0, tl.maximum(diag_end, q_full_end), Tq, Tq, causal_shift, qk_scale,
-                         True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                         seed, bh, Tk, dropout_p, drop_scale, True, CAUSAL, DROPOUT, BLOCK_M, HEAD_DIM,
+                         DOT_PRECISION, UPCAST_DOT, TMA)
 
     if WINDOW:
         in_window = ((offs_n >= kv_lo) & (offs_n < kv_hi))[:, None]
         dk = tl.where(in_window, dk, 0.0)
         dv = tl.where(in_window, dv, 0.0)
     dk = (dk * scale).to(DK.dtype.element_ty)  # dS was taken w.r.t. the unscaled scores
+    if DROPOUT:
+        dv = dv * drop_scale
     dv = dv.to(DV.dtype.element_ty)
     _store_tile(DK_desc, DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
                 + offs_d[None, :] * stride_dkd, dk, b, h, start_n, offs_n, Tk, BLOCK_N, HEAD_DIM, TMA)
@@ -385,10 +429,10 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_desc, v_desc, b, h,
-              offs_m, offs_n0, lo, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              TMA: tl.constexpr):
+              offs_m, offs_n0, lo, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale, seed, bh, dropout_p, drop_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, TMA: tl.constexpr):
     # k_ptrs, v_ptrs: [HEAD_DIM, BLOCK_N] pointers to K^T and V^T of key block 0 (TMA: descriptors)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -404,6 +448,9 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, k_des
         if MASKED:
             p = tl.where(_keys_seen(offs_m, offs_n, kv_lo, kv_hi, causal_shift, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if DROPOUT:  # dP = Z * dO V^T / (1 - p); dS = P * (dP - delta) with the undropped P
+            dp = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p),
+                          dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_dot_operand(ds, k_ptrs, UPCAST_DOT), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
@@ -417,6 +464,7 @@ def attn_bwd_dq_kernel(
     LSE,      # [B, H, Tq] fp32 contiguous, log2 units
     DELTA,    # [B, H, Tq] fp32 contiguous
     KV_START, KV_END,  # [B] int: each row's key window (WINDOW only; else None)
+    SEED, dropout_p,   # [1] int64 and the probability of the forward's dropout (DROPOUT only; else None, 0)
     qk_scale, scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -425,7 +473,7 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Tq, Tk, T_BUCKET, TMA_OK,
     Q_desc, K_desc, V_desc, DO_desc, DQ_desc,  # TMA descriptors ([B, H, T, D]) or None
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -453,6 +501,8 @@ def attn_bwd_dq_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    seed = tl.load(SEED) if DROPOUT else 0
+    drop_scale = 1.0 / (1.0 - dropout_p)
 
     causal_shift = Tk - Tq
     if CAUSAL:
@@ -465,16 +515,35 @@ def attn_bwd_dq_kernel(
     if WINDOW:  # the block the window starts inside
         dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                        offs_m, offs_n0, lo, head_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-                       True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                       seed, bh, dropout_p, drop_scale, True, CAUSAL, WINDOW, DROPOUT, BLOCK_N, HEAD_DIM,
+                       DOT_PRECISION, UPCAST_DOT, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                    offs_m, offs_n0, head_hi, full_hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-                   False, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                   seed, bh, dropout_p, drop_scale, False, CAUSAL, WINDOW, DROPOUT, BLOCK_N, HEAD_DIM,
+                   DOT_PRECISION, UPCAST_DOT, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, K_desc, V_desc, b, h,
                    offs_m, offs_n0, full_hi, hi, Tk, kv_lo, kv_hi, causal_shift, qk_scale,
-                   True, CAUSAL, WINDOW, BLOCK_N, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, TMA)
+                   seed, bh, dropout_p, drop_scale, True, CAUSAL, WINDOW, DROPOUT, BLOCK_N, HEAD_DIM,
+                   DOT_PRECISION, UPCAST_DOT, TMA)
     dq = (dq * scale).to(DQ.dtype.element_ty)
     _store_tile(DQ_desc, DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
                 + offs_d[None, :] * stride_dqd, dq, b, h, start_m, offs_m, Tq, BLOCK_M, HEAD_DIM, TMA)
+
+
+@triton.jit
+def attn_dropout_mask_kernel(
+    SEED,  # [1] int64, as the attention kernels take it
+    Z,     # [B, H, Tq, Tk] int8 contiguous, written: 1 where _dropout_keep keeps the weight
+    dropout_p, Tq, Tk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The keep mask the attention kernels apply for this seed (tests and debugging only)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+    tl.store(Z + bh.to(tl.int64) * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -531,6 +600,11 @@ FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(k, t) for k, t in
 FWD_CONFIGS_TMA = _configs("fwd", FWD_TILES[:6], tma=True)
 DKDV_CONFIGS_TMA = _configs("dkdv", DKDV_TILES[:4], tma=True)
 DQ_CONFIGS_TMA = _configs("dq", DQ_TILES[:4], tma=True)
+# Attention dropout only (the pruner keeps them under DROPOUT, drops them otherwise): with the
+# Philox draws every dK/dV candidate above spills at D = 128 (8-64 bytes, Triton 3.9); these
+# shorter query blocks do not (240-255 registers).
+DKDV_TILES_DROPOUT = [(16, 128, 8, 3), (32, 64, 8, 3)]
+DKDV_CONFIGS_DROPOUT = _configs("dkdv", DKDV_TILES_DROPOUT) + _configs("dkdv", DKDV_TILES_DROPOUT, tma=True)
 # fp32 inputs (exact "ieee" dots run on FMA units): small tiles, 8 warps; larger ones spill
 # hundreds of bytes per thread. Index 0: HEAD_DIM <= 64, index 1: HEAD_DIM = 128.
 FWD_CONFIGS_FP32 = _configs("fwd", [(64, 32, 8, 2), (32, 16, 8, 2)])
@@ -539,13 +613,18 @@ DQ_CONFIGS_FP32 = _configs("dq", [(64, 32, 8, 2), (32, 32, 8, 2)])
 # Without autotuning (GPTFAST_ATTN_AUTOTUNE=0): [16-bit config for D <= 64, for D = 128].
 FIXED_CONFIGS = {"fwd": [FWD_CONFIGS[0], FWD_CONFIGS[1]], "dkdv": [DKDV_CONFIGS[0], DKDV_CONFIGS[0]],
                  "dq": [DQ_CONFIGS[0], DQ_CONFIGS[0]]}
+# ... and with dropout, configs that compiled without spills under it (the 4-warp 128 x 64 forward
+# spills 336 bytes at D = 64, 128 x 64 tiles 8 at D = 128 through TMA; dK/dV at D = 128: above)
+FIXED_CONFIGS_DROPOUT = {"fwd": [FWD_CONFIGS[1], FWD_CONFIGS[7]],
+                         "dkdv": [DKDV_CONFIGS[0], DKDV_CONFIGS_DROPOUT[0]], "dq": [DQ_CONFIGS[0], DQ_CONFIGS[0]]}
 _FP32 = {"fwd": FWD_CONFIGS_FP32, "dkdv": DKDV_CONFIGS_FP32, "dq": DQ_CONFIGS_FP32}
-_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOW", "DOT_PRECISION", "TMA_OK"]
+_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOW", "DROPOUT", "DOT_PRECISION", "TMA_OK"]
 
 
-def fixed_config(kind, head_dim, fp32):
+def fixed_config(kind, head_dim, fp32, dropout=False):
     """(meta-parameters, launch options) of one untuned config for this head dim."""
-    c = (_FP32[kind] if fp32 else FIXED_CONFIGS[kind])[0 if head_dim <= 64 else 1]
+    table = _FP32[kind] if fp32 else (FIXED_CONFIGS_DROPOUT if dropout else FIXED_CONFIGS)[kind]
+    c = table[0 if head_dim <= 64 else 1]
     return dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
@@ -558,12 +637,14 @@ MAX_SHARED_BYTES = 232448
 SHARED_SLACK_BYTES = 2048
 
 
-def _pruner(kind, fp32_elements, limit, staged_elements):
+def _pruner(kind, fp32_elements, limit, staged_elements, dropout_tiles=0):
     """early_config_prune: fp32 inputs get their config for the head dim; 16-bit inputs keep
     the candidates whose live fp32 tiles (accumulators + score tiles, fp32_elements(BLOCK_M,
     BLOCK_N, HEAD_DIM)) take at most `limit` registers per thread (beyond, ptxas spills) and
     whose 16-bit tiles in shared memory (staged_elements(BLOCK_M, BLOCK_N, HEAD_DIM, num_stages))
-    fit in MAX_SHARED_BYTES."""
+    fit in MAX_SHARED_BYTES. Under DROPOUT the Philox state counts as dropout_tiles more score
+    tiles (fitted to the sm_90 compiles: the survivors do not spill), and the dropout-only
+    configs (DKDV_CONFIGS_DROPOUT) are candidates; without it they are not."""
     def prune(configs, named_args, **kwargs):
         def arg(name, default):
             return kwargs.get(name, named_args.get(name, default))
@@ -571,13 +652,19 @@ def _pruner(kind, fp32_elements, limit, staged_elements):
         fp32 = _FP32[kind]
         if arg("DOT_PRECISION", "tf32") == "ieee":
             return [fp32[0 if d <= 64 else 1]]
+        dropout = bool(arg("DROPOUT", False))
+
         def fits(c):
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            return (fp32_elements(m, n, d) <= limit * 32 * c.num_warps
+            live = fp32_elements(m, n, d) + (dropout_tiles * m * n if dropout else 0)
+            return (live <= limit * 32 * c.num_warps
                     and 2 * staged_elements(m, n, d, c.num_stages) + SHARED_SLACK_BYTES <= MAX_SHARED_BYTES)
+
+        def candidate(c):
+            return all(c is not f for f in fp32) and (dropout or all(c is not x for x in DKDV_CONFIGS_DROPOUT))
         # TMA configs only with descriptors (TMA_OK 1: beside the pointer ones, 2: instead of them)
         tma_ok = arg("TMA_OK", 0)
-        kept = [c for c in configs if all(c is not f for f in fp32) and fits(c) and tma_config_allowed(c, tma_ok)]
+        kept = [c for c in configs if candidate(c) and fits(c) and tma_config_allowed(c, tma_ok)]
         return kept or [configs[0]]
     return {"early_config_prune": prune}
 
@@ -588,15 +675,15 @@ def _pruner(kind, fp32_elements, limit, staged_elements):
 attn_fwd_autotuned = triton.autotune(  # registers: acc [M, D] + scores [M, N]; shared: Q + stages x (K, V)
     FWD_CONFIGS + FWD_CONFIGS_TMA + FWD_CONFIGS_FP32, key=_KEY,
     prune_configs_by=_pruner("fwd", lambda m, n, d: m * d + m * n, 128,
-                             lambda m, n, d, s: m * d + s * 2 * n * d))(attn_fwd_kernel)
+                             lambda m, n, d, s: m * d + s * 2 * n * d, dropout_tiles=2))(attn_fwd_kernel)
 attn_bwd_dkdv_autotuned = triton.autotune(  # dK, dV [N, D] + sT, dpT [N, M]; K, V + stages x (Q, dO)
-    DKDV_CONFIGS + DKDV_CONFIGS_TMA + DKDV_CONFIGS_FP32, key=_KEY,
+    DKDV_CONFIGS + DKDV_CONFIGS_TMA + DKDV_CONFIGS_FP32 + DKDV_CONFIGS_DROPOUT, key=_KEY,
     prune_configs_by=_pruner("dkdv", lambda m, n, d: 2 * n * d + 2 * n * m, 160,
-                             lambda m, n, d, s: 2 * n * d + s * 2 * m * d))(attn_bwd_dkdv_kernel)
+                             lambda m, n, d, s: 2 * n * d + s * 2 * m * d, dropout_tiles=2))(attn_bwd_dkdv_kernel)
 attn_bwd_dq_autotuned = triton.autotune(  # dQ [M, D] + p, dp [M, N]; Q, dO + stages x (K, V)
     DQ_CONFIGS + DQ_CONFIGS_TMA + DQ_CONFIGS_FP32, key=_KEY,
     prune_configs_by=_pruner("dq", lambda m, n, d: m * d + 2 * m * n, 128,
-                             lambda m, n, d, s: 2 * m * d + s * 2 * n * d))(attn_bwd_dq_kernel)
+                             lambda m, n, d, s: 2 * m * d + s * 2 * n * d, dropout_tiles=1))(attn_bwd_dq_kernel)
 
 # Under the interpreter: one fixed config each, BLOCK_M != BLOCK_N so the tests exercise
 # full, diagonal and ragged-tail blocks with mismatched block sizes at small T.

@@ -116,8 +116,8 @@ def test_greedy_generation_equals_transformers(tmp_path):
 
 
 def test_training_dropout_path_uses_the_layer_scale(tmp_path, caplog):
-    """Attention dropout in training runs torch SDPA (not ops.attention) with each layer's scale:
-    the same masks and logits as transformers' SDPA path, and gradients."""
+    """Attention dropout in training with each layer's scale: on CPU ops.attention's reference
+    (said once) draws the masks transformers' SDPA path draws: the same logits and gradients."""
     hf = make_hf_gpt2(tmp_path, **SHAPE, **_flags(False, True, True), attn_pdrop=0.3, resid_pdrop=0.0,
                       embd_pdrop=0.0)
     hf.config._attn_implementation = "sdpa"

@@ -381,17 +381,28 @@ def test_read_window_of_transformers_masks():
     assert _read_window(holed, 2, 5, 5) is None
 
 
-def test_dropout_runs_sdpa_and_says_so(caplog):
+def test_dropout_runs_in_ops_attention(monkeypatch):
+    """Attention dropout in training goes to ops.attention's dropout_p (the kernel's own masks on
+    a GPU; on CPU its reference draws torch.dropout as transformers' eager attention does, so
+    the same seed gives transformers' loss); attention_dropout=False trains without it."""
     ids = torch.randint(1, 211, (2, 10), device=DEV)
     for family in FAMILIES:
-        drop = gptfast.patch_transformers(hf_gpt2(seed=4, family=family, attn_pdrop=0.1)).train()
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="gptfast"):
-            drop(ids, labels=ids)
-        assert "attention dropout p=0.1" in caplog.text, family
-        keep = gptfast.patch_transformers(hf_gpt2(seed=4, family=family, attn_pdrop=0.1),
-                                          attention_dropout=False).train()
-        plain = hf_gpt2(seed=4, family=family).train()
+        model = hf_gpt2(seed=4, family=family, attn_pdrop=0.1).train()
+        drop = gptfast.patch_transformers(copy.deepcopy(model))
+        seen, real = [], ops.attention
+        monkeypatch.setattr(ops, "attention", lambda *a, **k: seen.append(k.get("dropout_p")) or real(*a, **k))
+        torch.manual_seed(7)
+        got = drop(ids, labels=ids).loss
+        assert seen == [0.1, 0.1], (family, seen)  # every layer, with the config's p
+        plain = hf_gpt2(seed=4, family=family).train()  # attn_pdrop 0
+        assert not torch.allclose(got, plain(ids, labels=ids).loss, rtol=1e-3, atol=0), family
+        if DEV.type == "cpu":
+            torch.manual_seed(7)
+            torch.testing.assert_close(got, model(ids, labels=ids).loss, rtol=1e-5, atol=1e-5, msg=family)
+        got.backward()
+        assert all(torch.isfinite(p.grad).all() for p in drop.parameters() if p.grad is not None), family
+        monkeypatch.setattr(ops, "attention", real)
+        keep = gptfast.patch_transformers(copy.deepcopy(model), attention_dropout=False).train()
         torch.testing.assert_close(keep(ids, labels=ids).loss, plain(ids, labels=ids).loss,
                                    rtol=1e-5, atol=1e-5)  # no dropout on the attention weights at all
 

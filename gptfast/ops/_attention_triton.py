@@ -69,7 +69,7 @@ def _common_reason(names, tensors) -> Optional[str]:
     return None
 
 
-def attention_unsupported_reason(q, k, v, causal, scale) -> Optional[str]:
+def attention_unsupported_reason(q, k, v, causal, scale, dropout_p: float = 0.0) -> Optional[str]:
     """Why the flash-attention kernel cannot run on these inputs (device already checked), or None."""
     reason = _common_reason(("q", "k", "v"), (q, k, v))
     if reason:
@@ -79,6 +79,9 @@ def attention_unsupported_reason(q, k, v, causal, scale) -> Optional[str]:
                 "the first rows would see no key")
     if q.shape[0] * q.shape[1] > 65535:
         return f"B * H = {q.shape[0] * q.shape[1]} exceeds the grid's 65535 limit"
+    if dropout_p > 0 and q.shape[2] * k.shape[2] > _INT32_MAX:
+        return (f"dropout over Tq * Tk = {q.shape[2] * k.shape[2]} weights per head: the mask's "
+                "random counter (query * Tk + key) is 32-bit")
     return None
 
 
@@ -141,7 +144,7 @@ def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype, tma_tens
         cfg = {"fwd": _attn_k.INTERPRETER_FWD, "dkdv": _attn_k.INTERPRETER_DKDV, "dq": _attn_k.INTERPRETER_DQ}[kind]
         options = {}
     else:
-        cfg, launch = _attn_k.fixed_config(kind, head_dim, dtype == torch.float32)
+        cfg, launch = _attn_k.fixed_config(kind, head_dim, dtype == torch.float32, flags["DROPOUT"])
         options = {**launch, **LAUNCH_OPTIONS}
     cfg = {**cfg, "TMA": tma_ok == 2}
     if cfg["TMA"]:
@@ -151,21 +154,25 @@ def _launch(kind, autotuned, plain, grid, args, flags, head_dim, dtype, tma_tens
 
 # ---- flash-attention launchers ------------------------------------------------------------
 
-def _flash_fwd_launch(q, k, v, causal: bool, scale: float, kv_start=None, kv_end=None):
+def _flash_fwd_launch(q, k, v, causal: bool, scale: float, kv_start=None, kv_end=None,
+                      dropout_p: float = 0.0, seed=None):
+    """seed: [1] int64 on q's device, given iff dropout_p > 0 (the mask is a function of it)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     out = _bhtd_like_bthd(B, H, Tq, D, q.dtype, q.device)
     lse = _new_empty((B, H, Tq), torch.float32, q.device)
-    args = (q, k, v, out, lse, kv_start, kv_end, scale * _attn_k.LOG2E,
+    args = (q, k, v, out, lse, kv_start, kv_end, seed, dropout_p, scale * _attn_k.LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Tq, Tk, _t_bucket(Tq, Tk))
-    flags = dict(CAUSAL=causal, WINDOW=kv_start is not None, HEAD_DIM=D, **_dot_flags(q.dtype))
+    flags = dict(CAUSAL=causal, WINDOW=kv_start is not None, DROPOUT=seed is not None, HEAD_DIM=D,
+                 **_dot_flags(q.dtype))
     _launch("fwd", _attn_k.attn_fwd_autotuned, _attn_k.attn_fwd_kernel,
             lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), args, flags, D, q.dtype,
             dict(Q_desc=q, K_desc=k, V_desc=v, O_desc=out))
     return out, lse
 
 
-def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float, kv_start=None, kv_end=None):
+def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float, kv_start=None, kv_end=None,
+                      dropout_p: float = 0.0, seed=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dev = q.device
@@ -181,9 +188,10 @@ def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float, kv_st
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     scales = (scale * _attn_k.LOG2E, scale)
     tail = (H, Tq, Tk, _t_bucket(Tq, Tk))
-    flags = dict(CAUSAL=causal, WINDOW=kv_start is not None, HEAD_DIM=D, **_dot_flags(q.dtype))
+    flags = dict(CAUSAL=causal, WINDOW=kv_start is not None, DROPOUT=seed is not None, HEAD_DIM=D,
+                 **_dot_flags(q.dtype))
     inputs = dict(Q_desc=q, K_desc=k, V_desc=v, DO_desc=dout)
-    window = (kv_start, kv_end)
+    window = (kv_start, kv_end, seed, dropout_p)
     dkdv_args = (*common, dk, dv, lse, delta, *window, *scales, *strides, *dk.stride(), *dv.stride(), *tail)
     dq_args = (*common, dq, lse, delta, *window, *scales, *strides, *dq.stride(), *tail)
     _launch("dkdv", _attn_k.attn_bwd_dkdv_autotuned, _attn_k.attn_bwd_dkdv_kernel,
@@ -193,6 +201,23 @@ def _flash_bwd_launch(dout, q, k, v, out, lse, causal: bool, scale: float, kv_st
             lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H), dq_args, flags, D, q.dtype,
             dict(inputs, DQ_desc=dq))
     return dq, dk, dv
+
+
+def dropout_keep_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: float) -> torch.Tensor:
+    """int8 [B, H, Tq, Tk], 1 where the attention kernels keep a weight under this seed ([1]
+    int64) and dropout_p, else 0 (kernels/attention.py _dropout_keep). For tests and debugging."""
+    z = _new_empty((B, H, Tq, Tk), torch.int8, seed.device)
+    bm, bn = 32, 32
+    _attn_k.attn_dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * H)](
+        seed, z, float(dropout_p), Tq, Tk, BLOCK_M=bm, BLOCK_N=bn)
+    return z
+
+
+def new_dropout_seed(device) -> torch.Tensor:
+    """[1] int64 on device, drawn from torch's default generator there (torch.manual_seed sets it;
+    gradient checkpointing restores it): no host sync, and traceable by torch.compile and
+    captured by CUDA graphs, as torch's own dropout."""
+    return torch.randint(0, torch.iinfo(torch.int64).max, (1,), dtype=torch.int64, device=device)
 
 
 # ---- flash-decoding launcher --------------------------------------------------------------
@@ -250,15 +275,25 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start=None, num_splits
 
 @torch.library.custom_op("gptfast::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None
+                    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None,
+                    dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] fp32 in log2 units, for the backward).
-    kv_start, kv_end: both or neither, [B] int, contiguous: each row's key window."""
-    return _flash_fwd_launch(q, k, v, causal, scale, kv_start, kv_end)
+    kv_start, kv_end: both or neither, [B] int, contiguous: each row's key window.
+    dropout_p > 0 with seed ([1] int64): dropout on the weights, the mask a function of seed
+    (so the op is a function of its inputs); lse stays the undropped weights'."""
+    return _flash_fwd_launch(q, k, v, causal, scale, kv_start, kv_end, *_dropout_args(dropout_p, seed))
+
+
+def _dropout_args(dropout_p, seed):
+    """(dropout_p, seed) as the launchers take them: seed None (DROPOUT off) unless dropout_p > 0."""
+    if dropout_p > 0 and seed is None:
+        raise ValueError(f"dropout_p = {dropout_p} needs a seed ([1] int64 tensor), got None")
+    return (float(dropout_p), seed) if dropout_p > 0 else (0.0, None)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, scale, kv_start=None, kv_end=None):
+def _(q, k, v, causal, scale, kv_start=None, kv_end=None, dropout_p=0.0, seed=None):
     B, H, Tq, D = q.shape
     return q.new_empty((B, Tq, H, D)).transpose(1, 2), q.new_empty((B, H, Tq), dtype=torch.float32)
 
@@ -266,14 +301,16 @@ def _(q, k, v, causal, scale, kv_start=None, kv_end=None):
 @torch.library.custom_op("gptfast::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, causal: bool, scale: float,
-                    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None
+                    kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None,
+                    dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the inputs' dtype."""
-    return _flash_bwd_launch(dout, q, k, v, out, lse, causal, scale, kv_start, kv_end)
+    """(dq, dk, dv) in the inputs' dtype; dropout_p, seed: the forward's (the same mask)."""
+    return _flash_bwd_launch(dout, q, k, v, out, lse, causal, scale, kv_start, kv_end,
+                             *_dropout_args(dropout_p, seed))
 
 
 @_flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, kv_start=None, kv_end=None):
+def _(dout, q, k, v, out, lse, causal, scale, kv_start=None, kv_end=None, dropout_p=0.0, seed=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     return (q.new_empty((B, Tq, H, D)).transpose(1, 2), k.new_empty((B, Tk, H, D)).transpose(1, 2),
@@ -281,17 +318,19 @@ def _(dout, q, k, v, out, lse, causal, scale, kv_start=None, kv_end=None):
 
 
 def _flash_attn_setup(ctx, inputs, output):
-    q, k, v, causal, scale, kv_start, kv_end = inputs
+    q, k, v, causal, scale, kv_start, kv_end, dropout_p, seed = inputs
     out, lse = output
     ctx.causal = causal
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
+    ctx.dropout_p = dropout_p
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end, seed)
 
 
 def _flash_attn_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gptfast.flash_attn_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, kv_start, kv_end)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, kv_start, kv_end, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gptfast.flash_attn_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, kv_start, kv_end,
+                                                  ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup)
@@ -325,11 +364,16 @@ def _dense_window(q, tk, kv_start, kv_end):
     return kv_start.contiguous(), kv_end.contiguous()
 
 
-def attention(q, k, v, causal, scale, kv_start=None, kv_end=None):
-    """softmax(q k^T * scale + causal mask [+ key window]) v; differentiable w.r.t. q, k, v."""
+def attention(q, k, v, causal, scale, kv_start=None, kv_end=None, dropout_p: float = 0.0):
+    """softmax(q k^T * scale + causal mask [+ key window]) [dropped out] v; differentiable w.r.t.
+    q, k, v. dropout_p > 0: a fresh seed per call from the device's default generator."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kv_start, kv_end = _dense_window(q, k.shape[2], kv_start, kv_end)
-    out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale, kv_start, kv_end)
+    if dropout_p > 0:
+        out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale, kv_start, kv_end,
+                                                     float(dropout_p), new_dropout_seed(q.device))
+    else:  # the op exactly as without dropout
+        out, _lse = torch.ops.gptfast.flash_attn_fwd(q, k, v, bool(causal), scale, kv_start, kv_end)
     return out
 
 

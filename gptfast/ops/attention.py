@@ -69,13 +69,17 @@ def _key_window(q, tk, kv_start, kv_end):
     return keep
 
 
-def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None, kv_start=None, kv_end=None):
+def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None, kv_start=None, kv_end=None,
+                        dropout_p: float = 0.0):
     """softmax(q k^T * scale + causal mask [+ key window]) v, accumulated in fp32 (fp64 for fp64).
 
     causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as flash-attention).
     kv_start, kv_end (optional [B] ints): row b's queries see only keys kv_start[b] <= j <
     kv_end[b] as well: a padding mask (left padding sets the start, right padding the end).
     With a window, a query that sees no key gets 0, as SDPA gives for a fully masked row.
+    dropout_p > 0: torch.dropout on the weights (each dropped with probability dropout_p, the
+    kept ones scaled by 1 / (1 - dropout_p)), drawn from torch's generator as transformers'
+    eager attention draws it (the same masks for the same RNG state, fp32 weights).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -88,6 +92,8 @@ def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = N
     if windowed:
         allowed = allowed & _key_window(q, tk, kv_start, kv_end)
     p = _window_softmax(s, allowed, windowed)
+    if dropout_p > 0:
+        p = torch.dropout(p, dropout_p, True)
     return torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, H, Tq, Dv)
 
 
@@ -119,11 +125,11 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None
 _KERNELS = "_attention_triton"  # gptfast/ops/_attention_triton.py: launchers, autograd, custom ops
 
 
-def _attention_kernel_reason(q, k, v, causal, scale) -> Optional[str]:
+def _attention_kernel_reason(q, k, v, causal, scale, dropout_p=0.0) -> Optional[str]:
     reason = _dispatch.triton_device_reason(q, k, v) or _dispatch.module_missing_reason(_KERNELS)
     if reason:
         return reason
-    return _dispatch.kernel_module(_KERNELS).attention_unsupported_reason(q, k, v, causal, scale)
+    return _dispatch.kernel_module(_KERNELS).attention_unsupported_reason(q, k, v, causal, scale, dropout_p)
 
 
 def _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens) -> Optional[str]:
@@ -134,18 +140,31 @@ def _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens) -> Optional[str]:
 
 
 def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backend: Optional[str] = None, *,
-              kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None):
+              kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0):
     """Scaled dot-product attention, q/k/v [B, H, T, D]; causal by default. kv_start / kv_end:
-    an optional key window per row (a padding mask); see attention_reference."""
+    an optional key window per row (a padding mask); see attention_reference.
+
+    dropout_p (in [0, 1)): dropout on the attention weights, the kept ones scaled by
+    1 / (1 - dropout_p), as SDPA's dropout_p (applied whenever it is > 0: pass 0 in eval). The
+    kernel draws its mask from a counter-based generator (Philox) seeded per call from torch's
+    default generator of q's device, so torch.manual_seed(s) makes a call repeat exactly and its
+    backward sees the forward's mask. The PyTorch reference (the fallback) draws torch.dropout's
+    mask instead: the same distribution, not the same mask as the kernel for a seed."""
     _check_qkv(q, k, v)
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     _check_window("kv_start", kv_start, q)
     _check_window("kv_end", kv_end, q)
-    reason = _attention_kernel_reason(q, k, v, causal, scale)
+    reason = _attention_kernel_reason(q, k, v, causal, scale, dropout_p)
     if _dispatch.use_kernel("attention", backend, reason, interpreted=q.device.type == "cpu"):
-        return _dispatch.kernel_module(_KERNELS).attention(q, k, v, causal, scale, kv_start, kv_end)
-    return attention_reference(q, k, v, causal, scale, kv_start, kv_end)
+        return _dispatch.kernel_module(_KERNELS).attention(q, k, v, causal, scale, kv_start, kv_end, dropout_p)
+    if dropout_p > 0 and _dispatch.current_backend(backend) != "torch":
+        _dispatch.log_once("attention:dropout", "gptfast: ops.attention's attention dropout p=%s runs torch.dropout "
+                           "in the PyTorch reference (the kernel's distribution, not its masks)", dropout_p)
+    return attention_reference(q, k, v, causal, scale, kv_start, kv_end, dropout_p)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] = None, *,
