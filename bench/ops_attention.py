@@ -1,4 +1,4 @@
-"""Cases: causal attention (fwd, fwd+bwd) and decode attention over a KV cache.
+"""Cases: causal attention (fwd, fwd+bwd; padded; with attention dropout) and decode attention over a KV cache.
 
 Peers: PyTorch SDPA with each backend forced through torch.nn.attention.sdpa_kernel
 (flash, efficient, cudnn, math) and FlashAttention (flash_attn) when importable.
@@ -157,6 +157,44 @@ def _padded_providers():
          for name in ("efficient", "cudnn", "math")]  # SDPA's flash backend takes no mask
 
 
+# ---- attention dropout in training (transformers' GPT-2 default: attn_pdrop 0.1) -------------
+
+DROPOUT = 0.1
+
+
+def _dropout_kernel(q, k, v):
+    return ops.attention(q, k, v, causal=True, backend="kernel", dropout_p=DROPOUT)
+
+
+def _dropout_reference(q, k, v):
+    return ops.attention_reference(q, k, v, causal=True, dropout_p=DROPOUT)
+
+
+def _dropout_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=DROPOUT)
+
+
+def _dropout_flash_attn_setup(inputs):
+    fa, reason = optional_import("flash_attn")
+    if fa is None:
+        raise Skip(reason)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_(True)
+               for t in (inputs["q"], inputs["k"], inputs["v"]))
+    dout = inputs["dout"].transpose(1, 2).contiguous()
+    return _thunk(lambda q, k, v: fa.flash_attn_func(q, k, v, dropout_p=DROPOUT, causal=True), q, k, v, dout)
+
+
+def _dropout_providers():
+    kernel = _setup(_dropout_kernel, check_kernel=True)
+    return [Provider("gptfast", "gptfast", kernel)] + \
+        [Provider(f"gptfast-{name}", "gptfast", kernel, context=env_context(GPTFAST_TMA=mode))
+         for name, mode in (("tma", "1"), ("ptr", "0"))] + \
+        [Provider("reference", "reference", _setup(_dropout_reference))] + \
+        [Provider(f"sdpa-{name}", "peer", _setup(_dropout_sdpa), context=_sdpa_context(name))
+         for name in ("flash", "efficient", "math")] + \
+        [Provider("flash_attn", "peer", _dropout_flash_attn_setup)]
+
+
 def attention_cases(device_kind: str, quick: bool) -> list[Case]:
     if device_kind == "cuda":
         shapes = [(16, 1024)] if quick else [(16, 1024), (4, 4096), (1, 16384)]
@@ -181,6 +219,13 @@ def attention_cases(device_kind: str, quick: bool) -> list[Case]:
                 dtype="bf16" if device_kind == "cuda" else "fp32",
                 make_inputs=_padded_inputs(B, T, pass_), providers=_padded_providers(),
                 flops=accounting.attention_flops(B, H, T, D, causal=True, pass_=pass_)))
+        B, T = shapes[0]  # training with attention dropout at the first shape (FLOPs as without it)
+        cases.append(Case(
+            op="attention", name=f"fwd+bwd B={B} H={H} T={T} D={D} causal dropout {DROPOUT}",
+            shape={"B": B, "H": H, "T": T, "D": D, "causal": True, "pass": "fwd+bwd", "dropout_p": DROPOUT},
+            dtype="bf16" if device_kind == "cuda" else "fp32",
+            make_inputs=_attention_inputs(B, T, "fwd+bwd"), providers=_dropout_providers(),
+            flops=accounting.attention_flops(B, H, T, D, causal=True, pass_="fwd+bwd")))
     return cases
 
 

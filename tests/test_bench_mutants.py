@@ -48,7 +48,7 @@ def _outputs(case, inputs, monkeypatch):
                 scope.__enter__()
             out[p.name] = thunk()
         except RuntimeError as exc:
-            if "No viable backend" in str(exc):  # SDPA's efficient / cudnn backends on CPU
+            if "No viable backend" in str(exc) or "No available kernel" in str(exc):  # SDPA backends CPU lacks
                 continue
             raise
         finally:
@@ -102,11 +102,35 @@ def test_every_provider_computes_what_the_reference_computes(op, monkeypatch):
     for case in cases:
         if op == "attention" and case.name != cases[0].name:  # the interpreter is slow: the TMA / pointer
             case.providers = [p for p in case.providers if not p.name.startswith("gptfast-")]  # variants once
+        # the dropout case's providers draw different masks: the same work shows at p = 0 (each
+        # provider still takes the dropout argument; test_dropout_case_providers_drop checks p > 0)
+        monkeypatch.setattr(ops_attention, "DROPOUT", 0.0 if "dropout_p" in case.shape else ops_attention.DROPOUT)
         out = _outputs(case, _small_inputs(case), monkeypatch)
         assert len(out) >= 3, (case.name, list(out))
         if op in ("attention", "decode_attention"):
             assert {"sdpa-math", "sdpa-flash"} & set(out), (case.name, list(out))
         _assert_same_work(case, out, 2e-3)
+
+
+def test_dropout_case_providers_drop(monkeypatch):
+    """The full run's dropout case: every provider that runs here applies dropout 0.1 (its result
+    differs from the same provider's at p = 0) and repeats itself under the same seed."""
+    pytest.importorskip("triton")
+    (case,) = [c for c in ops_attention.attention_cases("cpu", quick=False) if "dropout_p" in c.shape]
+    assert case.shape["dropout_p"] == ops_attention.DROPOUT == 0.1 and case.shape["pass"] == "fwd+bwd"
+    case.providers = [p for p in case.providers if not p.name.startswith("gptfast-")]
+    inputs = _small_inputs(case)
+    torch.manual_seed(1)
+    dropped = _outputs(case, inputs, monkeypatch)
+    torch.manual_seed(1)
+    again = _outputs(case, inputs, monkeypatch)
+    monkeypatch.setattr(ops_attention, "DROPOUT", 0.0)
+    plain = _outputs(case, inputs, monkeypatch)
+    assert {"gptfast", "reference", "sdpa-math"} <= set(dropped), list(dropped)
+    for name, grads in dropped.items():
+        for a, b, c in zip(grads, again[name], plain[name]):
+            assert torch.isfinite(a).all() and torch.equal(a, b), name
+            assert (a - c).abs().max() > 1e-2, name
 
 
 def test_sampling_peers_filter_as_gptfast_does():
