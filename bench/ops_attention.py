@@ -91,11 +91,16 @@ def _setup(fn, check_kernel=False):
     return setup
 
 
+def _kernel_providers(setup):
+    """gptfast, then each half of the autotuner's choice on its own (TMA configs only, pointer only)."""
+    return [Provider("gptfast", "gptfast", setup)] + \
+        [Provider(f"gptfast-{name}", "gptfast", setup, context=env_context(GPTFAST_TMA=mode))
+         for name, mode in (("tma", "1"), ("ptr", "0"))]
+
+
 def attention_providers(variants=False):
-    providers = [Provider("gptfast", "gptfast", _setup(_kernel, check_kernel=True))]
-    if variants:  # each half of the autotuner's choice on its own (each mode tunes apart)
-        providers += [Provider(f"gptfast-{name}", "gptfast", _setup(_kernel, check_kernel=True),
-                               context=env_context(GPTFAST_TMA=mode)) for name, mode in (("tma", "1"), ("ptr", "0"))]
+    kernel = _setup(_kernel, check_kernel=True)  # with variants, each mode tunes apart
+    providers = _kernel_providers(kernel) if variants else [Provider("gptfast", "gptfast", kernel)]
     providers += [
         Provider("reference", "reference", _setup(_reference)),
         Provider("reference+compile", "peer", lambda i: _setup(compiled(_reference))(i), compiled=True),
@@ -148,10 +153,7 @@ def _padded_sdpa(q, k, v, mask):
 
 
 def _padded_providers():
-    kernel = _padded_setup(_padded_kernel, check_kernel=True)
-    return [Provider("gptfast", "gptfast", kernel)] + \
-        [Provider(f"gptfast-{name}", "gptfast", kernel, context=env_context(GPTFAST_TMA=mode))
-         for name, mode in (("tma", "1"), ("ptr", "0"))] + \
+    return _kernel_providers(_padded_setup(_padded_kernel, check_kernel=True)) + \
         [Provider("reference", "reference", _padded_setup(_padded_reference))] + \
         [Provider(f"sdpa-{name}", "peer", _padded_setup(_padded_sdpa, "mask"), context=_sdpa_context(name))
          for name in ("efficient", "cudnn", "math")]  # SDPA's flash backend takes no mask
@@ -185,10 +187,7 @@ def _dropout_flash_attn_setup(inputs):
 
 
 def _dropout_providers():
-    kernel = _setup(_dropout_kernel, check_kernel=True)
-    return [Provider("gptfast", "gptfast", kernel)] + \
-        [Provider(f"gptfast-{name}", "gptfast", kernel, context=env_context(GPTFAST_TMA=mode))
-         for name, mode in (("tma", "1"), ("ptr", "0"))] + \
+    return _kernel_providers(_setup(_dropout_kernel, check_kernel=True)) + \
         [Provider("reference", "reference", _setup(_dropout_reference))] + \
         [Provider(f"sdpa-{name}", "peer", _setup(_dropout_sdpa), context=_sdpa_context(name))
          for name in ("flash", "efficient", "math")] + \
