@@ -71,7 +71,7 @@ def _sdpa_context(backend_name):
     return context
 
 
-def _flash_attn_setup(inputs):
+def _flash_attn_setup(inputs, dropout_p=0.0):
     fa, reason = optional_import("flash_attn")
     if fa is None:
         raise Skip(reason)
@@ -80,7 +80,7 @@ def _flash_attn_setup(inputs):
                for t in (inputs["q"], inputs["k"], inputs["v"]))
     dout = inputs.get("dout")
     dout = None if dout is None else dout.transpose(1, 2).contiguous()
-    return _thunk(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=True), q, k, v, dout)
+    return _thunk(lambda q, k, v: fa.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True), q, k, v, dout)
 
 
 def _setup(fn, check_kernel=False):
@@ -176,22 +176,12 @@ def _dropout_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=DROPOUT)
 
 
-def _dropout_flash_attn_setup(inputs):
-    fa, reason = optional_import("flash_attn")
-    if fa is None:
-        raise Skip(reason)
-    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_(True)
-               for t in (inputs["q"], inputs["k"], inputs["v"]))
-    dout = inputs["dout"].transpose(1, 2).contiguous()
-    return _thunk(lambda q, k, v: fa.flash_attn_func(q, k, v, dropout_p=DROPOUT, causal=True), q, k, v, dout)
-
-
 def _dropout_providers():
     return _kernel_providers(_setup(_dropout_kernel, check_kernel=True)) + \
         [Provider("reference", "reference", _setup(_dropout_reference))] + \
         [Provider(f"sdpa-{name}", "peer", _setup(_dropout_sdpa), context=_sdpa_context(name))
          for name in ("flash", "efficient", "math")] + \
-        [Provider("flash_attn", "peer", _dropout_flash_attn_setup)]
+        [Provider("flash_attn", "peer", lambda inputs: _flash_attn_setup(inputs, DROPOUT))]
 
 
 def attention_cases(device_kind: str, quick: bool) -> list[Case]:

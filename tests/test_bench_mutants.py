@@ -581,8 +581,9 @@ def test_flash_attn_setups_pass_its_layout(monkeypatch):
     setups transpose q, k, v, dout (and the caches) so the peer does the case's attention."""
     import torch.nn.functional as F
 
-    def flash_attn_func(q, k, v, causal=False):
-        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal).transpose(1, 2)
+    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=dropout_p,
+                                              is_causal=causal).transpose(1, 2)
 
     def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None):
         L = int(cache_seqlens.max())
