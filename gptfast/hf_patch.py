@@ -243,8 +243,7 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
                            "gptfast: transformers attention runs SDPA, not gptfast's kernel: %s", reason)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = _scaling(module, query.shape[-1]) if scaling is None else float(scaling)
-    decode = tq == 1 and tk > 1 and math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])) and not dropout \
-        and not (torch.is_grad_enabled() and query.requires_grad)
+    decode = tq == 1 and tk > 1 and not dropout and not (torch.is_grad_enabled() and query.requires_grad)
     kv_start = kv_end = None
     if window is not None:  # the mask's causal limit is bottom-right (queries at the end of the keys)
         kv_start, kv_end, used = window
@@ -254,11 +253,11 @@ def gptfast_attention(module, query, key, value, attention_mask, scaling=None, d
         key, value = key[:, :, :tq], value[:, :, :tq]
     if decode:  # one new token over the cache: split-K flash-decoding, from kv_start to kv_end
         lens = torch.full((query.shape[0],), tk, dtype=torch.int32, device=query.device) if kv_end is None else kv_end
-        out = ops.decode_attention(query, key, value, lens, kv_start=kv_start)
+        out = ops.decode_attention(query, key, value, lens, kv_start=kv_start, scale=scale)
     elif tq > 1 or window is not None:
         out = ops.attention(query, key, value, causal=True, scale=scale, kv_start=kv_start, kv_end=kv_end,
                             dropout_p=dropout)
-    else:  # one query, another scale (or a gradient): every key is visible
+    else:  # one query with a gradient (or one key): every key is visible
         out = ops.attention(query, key, value, causal=False, scale=scale, dropout_p=dropout)
     return out.transpose(1, 2), None
 

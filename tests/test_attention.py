@@ -475,7 +475,8 @@ def test_attention_key_window_full(D, dtype, mode, poisoned, monkeypatch, reques
 
 # ---- decode -------------------------------------------------------------------------------
 
-def _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits=None, via_ops=True, kv_start=None, v_bthd=False):
+def _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits=None, via_ops=True, kv_start=None, v_bthd=False,
+                scale=None):
     """v_bthd: the value cache a [B, Tmax, H, D] tensor's view (the key cache stays contiguous)."""
     from gptfast.ops import _attention_triton as at
     q = torch.randn(B, Tq, H, D, device=DEV, dtype=dtype).transpose(1, 2)
@@ -485,15 +486,15 @@ def _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits=None, via_ops=True, k
     else:
         v_cache = torch.randn(B, H, Tmax, D, device=DEV, dtype=dtype)
     if via_ops:
-        out = ops.decode_attention(q, k_cache, v_cache, lens, backend="kernel", kv_start=kv_start)
+        out = ops.decode_attention(q, k_cache, v_cache, lens, backend="kernel", kv_start=kv_start, scale=scale)
     else:
-        out = at._decode_launch(q, k_cache, v_cache, lens, kv_start, num_splits=num_splits)
-    ref = ops.decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), lens, kv_start)
+        out = at._decode_launch(q, k_cache, v_cache, lens, kv_start, num_splits=num_splits, scale=scale)
+    ref = ops.decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), lens, kv_start, scale)
     qpos = lens.long().view(-1, 1, 1) - Tq + torch.arange(Tq, device=DEV).view(1, -1, 1)
     allowed = (torch.arange(Tmax, device=DEV).view(1, 1, -1) <= qpos).unsqueeze(1)
     if kv_start is not None:
         allowed = allowed & _window_mask(B, Tmax, kv_start, None)
-    base = _attention_in_dtype(q, k_cache, v_cache, allowed, 1.0 / math.sqrt(D))
+    base = _attention_in_dtype(q, k_cache, v_cache, allowed, 1.0 / math.sqrt(D) if scale is None else scale)
     assert out.dtype == dtype
     _check("decode out", out, ref, base, dtype)
 
@@ -521,6 +522,29 @@ def test_decode_attention_kv_start(poisoned, dtype, Tq, num_splits):
     lens = torch.tensor([Tmax, 40, Tmax, 33, 30, 50], dtype=torch.int32, device=DEV)
     start = torch.tensor([0, 17, Tmax - 1, 16, 40, -20], dtype=torch.int64, device=DEV)
     _run_decode(B, H, Tq, D, Tmax, dtype, lens, num_splits, via_ops=num_splits is None, kv_start=start)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one-split"])
+@pytest.mark.parametrize("scale", [1.0, 0.29, 0.125 / 7], ids=["unscaled", "0.29", "inverse-layer-idx"])
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+def test_decode_attention_scale(poisoned, dtype, scale, num_splits):
+    """Another score scale than 1/sqrt(D): HF's scale_attn_weights=False (1.0), a custom one, and
+    scale_attn_by_inverse_layer_idx's 1/(sqrt(D) (i + 1)) at D=64, layer 6; with a left padding."""
+    torch.manual_seed(int(scale * 1000) + 3)
+    B, H, D, Tmax = 3, 2, 64, 45
+    lens = torch.tensor([Tmax, 20, 31], dtype=torch.int32, device=DEV)
+    start = torch.tensor([0, 5, 30], dtype=torch.int32, device=DEV)
+    _run_decode(B, H, 2, D, Tmax, dtype, lens, num_splits, via_ops=num_splits is None, kv_start=start, scale=scale)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("inf"), float("nan"), True, "0.1"])
+def test_decode_attention_bad_scale(bad):
+    q = torch.randn(1, 2, 1, 16, device=DEV)
+    kc = torch.randn(1, 2, 5, 16, device=DEV)
+    with pytest.raises(ValueError, match="scale must be a positive finite float or None"):
+        ops.decode_attention(q, kc, kc, torch.tensor([5], device=DEV), scale=bad)
+    with pytest.raises(ValueError, match="scale must be a positive finite float or None"):
+        ops.attention(q, kc, kc, scale=bad)
 
 
 @pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one-split"])
@@ -632,6 +656,9 @@ def test_opcheck_custom_ops():
                           (torch.randn(2, 2, 1, 16, device=DEV), kc, vc,
                            torch.tensor([3, 21], dtype=torch.int32, device=DEV),
                            torch.tensor([1, 5], dtype=torch.int32, device=DEV)))
+    torch.library.opcheck(torch.ops.gptfast.decode_attention.default,  # another scale
+                          (torch.randn(2, 2, 1, 16, device=DEV), kc, vc,
+                           torch.tensor([3, 21], dtype=torch.int32, device=DEV), None, 0.3))
 
 
 def test_compile_fullgraph():

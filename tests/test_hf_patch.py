@@ -154,8 +154,8 @@ def test_loss_over_items_of_accumulated_batches(monkeypatch):
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["scale", "scale-by-layer"])
 def test_greedy_generation_equals_transformers(backend, monkeypatch, scaled):
-    """scale-by-layer: GPT-2's scale_attn_by_inverse_layer_idx, another scale per layer (each new
-    token then goes through the flash kernel over the whole cache, not the decode kernel)."""
+    """scale-by-layer: GPT-2's scale_attn_by_inverse_layer_idx, another scale per layer (passed to
+    the decode kernel as its scale)."""
     model = hf_gpt2(seed=3, scale_attn_by_inverse_layer_idx=scaled)
     ids = torch.randint(0, 211, (2, 11), device=DEV)
     kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
@@ -168,10 +168,8 @@ def test_greedy_generation_equals_transformers(backend, monkeypatch, scaled):
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):  # each step's logits, not only its argmax
         torch.testing.assert_close(a, b, **tolerance(backend), msg=f"step {step}")
     # the prompt through the flash kernel, each new token over the cache through split-K decoding
-    # (layer 0 keeps the default scale when scaled by layer: 1 / (0 + 1))
-    decode_layers = 1 if scaled else 2
-    assert calls.n["decode_attention"] == decode_layers * 8, calls.n
-    assert calls.n["attention"] == 2 + (2 - decode_layers) * 8, calls.n
+    assert calls.n["decode_attention"] == 2 * 8, calls.n
+    assert calls.n["attention"] == 2, calls.n
 
 
 def _sdpa_twin(model):

@@ -236,8 +236,10 @@ def _decode_num_splits(device: torch.device, batch_heads: int, tmax: int, block_
     return max(1, min(want, max_splits))
 
 
-def _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start=None, num_splits: Optional[int] = None):
+def _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start=None, num_splits: Optional[int] = None,
+                   scale: Optional[float] = None):
     B, H, Tq, D = q.shape
+    qk_scale = _attn_k.LOG2E / math.sqrt(D) if scale is None else _attn_k.LOG2E * scale
     Tmax = k_cache.shape[2]
     dev = q.device
     block_q = max(16, triton.next_power_of_2(Tq))
@@ -257,7 +259,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start=None, num_splits
     launch = {} if triton_interpret() else dict(num_warps=num_warps, num_stages=_dec_k.DECODE_NUM_STAGES,
                                                    **LAUNCH_OPTIONS)
     _dec_k.decode_split_kernel[(num_splits, B * H)](
-        q, k_cache, v_cache, cache_seqlens, kv_start, o_part, lse_part, _attn_k.LOG2E / math.sqrt(D),
+        q, k_cache, v_cache, cache_seqlens, kv_start, o_part, lse_part, qk_scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         H, Tq, Tmax,
         NUM_SPLITS=num_splits, WINDOW=kv_start is not None, HEAD_DIM=D, **_dot_flags(q.dtype),
@@ -337,13 +339,14 @@ _flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_att
 
 @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cache_seqlens: torch.Tensor, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      cache_seqlens: torch.Tensor, kv_start: Optional[torch.Tensor] = None,
+                      scale: Optional[float] = None) -> torch.Tensor:
     """out [B, H, Tq, D] in q's dtype; see kernels/decode_attention.py for the semantics."""
-    return _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start)
+    return _decode_launch(q, k_cache, v_cache, cache_seqlens, kv_start, scale=scale)
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, kv_start=None):
+def _(q, k_cache, v_cache, cache_seqlens, kv_start=None, scale=None):
     B, H, Tq, D = q.shape
     return q.new_empty((B, Tq, H, D)).transpose(1, 2)
 
@@ -376,9 +379,11 @@ def attention(q, k, v, causal, scale, kv_start=None, kv_end=None, dropout_p: flo
     return out
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start=None, scale=None):
     """Attention of q [B, H, Tq, D] over cache entries kv_start[b] (default 0) .. cache_seqlens[b]
-    of row b (both read at unit stride: a strided view is copied)."""
+    of row b (both read at unit stride: a strided view is copied), scores times scale (None:
+    1/sqrt(D))."""
     if kv_start is not None:
         kv_start = kv_start.contiguous()
-    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens.contiguous(), kv_start)
+    return torch.ops.gptfast.decode_attention(q, k_cache, v_cache, cache_seqlens.contiguous(), kv_start,
+                                              None if scale is None else float(scale))

@@ -35,6 +35,12 @@ def _check_qkv(q, k, v, name_q="q", name_k="k", name_v="v"):
         raise ValueError(f"head dim of q ({q.shape[-1]}) and {name_k} ({k.shape[-1]}) must match")
 
 
+def _check_scale(scale):
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+
+
 def _check_window(name, t, q):
     """kv_start / kv_end: None or an int tensor [B] on q's device."""
     if t is None:
@@ -97,8 +103,9 @@ def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = N
     return torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, H, Tq, Dv)
 
 
-def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None):
-    """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] entries of row b.
+def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None, scale: Optional[float] = None):
+    """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] entries of row b, scores
+    q.k times scale (default 1/sqrt(D)).
 
     cache_seqlens counts the valid entries including the Tq new ones (already
     written to the cache): query i of row b sits at position L_b - Tq + i and
@@ -106,7 +113,7 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None
     padding) moves the first visible position to kv_start[b]; with it, a query that sees
     no key gets 0.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     tq, tmax = q.shape[-2], k_cache.shape[-2]
     s = torch.matmul(q.to(acc), k_cache.to(acc).transpose(-2, -1)) * scale  # (B, H, Tq, Tmax)
@@ -152,8 +159,7 @@ def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backe
     backward sees the forward's mask. The PyTorch reference (the fallback) draws torch.dropout's
     mask instead: the same distribution, not the same mask as the kernel for a seed."""
     _check_qkv(q, k, v)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    _check_scale(scale)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     _check_window("kv_start", kv_start, q)
@@ -168,9 +174,11 @@ def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backe
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] = None, *,
-                     kv_start: Optional[torch.Tensor] = None):
-    """Attention of new queries over a static cache; see decode_attention_reference."""
+                     kv_start: Optional[torch.Tensor] = None, scale: Optional[float] = None):
+    """Attention of new queries over a static cache; see decode_attention_reference. scale: as
+    ops.attention's (None: 1/sqrt(D))."""
     _check_qkv(q, k_cache, v_cache, "q", "k_cache", "v_cache")
+    _check_scale(scale)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1 \
             or cache_seqlens.shape[0] != q.shape[0]:
         shape = tuple(cache_seqlens.shape) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)
@@ -180,8 +188,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
     _check_window("kv_start", kv_start, q)
     reason = _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens)
     if _dispatch.use_kernel("decode_attention", backend, reason, interpreted=q.device.type == "cpu"):
-        return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start)
-    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start)
+        return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start,
+                                                                  scale)
+    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start, scale)
 
 
 def _probe() -> Optional[str]:
