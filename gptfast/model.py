@@ -66,13 +66,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         # HF GPT-2's flags scale_attn_weights=False (scores q.k unscaled) and
-        # scale_attn_by_inverse_layer_idx (layer i's scores divided by i + 1 as well). None keeps
-        # the ops' default 1/sqrt(head_dim). ops.decode_attention always applies 1/sqrt(head_dim),
-        # so decoding with another scale multiplies q by scale * sqrt(head_dim) first.
+        # scale_attn_by_inverse_layer_idx (layer i's scores divided by i + 1 as well), passed to
+        # ops.attention and ops.decode_attention. None keeps the ops' default 1/sqrt(head_dim).
         default = config.scale_attn_weights and not (config.scale_attn_by_inverse_layer_idx and layer_idx > 0)
-        scale = config.layer_attn_scale(layer_idx)
-        self.scale = None if default else scale
-        self.decode_q_factor = None if default else scale * math.sqrt(config.head_dim)
+        self.scale = None if default else config.layer_attn_scale(layer_idx)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)  # its p, on the attention weights in training
@@ -92,9 +89,7 @@ class CausalSelfAttention(nn.Module):
             if cache.empty:  # prefill: the chunk alone is the whole context
                 y = ops.attention(q, k, v, causal=True, scale=self.scale)
             else:
-                if self.decode_q_factor is not None:
-                    q = q * self.decode_q_factor
-                y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens)
+                y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

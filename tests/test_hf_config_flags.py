@@ -145,7 +145,6 @@ def test_attention_scale_per_layer():
     for i, block in enumerate(model.transformer.h):
         assert cfg.layer_attn_scale(i) == pytest.approx(0.25 / (i + 1))
         assert block.attn.scale == (None if i == 0 else pytest.approx(0.25 / (i + 1)))
-        assert block.attn.decode_q_factor == (None if i == 0 else pytest.approx(1 / (i + 1)))
     cfg = GPTConfig(n_embd=64, n_head=4, scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)
     assert cfg.layer_attn_scale(0) == 1.0 and cfg.layer_attn_scale(3) == 0.25
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx must be a bool, got 1"):
