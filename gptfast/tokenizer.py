@@ -145,7 +145,8 @@ class Tokenizer:
         character on each side gives the same ids as encoding it whole. That holds where the
         pre-tokenizer never joins such a newline to a neighbour (GPT-2's byte-level regex, the
         BERT and whitespace splitters) and the normalizer works character by character; a prefix
-        space or a Metaspace pre-tokenizer would add a token at each piece's start."""
+        space or a Metaspace pre-tokenizer would add a token at each piece's start, and an added
+        token with rstrip would lose the newline after it to the next piece."""
         spec = json.loads(self._tok.to_str())
 
         def parts(node):
@@ -160,7 +161,8 @@ class Tokenizer:
         pre_ok = bool(pre) and all(
             (p["type"] == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True))
             or p["type"] in _NEWLINE_SAFE_PRE_TOKENIZERS for p in pre)
-        return pre_ok and all(n["type"] in _NEWLINE_SAFE_NORMALIZERS for n in norm)
+        return (pre_ok and all(n["type"] in _NEWLINE_SAFE_NORMALIZERS for n in norm)
+                and not any(t.get("rstrip") for t in spec.get("added_tokens") or []))
 
 
 def _check_utf8(text: str, name: str) -> None:
