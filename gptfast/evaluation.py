@@ -71,9 +71,8 @@ def _unscorable(ctx: list, cont: list, context_len: Optional[int]) -> Optional[s
         return "encodes to no tokens"
     if not ctx and len(cont) < 2:
         return "is a single token with no context before it: nothing predicts it"
-    if context_len is not None and len(cont) >= context_len:
-        return (f"is {len(cont)} tokens: it must be shorter than the model's context of {context_len} "
-                "(one position before it)")
+    if context_len is not None and len(cont) > context_len:
+        return f"is {len(cont)} tokens: it must fit in the model's context of {context_len}"
     return None
 
 
@@ -82,8 +81,10 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
                         progress: bool = False) -> list[tuple[float, bool, int]]:
     """(log-likelihood, is greedy, tokens) of each continuation after its context.
 
-    Sequences are batched right-padded (causal attention: padding never reaches a real token);
-    only the continuation's positions go through the LM head."""
+    As lm-evaluation-harness: a sequence longer than the context keeps its last n_positions + 1
+    tokens, and the model reads all but the last (which is only a target). Sequences are batched
+    right-padded (causal attention: padding never reaches a real token); only the continuation's
+    positions go through the LM head."""
     from tqdm import tqdm
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -94,7 +95,7 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
         problem = _unscorable(ctx, cont, ctx_len)
         if problem:
             raise ValueError(f"pair {n}: the continuation {problem}")
-        ids = (ctx + cont)[-ctx_len:]
+        ids = (ctx + cont)[-(ctx_len + 1):]
         scored = len(cont) if ctx else len(cont) - 1  # with no context the first token is no target
         seqs.append((ids, scored))
     was_training = model.training
@@ -103,11 +104,13 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
     device = model.transformer.wte.weight.device
     for start in tqdm(range(0, len(seqs), batch_size), desc="eval", disable=not progress):
         group = seqs[start:start + batch_size]
-        T = max(len(ids) for ids, _ in group)
-        x = torch.zeros((len(group), T), dtype=torch.long)
+        T = max(len(ids) for ids, _ in group) - 1
+        x = torch.zeros((len(group), T), dtype=torch.long)  # the inputs
+        y = torch.zeros((len(group), T), dtype=torch.long)  # y[b, t]: the token position t predicts
         for b, (ids, _) in enumerate(group):
-            x[b, :len(ids)] = torch.tensor(ids)
-        x = x.to(device)
+            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[b, :len(ids) - 1] = torch.tensor(ids[1:])
+        x, y = x.to(device), y.to(device)
         h = model.hidden_states(x)  # (G, T, C)
         rows, cols = [], []
         for b, (ids, scored) in enumerate(group):  # position t predicts token t + 1
@@ -115,7 +118,7 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
             rows += [b] * scored
         rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
         logp = F.log_softmax(model.lm_head(h[rows_t, cols_t]).float(), dim=-1)  # (N, V)
-        targets = x[rows_t, cols_t + 1]
+        targets = y[rows_t, cols_t]
         token_logp = logp.gather(1, targets[:, None])[:, 0]
         greedy = logp.argmax(dim=-1) == targets
         offset = 0

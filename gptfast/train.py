@@ -752,7 +752,8 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     vocab = model.config.vocab_size
     train_tokens, val_tokens = load_data(args, tokenizer, vocab, progress=progress and rank == 0)
-    zero_shot = _zero_shot_requests(args, tokenizer) if args.eval_data and rank == 0 else None
+    zero_shot = _zero_shot_requests(args, tokenizer, model.config.n_positions) if args.eval_data and rank == 0 \
+        else None
     raw_model = model
     if args.compile:
         model = torch.compile(model, backend=args.compile)
@@ -830,13 +831,14 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 709 else math.inf
 
 
-def _zero_shot_requests(args: TrainArgs, tokenizer):
-    """(rows, task, tokenized requests) of --eval-data, read and checked before training starts."""
+def _zero_shot_requests(args: TrainArgs, tokenizer, context_len: int):
+    """(rows, task, tokenized requests) of --eval-data, read and checked (a continuation must fit
+    in the model's context_len) before training starts."""
     from .evaluation import prepare_requests
     from .finetune import read_rows
 
     rows = read_rows(args.eval_data)[:args.eval_limit]
-    return (rows, *prepare_requests(rows, tokenizer, source=f"--eval-data {args.eval_data}"))
+    return (rows, *prepare_requests(rows, tokenizer, source=f"--eval-data {args.eval_data}", context_len=context_len))
 
 
 def _zero_shot(model, requests, batch_size: int, entry: dict) -> str:

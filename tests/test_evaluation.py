@@ -31,9 +31,10 @@ def models(tmp_path_factory):
 
 
 def _hf_loglik(hf, ctx, cont):
-    ids = (ctx + cont)[-hf.config.n_positions:]
+    """lm-evaluation-harness's window: the last n_positions + 1 tokens, all but the last read."""
+    ids = (ctx + cont)[-(hf.config.n_positions + 1):]
     with torch.no_grad():
-        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+        logp = torch.log_softmax(hf(torch.tensor([ids[:-1]])).logits[0].double(), dim=-1)
     n = len(cont)
     targets = torch.tensor(ids[-n:])
     picked = logp[len(ids) - n - 1:len(ids) - 1]
@@ -45,7 +46,11 @@ def test_continuation_scores_match_transformers(models):
     rnd = random.Random(0)
     pairs = [(tok.encode(_text(rnd, 1, 12)), tok.encode(" " + _text(rnd, 1, 5))) for _ in range(13)]
     pairs.append((tok.encode(_text(rnd, 40, 60)), tok.encode(" " + _text(rnd, 2, 4))))  # context cut at the front
-    assert len(pairs[-1][0]) + len(pairs[-1][1]) > 32
+    assert len(pairs[-1][0]) + len(pairs[-1][1]) > 33
+    long_cont = tok.encode(" " + _text(rnd, 40, 60))[:32]  # as long as the context: one context token read
+    assert len(long_cont) == 32
+    pairs.append((tok.encode(_text(rnd, 3, 5)), long_cont))
+    pairs.append(([], tok.encode(_text(rnd, 40, 60))[:32]))  # no context: the first token is no target
     ctx = tok.encode("they went")
     with torch.no_grad():  # a continuation that is the model's argmax, so is_greedy is exercised
         greedy = [int(hf(torch.tensor([ctx])).logits[0, -1].argmax())]
@@ -53,8 +58,8 @@ def test_continuation_scores_match_transformers(models):
     for batch in (1, 4, 64):
         got = score_continuations(model, pairs, batch_size=batch)
         for (ctx, cont), (ll, is_greedy, n) in zip(pairs, got):
-            want_ll, want_greedy = _hf_loglik(hf, ctx, cont)
-            assert n == len(cont) and ll == pytest.approx(want_ll, abs=1e-4) and is_greedy == want_greedy
+            want_ll, want_greedy = _hf_loglik(hf, ctx, cont) if ctx else _hf_loglik(hf, cont[:1], cont[1:])
+            assert n == len(cont) - (not ctx) and ll == pytest.approx(want_ll, abs=1e-4) and is_greedy == want_greedy
     assert got[-1][1] is True
 
 
@@ -111,12 +116,12 @@ def test_cli_eval_and_bad_rows(models, tmp_path, capsys):
             evaluate_zero_shot(model, tok, [row], source="x.jsonl")
     with pytest.raises(ValueError, match="mixes multiple-choice rows"):
         evaluate_zero_shot(model, tok, [rows[0], {"context": "a", "continuation": "b"}])
-    with pytest.raises(ValueError, match="pair 0: the continuation is 32 tokens: it must be shorter than the "
+    with pytest.raises(ValueError, match="pair 0: the continuation is 33 tokens: it must fit in the "
                                          "model's context of 32"):
-        score_continuations(model, [([1], list(range(1, 33)))])
+        score_continuations(model, [([1], list(range(1, 34)))])
     # the file and the row, not an internal index (the second choice of the second row is too long)
     long_rows = [rows[0], {"context": "a", "choices": ["b", " the lord" * 40], "label": 0}]
-    with pytest.raises(ValueError, match=r"x.jsonl: row 2: choice 1 is \d+ tokens: it must be shorter than the "
+    with pytest.raises(ValueError, match=r"x.jsonl: row 2: choice 1 is \d+ tokens: it must fit in the "
                                          r"model's context of 32"):
         evaluate_zero_shot(model, tok, long_rows, source="x.jsonl")
     one = tok.encode("b")
@@ -193,3 +198,24 @@ def test_is_greedy_needs_every_continuation_token_greedy(models):
     pairs = [(ctx, [first, ranked[0]]), (ctx, [first, ranked[1]])]
     got = [g for _, g, _ in score_continuations(model, pairs, batch_size=2)]
     assert got == [True, False]
+
+
+def test_train_eval_data_checks_continuations_against_the_models_context(models, tmp_path):
+    """gptfast train --eval-data: a continuation longer than the model's context is refused before
+    training, naming the file and the row (not later, at the first evaluation, by a pair index)."""
+    from types import SimpleNamespace
+
+    from gptfast.train import _zero_shot_requests
+
+    _, model, tok, _ = models
+    f = tmp_path / "rows.jsonl"
+    rows = [{"context": "the lord said", "continuation": "unto him"},
+            {"context": "a", "continuation": " the lord" * 40}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = SimpleNamespace(eval_data=str(f), eval_limit=None)
+    with pytest.raises(ValueError, match=rf"--eval-data {f}: row 2: the continuation is \d+ tokens: it must fit in "
+                                         "the model's context of 32"):
+        _zero_shot_requests(args, tok, model.config.n_positions)
+    args.eval_limit = 1
+    _, task, requests = _zero_shot_requests(args, tok, model.config.n_positions)
+    assert task == "completion" and len(requests) == 1
