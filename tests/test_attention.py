@@ -670,7 +670,9 @@ def test_compile_fullgraph():
     def step(q, k, v):
         out = ops.attention(q, k, v, causal=True, backend="kernel")
         dec = ops.decode_attention(q[:, :, -1:].detach(), k.detach(), v.detach(), lens, backend="kernel")
-        return out.sum() + dec.sum()
+        dec_scaled = ops.decode_attention(q[:, :, -1:].detach(), k.detach(), v.detach(), lens, backend="kernel",
+                                          scale=0.3)  # another scale: a float argument of the op
+        return out.sum() + dec.sum() + 2 * dec_scaled.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = compiled(q, k, v)
