@@ -40,8 +40,10 @@ namespace gptfast {
 
 namespace {
 
+// NaN (an exp of inf - inf) weighs 0, as the CUDA kernel's mass_of (a NaN cast to an integer is
+// undefined behaviour).
 inline uint64_t to_mass(float e) {
-  return static_cast<uint64_t>(std::nearbyint(static_cast<double>(e) * kMassScale));
+  return e == e ? static_cast<uint64_t>(std::nearbyint(static_cast<double>(e) * kMassScale)) : 0;
 }
 
 // One row. x: scratch [V]; order: scratch [V] of indices.
