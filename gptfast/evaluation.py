@@ -104,21 +104,19 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
     device = model.transformer.wte.weight.device
     for start in tqdm(range(0, len(seqs), batch_size), desc="eval", disable=not progress):
         group = seqs[start:start + batch_size]
-        T = max(len(ids) for ids, _ in group) - 1
-        x = torch.zeros((len(group), T), dtype=torch.long)  # the inputs
-        y = torch.zeros((len(group), T), dtype=torch.long)  # y[b, t]: the token position t predicts
+        T = max(len(ids) for ids, _ in group)
+        x = torch.zeros((len(group), T), dtype=torch.long)
         for b, (ids, _) in enumerate(group):
-            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[b, :len(ids) - 1] = torch.tensor(ids[1:])
-        x, y = x.to(device), y.to(device)
-        h = model.hidden_states(x)  # (G, T, C)
+            x[b, :len(ids)] = torch.tensor(ids)
+        x = x.to(device)
+        h = model.hidden_states(x[:, :-1])  # (G, T - 1, C): the last column is a target only
         rows, cols = [], []
         for b, (ids, scored) in enumerate(group):  # position t predicts token t + 1
             cols += range(len(ids) - scored - 1, len(ids) - 1)
             rows += [b] * scored
         rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
         logp = F.log_softmax(model.lm_head(h[rows_t, cols_t]).float(), dim=-1)  # (N, V)
-        targets = y[rows_t, cols_t]
+        targets = x[rows_t, cols_t + 1]
         token_logp = logp.gather(1, targets[:, None])[:, 0]
         greedy = logp.argmax(dim=-1) == targets
         offset = 0
