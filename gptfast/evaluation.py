@@ -84,9 +84,8 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
     As lm-evaluation-harness: a sequence longer than the context keeps its last n_positions + 1
     tokens, and the model reads all but the last (which is only a target). Sequences are batched
     right-padded (causal attention: padding never reaches a real token); only the continuation's
-    positions go through the LM head."""
-    from tqdm import tqdm
-
+    positions go through the LM head. Identical sequences are scored once (so identical
+    choices tie exactly, whatever batches they would have fallen in)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     ctx_len = model.config.n_positions
@@ -97,7 +96,15 @@ def score_continuations(model, pairs: Sequence[tuple[list, list]], batch_size: i
             raise ValueError(f"pair {n}: the continuation {problem}")
         ids = (ctx + cont)[-(ctx_len + 1):]
         scored = len(cont) if ctx else len(cont) - 1  # with no context the first token is no target
-        seqs.append((ids, scored))
+        seqs.append((tuple(ids), scored))
+    unique = list(dict.fromkeys(seqs))  # first-seen order
+    scores = dict(zip(unique, _score_sequences(model, unique, batch_size, progress)))
+    return [scores[seq] for seq in seqs]
+
+
+def _score_sequences(model, seqs: list[tuple[tuple, int]], batch_size: int, progress: bool):
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     results = []
