@@ -79,17 +79,20 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs), strided views
-        if cache is None:  # training applies attn_pdrop to the weights (the kernel's own masks)
-            y = ops.attention(q, k, v, causal=True, scale=self.scale,
-                              dropout_p=self.attn_dropout.p if self.training else 0.0)
+        # training mode applies attn_pdrop to the weights (the flash kernel's own masks), over a
+        # KV cache too (generation in training mode, as transformers does)
+        drop = self.attn_dropout.p if self.training else 0.0
+        if cache is None:
+            y = ops.attention(q, k, v, causal=True, scale=self.scale, dropout_p=drop)
         else:
             idx = positions.view(B, 1, T, 1).expand(B, self.n_head, T, C // self.n_head)
             cache.k[layer].scatter_(2, idx, k.to(cache.k[layer].dtype))
             cache.v[layer].scatter_(2, idx, v.to(cache.v[layer].dtype))
             if cache.empty:  # prefill: the chunk alone is the whole context
-                y = ops.attention(q, k, v, causal=True, scale=self.scale)
+                y = ops.attention(q, k, v, causal=True, scale=self.scale, dropout_p=drop)
             else:
-                y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens, scale=self.scale)
+                y = ops.decode_attention(q, cache.k[layer], cache.v[layer], attend_lens, scale=self.scale,
+                                         dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -229,6 +229,40 @@ def test_reference_fallback_drops_out_and_says_so(monkeypatch, caplog):
     assert torch.equal(ops.attention(q, k, v, backend="torch", dropout_p=p), got)
 
 
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_decode_dropout_runs_the_reference_and_says_so(monkeypatch, Tq):
+    """ops.decode_attention(..., dropout_p=p) (a model generating in training mode): the split-K
+    kernel has no dropout, so the reference drops the weights over each row's cache with
+    torch.dropout (keys past a row's length stay at weight 0), logged once; dropout_p=0 is the
+    call without it, bit for bit."""
+    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
+    B, H, Tmax, D, p = 3, 2, 23, 16, 0.3
+    torch.manual_seed(2)
+    q = torch.randn(B, H, Tq, D, device=DEV)
+    kc, vc = (torch.randn(B, H, Tmax, D, device=DEV) for _ in range(2))
+    lens = torch.tensor([Tq, 11, Tmax], dtype=torch.int32, device=DEV)
+    for b, n in enumerate(lens.tolist()):  # the unwritten tails: large, so a weight on them would show
+        kc[b, :, n:], vc[b, :, n:] = 30.0, 1e4
+    with gptfast.use_backend("kernel"), _dispatch.fallbacks_logged() as lines:
+        torch.manual_seed(9)
+        got = ops.decode_attention(q, kc, vc, lens, dropout_p=p, scale=0.2)
+        again = ops.decode_attention(q, kc, vc, lens, dropout_p=p, scale=0.2)
+        plain = ops.decode_attention(q, kc, vc, lens, scale=0.2)
+        assert torch.equal(ops.decode_attention(q, kc, vc, lens, dropout_p=0.0, scale=0.2), plain)
+    assert [ln for ln in lines if "dropout" in ln] == [
+        "ops.decode_attention with attention dropout p=0.3 runs the PyTorch reference (torch.dropout): "
+        "the split-K kernel has no dropout"], lines
+    qpos = lens.long().view(B, 1, 1, 1) - Tq + torch.arange(Tq, device=DEV).view(1, 1, Tq, 1)
+    seen = torch.arange(Tmax, device=DEV).view(1, 1, 1, Tmax) <= qpos
+    torch.manual_seed(9)
+    w = torch.softmax((q @ kc.transpose(-1, -2) * 0.2).masked_fill(~seen, float("-inf")), -1)
+    torch.testing.assert_close(got, torch.dropout(w, p, True) @ vc, rtol=1e-5, atol=1e-5)
+    assert got.abs().max() < 100, "a key past a row's length was weighted"
+    assert (got - plain).abs().max() > 1e-2 and (got - again).abs().max() > 1e-2  # dropped, and fresh per call
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\), got 1.0"):
+        ops.decode_attention(q, kc, vc, lens, dropout_p=1.0)
+
+
 def test_opcheck_with_dropout():
     torch.manual_seed(5)
     q, k, v = _qkv(1, 2, 19, 16, FP32)
@@ -308,7 +342,41 @@ def test_model_trains_through_the_kernel_with_attention_dropout(monkeypatch):
     assert loss2.item() != results[0][0].item()
 
 
-# ---- GPU: GPT-2's shape ---------------------------------------------------------------------
+def test_generation_in_training_mode_drops_attention_weights_over_the_cache(monkeypatch):
+    """A model generating in training mode applies attn_pdrop at every attention, as transformers
+    does: the prefill through the flash kernel's dropout, each decode step through
+    ops.decode_attention's; a seed repeats the tokens, another changes them. Eval passes 0."""
+    model, cfg = _tiny_train_gpt()
+    model.config.attn_pdrop = 0.6
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.6
+    calls = []
+    for name in ("attention", "decode_attention"):
+        real = getattr(ops, name)
+
+        def spy(*a, _f=real, _n=name, **kw):
+            out = _f(*a, **kw)
+            calls.append((_n, kw["dropout_p"], out))
+            return out
+        monkeypatch.setattr(ops, name, spy)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5), device=DEV)
+    first_decode = []
+    with gptfast.use_backend("kernel"):
+        for mode, seed in (("train", 0), ("train", 0), ("train", 1), ("eval", 0)):
+            getattr(model, mode)()
+            calls.clear()
+            torch.manual_seed(seed)
+            model.generate(prompt, max_new_tokens=6, temperature=0.0, cuda_graph=False)
+            p = 0.6 if mode == "train" else 0.0
+            assert [c[:2] for c in calls[:2]] == [("attention", p)] * 2, calls
+            assert {c[:2] for c in calls[2:]} == {("decode_attention", p)} and len(calls) == 2 + 2 * 5, calls
+            first_decode.append(calls[2][2])  # layer 0's first step: the same inputs in every run
+    train0, train0_again, train1, eval0 = first_decode
+    assert torch.equal(train0, train0_again)  # a seed repeats the masks
+    assert (train0 - train1).abs().max() > 1e-3 and (train0 - eval0).abs().max() > 1e-3
+
+
+# ---- GPU: GPT-2's shape ----# ---- GPU: GPT-2's shape ---------------------------------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tma", [False, True])

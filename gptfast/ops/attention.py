@@ -41,6 +41,11 @@ def _check_scale(scale):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
 def _check_window(name, t, q):
     """kv_start / kv_end: None or an int tensor [B] on q's device."""
     if t is None:
@@ -103,7 +108,8 @@ def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = N
     return torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, H, Tq, Dv)
 
 
-def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None, scale: Optional[float] = None):
+def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None, scale: Optional[float] = None,
+                               dropout_p: float = 0.0):
     """Attention of q [B, H, Tq, D] over the first cache_seqlens[b] entries of row b, scores
     q.k times scale (default 1/sqrt(D)).
 
@@ -111,7 +117,7 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None
     written to the cache): query i of row b sits at position L_b - Tq + i and
     attends to cache positions 0 .. L_b - Tq + i. kv_start (optional [B] ints, a left
     padding) moves the first visible position to kv_start[b]; with it, a query that sees
-    no key gets 0.
+    no key gets 0. dropout_p > 0: torch.dropout on the weights, as attention_reference's.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -124,6 +130,8 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start=None
     if kv_start is not None:
         allowed = allowed & _key_window(q, tmax, kv_start, None)
     p = _window_softmax(s, allowed, kv_start is not None)
+    if dropout_p > 0:
+        p = torch.dropout(p, dropout_p, True)
     return torch.matmul(p, v_cache.to(acc)).to(q.dtype)
 
 
@@ -160,8 +168,7 @@ def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backe
     mask instead: the same distribution, not the same mask as the kernel for a seed."""
     _check_qkv(q, k, v)
     _check_scale(scale)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_dropout(dropout_p)
     _check_window("kv_start", kv_start, q)
     _check_window("kv_end", kv_end, q)
     reason = _attention_kernel_reason(q, k, v, causal, scale, dropout_p)
@@ -174,11 +181,15 @@ def attention(q, k, v, causal: bool = True, scale: Optional[float] = None, backe
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] = None, *,
-                     kv_start: Optional[torch.Tensor] = None, scale: Optional[float] = None):
+                     kv_start: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     dropout_p: float = 0.0):
     """Attention of new queries over a static cache; see decode_attention_reference. scale: as
-    ops.attention's (None: 1/sqrt(D))."""
+    ops.attention's (None: 1/sqrt(D)). dropout_p > 0 (a model generating in training mode, as
+    transformers' attention drops weights then): the PyTorch reference with torch.dropout, since
+    the split-K kernel has no dropout; the first such call says so."""
     _check_qkv(q, k_cache, v_cache, "q", "k_cache", "v_cache")
     _check_scale(scale)
+    _check_dropout(dropout_p)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1 \
             or cache_seqlens.shape[0] != q.shape[0]:
         shape = tuple(cache_seqlens.shape) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)
@@ -186,6 +197,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     _check_window("kv_start", kv_start, q)
+    if dropout_p > 0:
+        if _dispatch.current_backend(backend) != "torch":
+            _dispatch.log_once("decode_attention:dropout", "gptfast: ops.decode_attention with attention dropout "
+                               "p=%s runs the PyTorch reference (torch.dropout): the split-K kernel has no dropout",
+                               dropout_p)
+        return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start, scale, dropout_p)
     reason = _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens)
     if _dispatch.use_kernel("decode_attention", backend, reason, interpreted=q.device.type == "cpu"):
         return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start,
