@@ -112,8 +112,8 @@ def cmd_generate(args) -> int:
                 break
             count += 1
             piece = stream.push(toks[0]) if toks[0] < tok.vocab_size else ""  # a padded vocabulary's extra ids
-            text += piece
-            cut = _stop_cut(text, args.stop)
+            text += piece  # a stop string new in text ends in the piece: search from there on
+            cut = _stop_cut(text, args.stop, len(text) - len(piece))
             if cut is not None:  # print up to the stop string, not beyond
                 out.write(text[shown:cut])
                 break
@@ -122,8 +122,9 @@ def cmd_generate(args) -> int:
             out.flush()
             shown = end
         if cut is None:  # what a stream that ended inside a character holds back, as decode gives it,
-            text += stream.flush()  # which may complete a stop string (generation stopped on it)
-            out.write(text[shown:_stop_cut(text, args.stop)])
+            held = stream.flush()  # which may complete a stop string (generation stopped on it)
+            text += held
+            out.write(text[shown:_stop_cut(text, args.stop, len(text) - len(held))])
         out.write("\n")
         out.flush()
         if args.verbose:
@@ -155,8 +156,10 @@ def _load_draft(args, tok, prompt: str, device):
     return draft
 
 
-def _stop_cut(text: str, stops) -> int | None:
-    hits = [text.find(s) for s in stops or [] if s in text]
+def _stop_cut(text: str, stops, new: int = 0) -> int | None:
+    """Where the first stop string in text starts, given none is in text[:new] (each is searched
+    from len(s) - 1 characters before new on: linear in the stream, not quadratic); else None."""
+    hits = [i for i in (text.find(s, max(0, new - len(s) + 1)) for s in stops or []) if i >= 0]
     return min(hits) if hits else None
 
 

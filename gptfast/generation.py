@@ -156,8 +156,8 @@ class _Stops:
             return False
         stream = self.texts[row]
         piece = stream.push(token)
-        if stream.whole:
-            return any(s in self.tokenizer.decode(stream.ids) for s in self.strings)
+        if stream.whole:  # its text of every id, decoded once by the push
+            return any(s in stream.text for s in self.strings)
         text = self.tails[row] + piece
         self.tails[row] = text[len(text) - self.keep:] if len(text) > self.keep else text
         text += stream.held

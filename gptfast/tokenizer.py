@@ -201,6 +201,7 @@ class StreamDecoder:
         self._read_whole = True  # ids[:_read] end with a complete character
         self.held = ""  # the text of the ids past the last piece, as decode gives it (U+FFFD-ended)
         self._emitted: Optional[int] = None  # in whole mode: characters of decode(ids) returned
+        self.text: Optional[str] = None  # in whole mode: decode(ids) at the last push or flush
         decoder = type(getattr(tokenizer._tok, "decoder", None)).__name__
         if decoder not in _WINDOW_DECODERS:
             self._decode_whole(f"its decoder is {decoder}, not one known to decode a window of ids as in "
@@ -258,7 +259,7 @@ class StreamDecoder:
             self._decode_whole(f"decoding ids {self._start}..{n - 1} gave {text!r}, which does not extend "
                                f"{self._prefix!r}, the text of ids {self._start}..{self._read - 1}",
                                type(self.tokenizer._tok.decoder).__name__ + " (window)")
-        text = self._decode(self.ids)
+        self.text = text = self._decode(self.ids)
         if hold and text.endswith("\ufffd"):  # a multi-byte character not complete yet
             self.held = text[self._emitted:]
             return ""

@@ -162,6 +162,32 @@ def test_generate_prints_no_part_of_a_stop_string_that_spans_tokens(stop, monkey
     assert capsys.readouterr().out == "And" + text + "\n"
 
 
+def test_stop_cut_searches_only_past_the_text_before_and_finds_the_first_stop():
+    """The CLI's stop cut looks for each stop string from len(s) - 1 characters before the new
+    piece on (linear in the stream): on random streams it stops at the same piece and cuts at the
+    same place as a search of the whole text, stops that span pieces included."""
+    import random
+
+    from gptfast.cli import _stop_cut
+    rng = random.Random(0)
+    spans = 0
+    for _ in range(2000):
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(1, 40)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) + [len(text)]
+        seen, want, got = "", None, None
+        for a, b in zip([0] + cuts, cuts):
+            seen += text[a:b]
+            hits = [seen.find(s) for s in stops if s in seen]
+            want = min(hits) if hits else None
+            got = _stop_cut(seen, stops, a)
+            assert got == want, (text, stops, cuts, seen)
+            if want is not None:
+                spans += want < a
+                break
+    assert spans > 50  # stops that began in an earlier piece were among them
+
+
 def test_training_help_shows_the_defaults(capsys):
     """train/finetune --help name each numeric flag's default, read from TrainArgs / FinetuneArgs."""
     from gptfast.finetune import FinetuneArgs

@@ -294,3 +294,8 @@ def test_another_decoder_decodes_the_whole_text_and_says_so(tokenizers):
     text = tok.decode(ids)
     strings = stop_strings_of(text, rnd)
     assert stop_index(_Stops(1, [], strings, tok), 0, ids) == stop_index(OldStops(1, [], strings, tok), 0, ids)
+    # the stop check reads the text the push decoded: one decode of every id per token, not two
+    counting = Tokenizer(CountingBackend(backend))
+    assert stop_index(_Stops(1, [], ["never in the text"], counting), 0, ids) is None
+    # (and one of no ids as the stream decoder starts)
+    assert counting._tok.calls == len(ids) + 1 and counting._tok.decoded == len(ids) * (len(ids) + 1) // 2
