@@ -95,10 +95,15 @@ def cmd_generate(args) -> int:
         check_draft(model, draft, args.draft_tokens, len(ids) + max_new)
     out = sys.stdout
     for n in range(args.num_samples):
-        if args.num_samples > 1:
-            out.write(f"\n===== sample {n + 1} =====\n")
-        out.write(prompt)
-        out.flush()
+        # the prompt goes out with the first text, once the prefill and the first decode step have
+        # run: the lines of the ops that fall back (logged once each, on stderr) come before it
+        # on a terminal, not inside the text
+        head = [(f"\n===== sample {n + 1} =====\n" if args.num_samples > 1 else "") + prompt]
+
+        def write(s, head=head):
+            if head:
+                out.write(head.pop())
+            out.write(s)
         stream = tok.stream_decoder()
         text, t1, count, stats, cut, shown = "", time.perf_counter(), 0, {}, None, 0
         seed = None if args.seed is None else args.seed + n
@@ -115,17 +120,19 @@ def cmd_generate(args) -> int:
             text += piece  # a stop string new in text ends in the piece: search from there on
             cut = _stop_cut(text, args.stop, len(text) - len(piece))
             if cut is not None:  # print up to the stop string, not beyond
-                out.write(text[shown:cut])
+                write(text[shown:cut])
                 break
+            if count < 2:  # the first decode step has not run yet
+                continue
             end = len(text) - _stop_prefix(text, args.stop)  # a stop string's start waits for its end
-            out.write(text[shown:end])
+            write(text[shown:end])
             out.flush()
             shown = end
         if cut is None:  # what a stream that ended inside a character holds back, as decode gives it,
             held = stream.flush()  # which may complete a stop string (generation stopped on it)
             text += held
-            out.write(text[shown:_stop_cut(text, args.stop, len(text) - len(held))])
-        out.write("\n")
+            write(text[shown:_stop_cut(text, args.stop, len(text) - len(held))])
+        write("\n")
         out.flush()
         if args.verbose:
             dt = time.perf_counter() - t1

@@ -162,6 +162,31 @@ def test_generate_prints_no_part_of_a_stop_string_that_spans_tokens(stop, monkey
     assert capsys.readouterr().out == "And" + text + "\n"
 
 
+@needs_default
+def test_generate_prints_the_prompt_after_the_fallback_lines(monkeypatch):
+    """On a terminal stdout and stderr interleave: the prompt and text go out only after the
+    prefill and the first decode step, so the lines of the ops that fall back (each logged once,
+    on the first call) come before the text, not inside it."""
+    import io
+    import sys
+
+    from gptfast.ops import _dispatch
+    events = []
+
+    class Out(io.StringIO):
+        def write(self, s):
+            if s:
+                events.append(("out", len(lines)))
+            return super().write(s)
+    out = Out()
+    monkeypatch.setattr(sys, "stdout", out)
+    with _dispatch.fallbacks_logged() as lines:
+        assert main(["generate", "And", "-n", "6", "-t", "0", "--backend", "auto"]) == 0
+    assert any("decode_attention" in ln for ln in lines), lines  # the first decode step's line
+    assert out.getvalue().startswith("And") and len(out.getvalue()) > 6
+    assert events and all(n == len(lines) for _, n in events), (events, lines)
+
+
 def test_stop_cut_searches_only_past_the_text_before_and_finds_the_first_stop():
     """The CLI's stop cut looks for each stop string from len(s) - 1 characters before the new
     piece on (linear in the stream): on random streams it stops at the same piece and cuts at the
