@@ -9,9 +9,10 @@ of its tokens after the context; `accuracy` takes the choice with the highest su
 acc_norm). Completion (LAMBADA): `accuracy` is the share of rows whose continuation is the
 model's greedy output token for token, and `perplexity` that of the continuation tokens.
 
-The context and the continuation are tokenized apart, the continuation with the delimiter
-(default a space) in front of it; where the two exceed the model's context, the context loses
-its first tokens. An empty context is the end-of-text token, as lm-evaluation-harness scores
+A request is encoded as lm-evaluation-harness encodes it: the continuation is the delimiter
+(default a space) and the choice, the context's trailing whitespace moves to its front, and its
+ids are those of context + continuation past the context's own ids; where the two exceed the
+model's context, the context loses its first tokens. An empty context is the end-of-text token, as lm-evaluation-harness scores
 it (every token of the continuation is then predicted); with a tokenizer that has none (GPT-1)
 the continuation, without the delimiter, is scored from its second token on. Rows are the JSON
 lines the fine-tuning data uses (gptfast.finetune).
@@ -51,18 +52,30 @@ def prepare_requests(rows: Sequence[dict], tokenizer, delimiter: str = " ",
                 raise ValueError(f"{source}: row {n}: 'label' must be an index into its {len(conts)} choices, "
                                  f"got {label!r}")
         eos = getattr(tokenizer, "eos_token_id", None)
-        if context or eos is None:
+        if context.strip():
+            pairs = [_encode_pair(tokenizer, context, delimiter + c) for c in conts]
+        elif context or eos is None:  # whitespace, or nothing with no end-of-text token (GPT-1)
             ctx, prefix = tokenizer.encode(context), delimiter if context else ""
+            pairs = [(ctx, tokenizer.encode(prefix + c)) for c in conts]
         else:  # lm-evaluation-harness's context for an empty one: the end-of-text token
-            ctx, prefix = [eos], delimiter
-        pairs = [(ctx, tokenizer.encode(prefix + c)) for c in conts]
-        for i, (_, cont) in enumerate(pairs):
+            pairs = [([eos], tokenizer.encode(delimiter + c)) for c in conts]
+        for i, (ctx, cont) in enumerate(pairs):
             problem = _unscorable(ctx, cont, context_len)
             if problem:
                 which = f"choice {i}" if task == "choice" else "the continuation"
                 raise ValueError(f"{source}: row {n}: {which} {problem}")
         out.append(pairs)
     return task, out
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list, list]:
+    """lm-evaluation-harness's encoding of a request: the context's trailing whitespace moves to
+    the front of the continuation, and the continuation's ids are those of the whole text past
+    as many ids as the context alone encodes to."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    ctx = tokenizer.encode(stripped)
+    return ctx, tokenizer.encode(stripped + continuation)[len(ctx):]
 
 
 def _unscorable(ctx: list, cont: list, context_len: Optional[int]) -> Optional[str]:

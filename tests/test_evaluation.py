@@ -63,6 +63,31 @@ def test_continuation_scores_match_transformers(models):
     assert got[-1][1] is True
 
 
+@pytest.mark.parametrize("context, delimiter", [("they went into the ", " "), ("the lord said\n\n", " "),
+                                                ("the lord sai", ""), ("the lord said unto", " ")])
+def test_requests_are_encoded_as_lm_evaluation_harness_encodes_them(models, context, delimiter):
+    """lm-evaluation-harness's _encode_pair: the context's trailing whitespace goes to the front of
+    the continuation (delimiter + choice), whose ids are those of the whole text past the context's
+    own ids; the scores are transformers' log-likelihoods of exactly those ids."""
+    from gptfast.evaluation import prepare_requests
+    hf, model, tok, _ = models
+    choices = ["land", "d unto him", "water house"]
+    task, [pairs] = prepare_requests([{"context": context, "choices": choices, "label": 0}], tok, delimiter)
+    stripped = context.rstrip()
+    ctx = tok.encode(stripped)
+    for (got_ctx, got_cont), c in zip(pairs, choices):
+        whole = tok.encode(stripped + context[len(stripped):] + delimiter + c)
+        assert got_ctx == ctx and got_cont == whole[len(ctx):], (context, c)
+        assert tok.decode(got_ctx + got_cont) == context + delimiter + c
+    if context != stripped:  # tokenized apart, the context would end in a whitespace token of its own
+        assert ctx != tok.encode(context)
+    result = evaluate_zero_shot(model, tok, [{"context": context, "choices": choices, "label": 1}],
+                                delimiter=delimiter)
+    ll = [_hf_loglik(hf, ctx, cont)[0] for _, cont in pairs]
+    assert result["accuracy"] == float(max(range(3), key=ll.__getitem__) == 1)
+    assert [x[0] for x in score_continuations(model, pairs)] == pytest.approx(ll, abs=1e-4)
+
+
 def test_multiple_choice_accuracies_are_the_argmaxes(models):
     hf, model, tok, _ = models
     rnd = random.Random(1)
