@@ -233,8 +233,8 @@ def test_reference_fallback_drops_out_and_says_so(monkeypatch, caplog):
 def test_decode_dropout_runs_the_reference_and_says_so(monkeypatch, Tq):
     """ops.decode_attention(..., dropout_p=p) (a model generating in training mode): the split-K
     kernel has no dropout, so the reference drops the weights over each row's cache with
-    torch.dropout (keys past a row's length stay at weight 0), logged once; dropout_p=0 is the
-    call without it, bit for bit."""
+    torch.dropout (keys past a row's length stay at weight 0): a fallback, logged once under
+    "auto", refused under "kernel"; dropout_p=0 is the call without it, bit for bit."""
     monkeypatch.setattr(_dispatch, "_fallback_logged", set())
     B, H, Tmax, D, p = 3, 2, 23, 16, 0.3
     torch.manual_seed(2)
@@ -243,15 +243,17 @@ def test_decode_dropout_runs_the_reference_and_says_so(monkeypatch, Tq):
     lens = torch.tensor([Tq, 11, Tmax], dtype=torch.int32, device=DEV)
     for b, n in enumerate(lens.tolist()):  # the unwritten tails: large, so a weight on them would show
         kc[b, :, n:], vc[b, :, n:] = 30.0, 1e4
-    with gptfast.use_backend("kernel"), _dispatch.fallbacks_logged() as lines:
+    with _dispatch.fallbacks_logged() as lines:
         torch.manual_seed(9)
         got = ops.decode_attention(q, kc, vc, lens, dropout_p=p, scale=0.2)
         again = ops.decode_attention(q, kc, vc, lens, dropout_p=p, scale=0.2)
+    assert lines == ["ops.decode_attention falls back to the PyTorch reference: attention dropout p=0.3 (the "
+                     "split-K kernel has none; the reference applies torch.dropout)"], lines
+    with gptfast.use_backend("kernel"):
         plain = ops.decode_attention(q, kc, vc, lens, scale=0.2)
         assert torch.equal(ops.decode_attention(q, kc, vc, lens, dropout_p=0.0, scale=0.2), plain)
-    assert [ln for ln in lines if "dropout" in ln] == [
-        "ops.decode_attention with attention dropout p=0.3 runs the PyTorch reference (torch.dropout): "
-        "the split-K kernel has no dropout"], lines
+        with pytest.raises(_dispatch.KernelUnavailable, match="backend='kernel' cannot run here: attention dropout"):
+            ops.decode_attention(q, kc, vc, lens, dropout_p=p)
     qpos = lens.long().view(B, 1, 1, 1) - Tq + torch.arange(Tq, device=DEV).view(1, 1, Tq, 1)
     seen = torch.arange(Tmax, device=DEV).view(1, 1, 1, Tmax) <= qpos
     torch.manual_seed(9)
@@ -344,8 +346,8 @@ def test_model_trains_through_the_kernel_with_attention_dropout(monkeypatch):
 
 def test_generation_in_training_mode_drops_attention_weights_over_the_cache(monkeypatch):
     """A model generating in training mode applies attn_pdrop at every attention, as transformers
-    does: the prefill through the flash kernel's dropout, each decode step through
-    ops.decode_attention's; a seed repeats the tokens, another changes them. Eval passes 0."""
+    does: the prefill through ops.attention's dropout, each decode step through
+    ops.decode_attention's; a seed repeats the masks, another changes them. Eval passes 0."""
     model, cfg = _tiny_train_gpt()
     model.config.attn_pdrop = 0.6
     for block in model.transformer.h:
@@ -361,7 +363,7 @@ def test_generation_in_training_mode_drops_attention_weights_over_the_cache(monk
         monkeypatch.setattr(ops, name, spy)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5), device=DEV)
     first_decode = []
-    with gptfast.use_backend("kernel"):
+    with gptfast.use_backend("auto"):
         for mode, seed in (("train", 0), ("train", 0), ("train", 1), ("eval", 0)):
             getattr(model, mode)()
             calls.clear()

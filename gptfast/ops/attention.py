@@ -186,7 +186,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
     """Attention of new queries over a static cache; see decode_attention_reference. scale: as
     ops.attention's (None: 1/sqrt(D)). dropout_p > 0 (a model generating in training mode, as
     transformers' attention drops weights then): the PyTorch reference with torch.dropout, since
-    the split-K kernel has no dropout; the first such call says so."""
+    the split-K kernel has no dropout (a fallback: "auto" says so, "kernel" raises)."""
     _check_qkv(q, k_cache, v_cache, "q", "k_cache", "v_cache")
     _check_scale(scale)
     _check_dropout(dropout_p)
@@ -198,16 +198,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, backend: Optional[str] 
         raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     _check_window("kv_start", kv_start, q)
     if dropout_p > 0:
-        if _dispatch.current_backend(backend) != "torch":
-            _dispatch.log_once("decode_attention:dropout", "gptfast: ops.decode_attention with attention dropout "
-                               "p=%s runs the PyTorch reference (torch.dropout): the split-K kernel has no dropout",
-                               dropout_p)
-        return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start, scale, dropout_p)
-    reason = _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens)
+        reason = f"attention dropout p={dropout_p} (the split-K kernel has none; the reference applies torch.dropout)"
+    else:
+        reason = _decode_kernel_reason(q, k_cache, v_cache, cache_seqlens)
     if _dispatch.use_kernel("decode_attention", backend, reason, interpreted=q.device.type == "cpu"):
         return _dispatch.kernel_module(_KERNELS).decode_attention(q, k_cache, v_cache, cache_seqlens, kv_start,
                                                                   scale)
-    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start, scale)
+    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, kv_start, scale, dropout_p)
 
 
 def _probe() -> Optional[str]:
