@@ -305,7 +305,8 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
     for n, row in zip(numbers or range(1, len(rows) + 1), rows):
         where = f"{source}: row {n}"
         if spec.task == "classification":
-            text = _field(row, ("text", "sentence", "text_a"), where)
+            hint = "; a row with 'choices' is multiple choice (--task choice)" if "choices" in row else ""
+            text = _field(row, ("text", "sentence", "text_a"), where, hint)
             pair = row.get("text_pair", row.get("text_b"))
             _check_pair(spec, pair not in (None, ""), where)
             parts = [tokenizer.encode(text)] + ([tokenizer.encode(str(pair))] if pair not in (None, "") else [])
@@ -325,7 +326,9 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
             context = tokenizer.encode(_field(row, ("context", "text"), where))
             choices = row.get("choices")
             if not isinstance(choices, list) or len(choices) < 2:
-                raise ValueError(f"{where}: 'choices' must be a list of at least 2 texts, got {choices!r}")
+                hint = (" (a row of a text and its label is classification: --task classification)"
+                        if choices is None and "label" in row else "")
+                raise ValueError(f"{where}: 'choices' must be a list of at least 2 texts, got {choices!r}{hint}")
             seqs = [_join([context, tokenizer.encode(str(c))], spec, max_len, where) for c in choices]
             label = row.get("label")
             if label is None and labelled:
@@ -337,14 +340,15 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
     return examples, truncated
 
 
-def _field(row: dict, names: tuple, where: str) -> str:
+def _field(row: dict, names: tuple, where: str, hint: str = "") -> str:
     for name in names:
         if row.get(name) not in (None, ""):
             return str(row[name])
     empty = [n for n in names if row.get(n) == ""]
     if empty:
         raise ValueError(f"{where}: the text is empty (field {empty[0]!r})")
-    raise ValueError(f"{where}: no text: expected a field {' or '.join(repr(n) for n in names)}, got {sorted(row)}")
+    raise ValueError(f"{where}: no text: expected a field {' or '.join(repr(n) for n in names)}, "
+                     f"got {sorted(row)}{hint}")
 
 
 def _check_pair(spec: TaskSpec, has_pair: bool, where: str) -> None:

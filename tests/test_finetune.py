@@ -327,8 +327,17 @@ def test_finetune_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="--lm-coef must be a number >= 0, got -1"):
         finetune(FinetuneArgs(data=good, out=out, lm_coef=-1.0), progress=False)
     _write(tmp_path / "mc.jsonl", [{"context": "a", "choices": ["b"], "label": 0}])
-    with pytest.raises(ValueError, match="'choices' must be a list of at least 2 texts"):
+    with pytest.raises(ValueError, match="'choices' must be a list of at least 2 texts, got \\['b'\\]$"):
         finetune(FinetuneArgs(data=str(tmp_path / "mc.jsonl"), out=out, task="choice", device="cpu"), progress=False)
+    # the other task's rows: the error says which --task reads them
+    _write(tmp_path / "mc3.jsonl", [{"context": "a", "choices": ["b", "c"], "label": i % 2} for i in range(20)])
+    with pytest.raises(ValueError, match=r"row \d+: no text: expected a field 'text' or 'sentence' or 'text_a', got "
+                                         r"\['choices', 'context', 'label'\]; a row with 'choices' is multiple "
+                                         r"choice \(--task choice\)"):
+        finetune(FinetuneArgs(data=str(tmp_path / "mc3.jsonl"), out=out, device="cpu"), progress=False)
+    with pytest.raises(ValueError, match=r"'choices' must be a list of at least 2 texts, got None \(a row of a text "
+                                         r"and its label is classification: --task classification\)"):
+        finetune(FinetuneArgs(data=good, out=out, task="choice", device="cpu"), progress=False)
 
 
 def test_text_pair_without_a_delimiter_says_what_to_do(tmp_path):
