@@ -211,9 +211,11 @@ def load_tokens(args: TrainArgs, tokenizer, progress: bool = False) -> np.ndarra
     return ids
 
 
-def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = False,
+              warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) token ids: a text file's, encoded here, with its last val_fraction as
-    validation; or token files', memory-mapped (a prepared directory's val.bin, or that tail)."""
+    validation; or token files', memory-mapped (a prepared directory's val.bin, or that tail).
+    warn: say when --val-fraction does not apply (rank 0 of a distributed run only)."""
     from .data import check_tokenizer, is_token_data, open_tokens
 
     source = f"--data {args.data}"
@@ -236,7 +238,7 @@ def load_data(args: TrainArgs, tokenizer, vocab_size: int, progress: bool = Fals
         hint["training"] = (f" ({n_val} of its {total} tokens are the validation split: --val-fraction "
                             f"{args.val_fraction}, and at least --block-size + 2)")
     else:  # gptfast train's --val-fraction does not apply to a val.bin
-        if args.val_fraction != TrainArgs.__dataclass_fields__["val_fraction"].default:  # given, so meant
+        if warn and args.val_fraction != TrainArgs.__dataclass_fields__["val_fraction"].default:  # given, so meant
             from .ops._dispatch import logger
             logger.warning("gptfast: --val-fraction %s does not apply: --data %s brings its own validation split "
                            "(val.bin, %d tokens), used as it is; --val-fraction holds out the tail of a text file "
@@ -751,7 +753,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     model.train()
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     vocab = model.config.vocab_size
-    train_tokens, val_tokens = load_data(args, tokenizer, vocab, progress=progress and rank == 0)
+    train_tokens, val_tokens = load_data(args, tokenizer, vocab, progress=progress and rank == 0, warn=rank == 0)
     zero_shot = _zero_shot_requests(args, tokenizer, model.config.n_positions) if args.eval_data and rank == 0 \
         else None
     raw_model = model

@@ -109,6 +109,30 @@ def test_a_val_fraction_given_with_a_val_bin_says_it_does_not_apply(tmp_path, ca
     assert np.array_equal(val2, val)
     assert caplog.text.count("--val-fraction 0.3 does not apply") == 1
     assert f"--data {data} brings its own validation split (val.bin, {len(val)} tokens)" in caplog.text
+    caplog.clear()  # the other ranks of a distributed run say nothing (train passes warn=rank == 0)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        _, val3 = load_data(TrainArgs(**base, val_fraction=0.3), tok, 4096, warn=False)
+    assert caplog.text == "" and np.array_equal(val3, val)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_train_has_rank_0_alone_say_the_val_fraction_does_not_apply(tmp_path, monkeypatch, rank):
+    import gptfast.train as train_mod
+
+    class Stop(Exception):
+        pass
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+    data = _token_dir(tmp_path / "d", 400, 60)
+    monkeypatch.setattr(train_mod, "setup_device", lambda name: (rank, 2, torch.device("cpu")))
+    monkeypatch.setattr(train_mod, "load_data", spy)
+    with pytest.raises(Stop):
+        train_mod.train(TrainArgs(data=str(data), out=str(tmp_path / "o"), tokenizer=DEFAULT_TOKENIZER, block_size=9,
+                                  n_layer=1, n_head=2, n_embd=16, val_fraction=0.3), progress=False)
+    assert seen["warn"] is (rank == 0)
 
 
 def test_the_evaluation_scores_the_validation_split(tmp_path, monkeypatch):
