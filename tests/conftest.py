@@ -71,6 +71,17 @@ def _seed_from_test_id(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _backend_setting_stays_in_its_test():
+    """A test that sets the backend (gptfast.use_backend as a setter, or `gptfast ... --backend`
+    run in-process) leaves the next tests the setting it found."""
+    from gptfast.ops import _dispatch
+
+    saved = _dispatch._override[0]
+    yield
+    _dispatch._override[0] = saved
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
