@@ -12,10 +12,10 @@ model's greedy output token for token, and `perplexity` that of the continuation
 A request is encoded as lm-evaluation-harness encodes it: the continuation is the delimiter
 (default a space) and the choice, the context's trailing whitespace moves to its front, and its
 ids are those of context + continuation past the context's own ids; where the two exceed the
-model's context, the context loses its first tokens. An empty context is the end-of-text token, as lm-evaluation-harness scores
-it (every token of the continuation is then predicted); with a tokenizer that has none (GPT-1)
-the continuation, without the delimiter, is scored from its second token on. Rows are the JSON
-lines the fine-tuning data uses (gptfast.finetune).
+model's context, the context loses its first tokens. An empty context is the end-of-text token,
+as lm-evaluation-harness scores it (every token of the continuation is then predicted); with a
+tokenizer that has none (GPT-1) the continuation, without the delimiter, is scored from its
+second token on. Rows are the JSON lines the fine-tuning data uses (gptfast.finetune).
 """
 from __future__ import annotations
 
