@@ -378,7 +378,7 @@ def test_generation_in_training_mode_drops_attention_weights_over_the_cache(monk
     assert (train0 - train1).abs().max() > 1e-3 and (train0 - eval0).abs().max() > 1e-3
 
 
-# ---- GPU: GPT-2's shape ----# ---- GPU: GPT-2's shape ---------------------------------------------------------------------
+# ---- GPU: GPT-2's shape ---------------------------------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tma", [False, True])
