@@ -292,17 +292,15 @@ def label_set(rows: Sequence[dict], source: str) -> list:
 
 
 def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, source: str,
-                labelled: bool = True, numbers: Optional[Sequence[int]] = None) -> tuple[list[Example], int]:
-    """Examples (token ids per the spec's input transformation) and how many were truncated.
-    Each is cut to max_len tokens, or to the spec's max_len (the one it was trained with) when
-    that is shorter. numbers: the rows' numbers in source, for errors (default 1, 2, ...)."""
+                labelled: bool = True, per_row: bool = False) -> tuple[list[Example], object]:
+    """Examples (token ids per the spec's input transformation) and how many were truncated
+    (per_row: a list, whether each was). Each is cut to max_len tokens, or to the spec's max_len
+    (the one it was trained with) when that is shorter. An error names the row's number in source."""
     if spec.max_len is not None:
         max_len = min(max_len, spec.max_len)
-    if numbers is not None and len(numbers) != len(rows):
-        raise ValueError(f"numbers must have one entry per row ({len(rows)}), got {len(numbers)}")
     index = {lab: i for i, lab in enumerate(spec.labels)}
-    examples, truncated = [], 0
-    for n, row in zip(numbers or range(1, len(rows) + 1), rows):
+    examples, truncated = [], []
+    for n, row in enumerate(rows, 1):
         where = f"{source}: row {n}"
         if spec.task == "classification":
             hint = "; a row with 'choices' is multiple choice (--task choice)" if "choices" in row else ""
@@ -335,9 +333,9 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
                 raise ValueError(f"{where}: no 'label' (the index of the right choice)")
             if label is not None and (not isinstance(label, int) or not 0 <= label < len(choices)):
                 raise ValueError(f"{where}: label must be an int in [0, {len(choices)}), got {label!r}")
-        truncated += any(cut for _, cut in seqs)
+        truncated.append(any(cut for _, cut in seqs))
         examples.append(Example([seq for seq, _ in seqs], label))
-    return examples, truncated
+    return examples, truncated if per_row else sum(truncated)
 
 
 def _field(row: dict, names: tuple, where: str, hint: str = "") -> str:
@@ -584,18 +582,15 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
     model.gradient_checkpointing_enable(args.grad_checkpoint)
     spec = model.spec
     max_len = min(args.max_len or model.config.n_positions, model.config.n_positions)
-    train_numbers = val_numbers = None  # rows keep their numbers in the file, for errors
     if args.val:
-        val_rows = read_rows(args.val)
-    else:  # a seeded split of the training file
+        train_set, cut_train = encode_rows(train_rows, tokenizer, spec, max_len, args.data)
+        val_set, cut_val = encode_rows(read_rows(args.val), tokenizer, spec, max_len, args.val)
+    else:  # a seeded split of the training file, encoded in file order (an error names its first bad row)
+        examples, cuts = encode_rows(train_rows, tokenizer, spec, max_len, args.data, per_row=True)
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_val = max(1, int(len(train_rows) * args.val_fraction))
-        val_numbers, train_numbers = [i + 1 for i in order[:n_val]], [i + 1 for i in order[n_val:]]
-        val_rows = [train_rows[i] for i in order[:n_val]]
-        train_rows = [train_rows[i] for i in order[n_val:]]
-    train_set, cut_train = encode_rows(train_rows, tokenizer, spec, max_len, args.data, numbers=train_numbers)
-    val_set, cut_val = encode_rows(val_rows, tokenizer, spec, max_len, args.val or f"{args.data} (val split)",
-                                   numbers=val_numbers)
+        val_set, train_set = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+        cut_val, cut_train = sum(cuts[i] for i in order[:n_val]), sum(cuts[i] for i in order[n_val:])
     if (cut_train or cut_val) and rank == 0:
         print(f"[gptfast] {cut_train} training and {cut_val} validation examples truncated to {max_len} tokens",
               file=sys.stderr)
