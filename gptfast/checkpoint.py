@@ -212,6 +212,10 @@ def resolve_path(path: str) -> str:
         return snapshot_download(path, local_files_only=True, allow_patterns=patterns)
     except Exception:  # noqa: BLE001 - not in the cache: try the network once
         pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
+        # without a network the Hub client retries for about 25 s: say what the wait is
+        logger.warning("gptfast: %r is not a local path and not in the Hugging Face cache: looking it up on the "
+                       "Hub (HF_HUB_OFFLINE=1 skips this)", path)
     try:
         from huggingface_hub import list_repo_files
 

@@ -1,5 +1,6 @@
 """Checkpoint formats and the errors a user sees for missing or corrupt files."""
 import json
+import logging
 import os
 
 import pytest
@@ -77,11 +78,13 @@ def test_missing_directory():
         GPT.from_pretrained("/nonexistent/dir/model")
 
 
-def test_hub_name_without_network_says_so(monkeypatch):
+def test_hub_name_without_network_says_so(monkeypatch, caplog):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*no network"):
+    with caplog.at_level(logging.WARNING, logger="gptfast"), \
+            pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*no network"):
         GPT.from_pretrained("gptfast-test/no-such-model")
+    assert "looking it up on the Hub" not in caplog.text  # offline: no lookup to announce
 
 
 def test_missing_weights_file(tmp_path):

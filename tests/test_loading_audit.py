@@ -261,7 +261,7 @@ def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_pat
     (["config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt"], "*.safetensors"),
     (["config.json", "pytorch_model.bin", "tokenizer.json"], "*.bin"),
 ])
-def test_a_hub_download_fetches_one_copy_of_the_weights(tmp_path, monkeypatch, repo_files, weights):
+def test_a_hub_download_fetches_one_copy_of_the_weights(tmp_path, monkeypatch, caplog, repo_files, weights):
     """Not in the cache: the download takes safetensors where the repo has them, not also the
     pytorch_model.bin beside them (twice the bytes), and the .bin where it has nothing else."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -277,7 +277,13 @@ def test_a_hub_download_fetches_one_copy_of_the_weights(tmp_path, monkeypatch, r
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: repo_files)
-    assert resolve_path("someone/gpt2-like") == str(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="gptfast"):
+        assert resolve_path("someone/gpt2-like") == str(tmp_path)
+    # the Hub client retries for about 25 s without a network: the wait is announced first
+    assert [r.getMessage() for r in caplog.records] == [
+        "gptfast: 'someone/gpt2-like' is not a local path and not in the Hugging Face cache: looking it up on the "
+        "Hub (HF_HUB_OFFLINE=1 skips this)"]
     (_, offline, _), (_, online, patterns) = calls
     assert offline and not online
     assert weights in patterns and not {"*.safetensors", "*.bin"} - {weights} & set(patterns)
