@@ -2,7 +2,6 @@
 let through (see the names)."""
 import random
 
-import pytest
 import torch
 
 import gptfast.finetune as ft
