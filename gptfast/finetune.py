@@ -292,10 +292,17 @@ def label_set(rows: Sequence[dict], source: str) -> list:
 
 
 def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, source: str,
-                labelled: bool = True, per_row: bool = False) -> tuple[list[Example], object]:
-    """Examples (token ids per the spec's input transformation) and how many were truncated
-    (per_row: a list, whether each was). Each is cut to max_len tokens, or to the spec's max_len
-    (the one it was trained with) when that is shorter. An error names the row's number in source."""
+                labelled: bool = True) -> tuple[list[Example], int]:
+    """Examples (token ids per the spec's input transformation) and how many were truncated.
+    Each is cut to max_len tokens, or to the spec's max_len (the one it was trained with) when
+    that is shorter. An error names the row's number in source."""
+    examples, cut = _encode_rows(rows, tokenizer, spec, max_len, source, labelled)
+    return examples, sum(cut)
+
+
+def _encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, source: str,
+                 labelled: bool = True) -> tuple[list[Example], list[bool]]:
+    """encode_rows, with whether each example was truncated."""
     if spec.max_len is not None:
         max_len = min(max_len, spec.max_len)
     index = {lab: i for i, lab in enumerate(spec.labels)}
@@ -335,7 +342,7 @@ def encode_rows(rows: Sequence[dict], tokenizer, spec: TaskSpec, max_len: int, s
                 raise ValueError(f"{where}: label must be an int in [0, {len(choices)}), got {label!r}")
         truncated.append(any(cut for _, cut in seqs))
         examples.append(Example([seq for seq, _ in seqs], label))
-    return examples, truncated if per_row else sum(truncated)
+    return examples, truncated
 
 
 def _field(row: dict, names: tuple, where: str, hint: str = "") -> str:
@@ -586,7 +593,7 @@ def finetune(args: FinetuneArgs, progress: bool = True) -> dict:
         train_set, cut_train = encode_rows(train_rows, tokenizer, spec, max_len, args.data)
         val_set, cut_val = encode_rows(read_rows(args.val), tokenizer, spec, max_len, args.val)
     else:  # a seeded split of the training file, encoded in file order (an error names its first bad row)
-        examples, cuts = encode_rows(train_rows, tokenizer, spec, max_len, args.data, per_row=True)
+        examples, cuts = _encode_rows(train_rows, tokenizer, spec, max_len, args.data)
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_val = max(1, int(len(train_rows) * args.val_fraction))
         val_set, train_set = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]

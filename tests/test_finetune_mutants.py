@@ -19,7 +19,7 @@ def test_the_val_split_holds_out_val_fraction_of_the_rows_once(tmp_path, monkeyp
             for i in range(n)]
     rows[0]["label"], rows[1]["label"] = "a", "b"
     encoded, trained, validated = [], [], []
-    real_encode, real_batch, real_evaluate = ft.encode_rows, ft._batch, ft.evaluate
+    real_encode, real_batch, real_evaluate = ft._encode_rows, ft._batch, ft.evaluate
 
     def encode(*args, **kwargs):
         out = real_encode(*args, **kwargs)
@@ -34,7 +34,7 @@ def test_the_val_split_holds_out_val_fraction_of_the_rows_once(tmp_path, monkeyp
         validated.append(examples)
         return real_evaluate(model, examples, *args, **kwargs)
 
-    monkeypatch.setattr(ft, "encode_rows", encode)
+    monkeypatch.setattr(ft, "_encode_rows", encode)
     monkeypatch.setattr(ft, "_batch", batch)
     monkeypatch.setattr(ft, "evaluate", evaluate)
     finetune(FinetuneArgs(data=_write(tmp_path / "d.jsonl", rows), out=str(tmp_path / "o"), val_fraction=frac,
